@@ -21,18 +21,20 @@ from .nf4 import FourBitConfig
 
 @dataclass(frozen=True)
 class Format:
-    """A format's pair of functions."""
+    """A format's pair of functions and the type of state they exchange."""
 
     quantize: Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
     dequantize: Callable[[torch.Tensor, object], torch.Tensor]
+    state_type: type
 
 
 FORMATS: dict[type, Format] = {
-    FourBitConfig: Format(nf4.quantize, nf4.dequantize),
-    Int8Config: Format(int8.quantize, int8.dequantize),
-    Int8SymConfig: Format(int8_sym.quantize, int8_sym.dequantize),
-    Int4Config: Format(int4.quantize, int4.dequantize),
+    FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState),
+    Int8Config: Format(int8.quantize, int8.dequantize, int8.Int8State),
+    Int8SymConfig: Format(int8_sym.quantize, int8_sym.dequantize, int8_sym.Int8SymState),
+    Int4Config: Format(int4.quantize, int4.dequantize, int4.Int4State),
 }
+_BY_STATE = {f.state_type: f for f in FORMATS.values()}
 
 METHODS = ("nf4", "fp4", "int8", "int8-sym", "int4")
 
@@ -43,6 +45,14 @@ def format_for(cfg) -> Format:
         return FORMATS[type(cfg)]
     except KeyError:
         raise TypeError(f"no format registered for {type(cfg).__name__}") from None
+
+
+def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """Dequantize with whichever format produced ``state``."""
+    try:
+        return _BY_STATE[type(state)].dequantize(packed, state)
+    except KeyError:
+        raise TypeError(f"no format registered for state {type(state).__name__}") from None
 
 
 def config_for(method: str, blocksize: int | None = None, double_quant: bool = True, per_tensor: bool = False):
@@ -58,7 +68,22 @@ def config_for(method: str, blocksize: int | None = None, double_quant: bool = T
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def payload_nbytes(packed: torch.Tensor, state) -> int:
+    """Bytes a quantized weight needs: codes, per-block or per-row scales, and double-quant scales.
+
+    Constant tables that some layouts repeat per weight (bitsandbytes' code maps) are not counted.
+    """
+    total = packed.numel() * packed.element_size()
+    for field in state.tensor_fields:
+        t = getattr(state, field)
+        total += t.numel() * t.element_size()
+    nested = getattr(state, "absmax_state", None)
+    if nested is not None:
+        total += nested.absmax.numel() * nested.absmax.element_size() + 4  # + the float32 offset
+    return total
+
+
 __all__ = [
     "FORMATS", "METHODS", "Format", "FourBitConfig", "Int4Config", "Int8Config", "Int8SymConfig",
-    "NonFiniteError", "PerRow", "PerTensor", "config_for", "format_for",
+    "NonFiniteError", "PerRow", "PerTensor", "config_for", "dequantize", "format_for", "payload_nbytes",
 ]  # fmt: skip

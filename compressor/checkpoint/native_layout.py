@@ -1,0 +1,81 @@
+"""Our own checkpoint layout, for the formats bitsandbytes has no layout for (int8 affine, int4).
+
+For a quantized weight ``m.weight`` a shard holds the codes under ``m.weight`` and each tensor field
+of the format's state under ``m.weight.{field}`` (``scale``, ``zero_point``). The scalar fields go,
+as JSON text, in the shard's safetensors header metadata under the key ``"compressor"``::
+
+    {"layout_version": 1,
+     "weights": {"m.weight": {"method": "int4", "blocksize": 64, "shape": [576, 1536], "dtype": "bfloat16"}}}
+
+``config.json`` carries ``"quantization_config": {"quant_method": "compressor", ...}``: stock
+``transformers`` refuses that quant method by name instead of loading codes as weights, and
+:func:`compressor.load` understands it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..formats import Int4Config, Int8Config, PerTensor
+from ..formats.int4 import Int4State
+from ..formats.int8 import Int8State
+
+LAYOUT_VERSION = 1
+METADATA_KEY = "compressor"
+CONFIGS = (Int8Config, Int4Config)
+
+
+def _method(state) -> str:
+    return "int4" if isinstance(state, Int4State) else "int8"
+
+
+def tensors_for(weight_name: str, packed: torch.Tensor, state) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors standing for one quantized weight."""
+    out = {weight_name: packed}
+    for field in state.tensor_fields:
+        out[f"{weight_name}.{field}"] = getattr(state, field)
+    return out
+
+
+def header_entry(state) -> dict:
+    """The scalar fields of ``state``, for the shard metadata."""
+    entry = {"method": _method(state), "shape": list(state.shape), "dtype": str(state.dtype).removeprefix("torch.")}
+    if isinstance(state, Int4State):
+        entry["blocksize"] = state.blocksize
+    return entry
+
+
+def shard_metadata(entries: dict[str, dict]) -> dict[str, str]:
+    """The safetensors header metadata of a shard holding ``entries`` (weight name -> header entry)."""
+    return {METADATA_KEY: json.dumps({"layout_version": LAYOUT_VERSION, "weights": entries})}
+
+
+def read_shard_metadata(metadata: dict[str, str], where: str) -> dict[str, dict]:
+    """Weight name -> header entry, from a shard's metadata; checks the layout version."""
+    if METADATA_KEY not in metadata:
+        return {}
+    parsed = json.loads(metadata[METADATA_KEY])
+    if parsed.get("layout_version") != LAYOUT_VERSION:
+        raise ValueError(f"{where}: layout version {parsed.get('layout_version')} is not {LAYOUT_VERSION}")
+    return parsed["weights"]
+
+
+def state_from(weight_name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, object]:
+    """Inverse of :func:`tensors_for` plus :func:`header_entry`."""
+    common = dict(shape=tuple(entry["shape"]), dtype=getattr(torch, entry["dtype"]))
+    fields = {f: tensors[f"{weight_name}.{f}"] for f in ("scale", "zero_point")}
+    if entry["method"] == "int4":
+        return tensors[weight_name], Int4State(blocksize=entry["blocksize"], **fields, **common)
+    return tensors[weight_name], Int8State(**fields, **common)
+
+
+def quantization_config(cfg, skip_modules: list[str]) -> dict:
+    """The ``quantization_config`` entry of ``config.json`` for ``cfg``."""
+    qc = {"quant_method": METADATA_KEY, "layout_version": LAYOUT_VERSION, "skip_modules": sorted(skip_modules)}
+    if isinstance(cfg, Int4Config):
+        qc.update(method="int4", blocksize=cfg.blocksize)
+    else:
+        qc.update(method="int8", granularity="per_tensor" if isinstance(cfg.granularity, PerTensor) else "per_row")
+    return qc

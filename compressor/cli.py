@@ -1,0 +1,97 @@
+"""The ``compressor`` command line: parses arguments into job dataclasses and runs them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import CompressorError
+from .formats import METHODS, config_for
+
+
+def _quantize(args) -> int:
+    from .quantize import QuantizeJob, quantize_checkpoint
+
+    try:
+        cfg = config_for(args.method, args.blocksize, double_quant=not args.no_double_quant, per_tensor=args.per_tensor)
+    except ValueError as e:
+        raise CompressorError(None, str(e)) from None
+    job = QuantizeJob(
+        model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), config=cfg, skip=tuple(args.skip),
+        quantize_head=args.quantize_head, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )  # fmt: skip
+    summary = quantize_checkpoint(job)
+    print(f"wrote {args.out_dir}")
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _import_gguf(args) -> int:
+    from .gguf import ImportJob, import_gguf
+
+    summary = import_gguf(ImportJob(gguf_file=Path(args.gguf_file), out_dir=Path(args.out_dir), overwrite=args.overwrite))
+    print(f"wrote {args.out_dir}: {summary}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import EvalJob, evaluate
+
+    job = EvalJob(
+        model_dir=Path(args.model_dir), text=Path(args.text), windows=args.windows, seq_len=args.seq,
+        reference_dir=Path(args.reference) if args.reference else None, progress=not args.quiet,
+    )  # fmt: skip
+    result = evaluate(job)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="compress a safetensors checkpoint")
+    q.add_argument("model_dir")
+    q.add_argument("out_dir")
+    q.add_argument("--method", required=True, choices=METHODS)
+    q.add_argument("--blocksize", type=int, help="block size of nf4/fp4/int4 (default 64)")
+    q.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: keep the per-block absmax in float32")
+    q.add_argument("--per-tensor", action="store_true", help="int8: one scale for the whole tensor instead of per row")
+    q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module names or patterns to keep in float")
+    q.add_argument("--quantize-head", action="store_true", help="also quantize the output head (kept in float by default)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    q.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (only if you trust it)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(run=_quantize)
+
+    g = sub.add_parser("import-gguf", help="dequantize a GGUF file to a float safetensors checkpoint")
+    g.add_argument("gguf_file")
+    g.add_argument("out_dir")
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(run=_import_gguf)
+
+    e = sub.add_parser("eval", help="perplexity (and KL / agreement against a reference) on a text file")
+    e.add_argument("model_dir")
+    e.add_argument("--text", required=True)
+    e.add_argument("--windows", type=int, default=8, help="number of non-overlapping windows (default 8)")
+    e.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--reference", help="float checkpoint to compare against")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CompressorError as e:
+        print(f"compressor: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("compressor: interrupted; nothing was written", file=sys.stderr)
+        return 130
