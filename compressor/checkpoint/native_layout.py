@@ -7,9 +7,9 @@ as JSON text, in the shard's safetensors header metadata under the key ``"compre
     {"layout_version": 1,
      "weights": {"m.weight": {"method": "int4", "blocksize": 64, "shape": [576, 1536], "dtype": "bfloat16"}}}
 
-``config.json`` carries ``"quantization_config": {"quant_method": "compressor", ...}``: stock
-``transformers`` refuses that quant method by name instead of loading codes as weights, and
-:func:`compressor.load` understands it.
+``config.json`` carries ``"quantization_config": {"quant_method": "compressor", ...}``, which
+:func:`compressor.load` understands. Stock ``transformers`` does not know that method; it fails on
+the packed shapes rather than loading codes as weights.
 """
 
 from __future__ import annotations

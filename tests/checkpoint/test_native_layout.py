@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+from compressor.checkpoint import native_layout
+from compressor.formats import Int4Config, Int8Config, PerTensor, format_for
+
+
+@pytest.mark.parametrize("cfg", [Int8Config(), Int8Config(PerTensor()), Int4Config(32)])
+def test_state_round_trips_through_tensors_and_header(cfg):
+    fmt = format_for(cfg)
+    packed, state = fmt.quantize(torch.randn(24, 80, dtype=torch.float16), cfg)
+    tensors = native_layout.tensors_for("m.weight", packed, state)
+    metadata = native_layout.shard_metadata({"m.weight": native_layout.header_entry(state)})
+    entry = native_layout.read_shard_metadata(metadata, "shard")["m.weight"]
+    packed2, state2 = native_layout.state_from("m.weight", entry, tensors)
+    assert torch.equal(fmt.dequantize(packed2, state2), fmt.dequantize(packed, state))
+    assert state2.dtype == torch.float16 and state2.shape == (24, 80)
+
+
+def test_unknown_layout_version_is_refused():
+    with pytest.raises(ValueError, match="layout version 99"):
+        native_layout.read_shard_metadata({"compressor": '{"layout_version": 99, "weights": {}}'}, "shard")

@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from compressor.cli import main
+from tests.helpers import tiny_checkpoint
+
+
+def test_quantize_prints_summary(tmp_path, capsys):
+    src = tiny_checkpoint(tmp_path)
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--method", "nf4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/param (quantized) 4.1" in out and "parameters quantized" in out
+
+
+@pytest.mark.parametrize(
+    "make_problem, message",
+    [
+        (lambda src: (src / "model.safetensors").write_bytes(b"not a safetensors file at all"), "not a valid safetensors file"),
+        (lambda src: (src / "model.safetensors").unlink(), "no model.safetensors"),
+        (lambda src: (src / "config.json").unlink(), "config.json: missing file"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(tmp_path, capsys, make_problem, message):
+    src = tiny_checkpoint(tmp_path)
+    make_problem(src)
+    capsys.readouterr()
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--method", "int4", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compressor: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    src = tiny_checkpoint(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--method", "int8", "--quiet"]) == 1
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+
+
+def test_unsupported_blocksize_is_one_line(tmp_path, capsys):
+    src = tiny_checkpoint(tmp_path)
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--method", "nf4", "--blocksize", "48", "--quiet"]) == 1
+    assert "blocksize must be one of" in capsys.readouterr().err
+
+
+def test_python_dash_m_is_the_same_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "compressor", "quantize", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--method" in done.stdout
