@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import bnb_layout, native_layout
 from .checkpoint.atomic import atomic_folder
+from .checkpoint.hashing import ShardHash, sha256_file
 from .checkpoint.model_info import load_config, meta_model, plan_linears
 from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, open_shard
 from .checkpoint.writer import ShardWriter
@@ -88,17 +88,18 @@ def method_name(cfg) -> str:
     return getattr(cfg, "codebook", None) or {"Int8Config": "int8", "Int8SymConfig": "int8-sym", "Int4Config": "int4"}[type(cfg).__name__]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+def _prefetched(reader, names: list[str], pool: ThreadPoolExecutor):
+    # Yield (name, tensor) in order while the next tensor is being read on ``pool``.
+    upcoming = pool.submit(reader.get, names[0]) if names else None
+    for i, name in enumerate(names):
+        tensor = upcoming.result()
+        upcoming = pool.submit(reader.get, names[i + 1]) if i + 1 < len(names) else None
+        yield name, tensor
 
 
-def _error_stats(original: torch.Tensor, restored: torch.Tensor) -> tuple[float, float]:
-    diff = restored.float() - original.float()
-    return diff.abs().max().item(), diff.pow(2).mean().sqrt().item()
+def _add_all(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
+    for key, value in tensors.items():
+        writer.add(key, value)
 
 
 def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
@@ -106,11 +107,8 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     start = time.perf_counter()
     ckpt = find_checkpoint(job.model_dir, allow_pickle=job.allow_pickle)
     plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
-    run = _Run(job, plan.quantize)
-
-    # Hash the sources on a second thread while the main one quantizes (hashlib releases the GIL).
-    with ThreadPoolExecutor(max_workers=1) as pool, atomic_folder(job.out_dir, job.overwrite) as tmp:
-        hashes = {shard: pool.submit(_sha256, shard) for shard in ckpt.shards}
+    with ThreadPoolExecutor(max_workers=1) as hash_pool, atomic_folder(job.out_dir, job.overwrite) as tmp:
+        run = _Run(job, plan.quantize, hash_pool)
         total = 0
         for shard in ckpt.shards:
             with open_shard(shard) as reader:
@@ -139,7 +137,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
             "method": summary.method,
             "options": {**options, "skip": list(job.skip), "quantize_head": job.quantize_head},
             "source": {"path": str(ckpt.root.resolve()),
-                       "files": {p.name: {"sha256": hashes[p].result(), "bytes": p.stat().st_size} for p in ckpt.shards}},
+                       "files": {p.name: {"sha256": run.hashes[p], "bytes": p.stat().st_size} for p in ckpt.shards}},
             "summary": {**asdict(summary), "bits_per_param": summary.bits_per_param},
             "tensors": run.tensor_report,
         }
@@ -149,8 +147,10 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
 
 class _Run:
     # The state one run accumulates over its shards.
-    def __init__(self, job: QuantizeJob, targets: frozenset[str]):
+    def __init__(self, job: QuantizeJob, targets: frozenset[str], hash_pool: ThreadPoolExecutor):
         self.job = job
+        self.hash_pool = hash_pool
+        self.hashes: dict[Path, str] = {}
         self.targets = targets
         self.format = format_for(job.config)
         self.layout = bnb_layout if isinstance(job.config, bnb_layout.CONFIGS) else native_layout
@@ -159,12 +159,20 @@ class _Run:
         self.weight_map: dict[str, str] = {}
 
     def shard(self, src: Path, dst: Path, bar: tqdm) -> None:
-        writer = ShardWriter(dst)
         header_entries: dict[str, dict] = {}
-        try:
-            with open_shard(src) as reader:
-                for name in reader.keys():
-                    tensor = reader.get(name)
+        with open_shard(src) as reader, ThreadPoolExecutor(max_workers=2) as io:
+            names = reader.keys()
+            # Room for the output header: a weight becomes up to six entries (and a metadata line).
+            writer = ShardWriter(dst, header_reserve=4096 + sum(8 * (len(n) + 120) for n in names))
+            # Reading the next tensor and writing the last one's outputs overlap the quantization of
+            # this one (all three release the GIL); at most one read and one write are in flight.
+            pending_write = None
+            # The source's sha256 comes from the tensors as they stream past (see hashing.py).
+            source_hash = ShardHash(src, self.hash_pool) if src.suffix == ".safetensors" else None
+            try:
+                for name, tensor in _prefetched(reader, names, io):
+                    if source_hash is not None:
+                        source_hash.feed(tensor)
                     self.summary.params_total += tensor.numel()
                     if name.endswith(".weight") and name.removesuffix(".weight") in self.targets:
                         packed, state = self.quantize(src, name, tensor)
@@ -173,17 +181,23 @@ class _Run:
                         outputs = self.layout.tensors_for(name, packed, state)
                     else:
                         outputs = {name: tensor}
-                    for key, value in outputs.items():
-                        writer.add(key, value)
-                        self.weight_map[key] = dst.name
+                    if pending_write is not None:
+                        pending_write.result()
+                    pending_write = io.submit(_add_all, writer, outputs)
+                    self.weight_map.update(dict.fromkeys(outputs, dst.name))
                     bar.update()
-            metadata = {"format": "pt"}
-            if header_entries:
-                metadata.update(native_layout.shard_metadata(header_entries))
-            writer.finish(metadata)
-        except BaseException:
-            writer.abort()
-            raise
+                if pending_write is not None:
+                    pending_write.result()
+                metadata = {"format": "pt"}
+                if header_entries:
+                    metadata.update(native_layout.shard_metadata(header_entries))
+                writer.finish(metadata)
+                self.hashes[src] = source_hash.hexdigest() if source_hash is not None else sha256_file(src)
+            except BaseException:
+                if pending_write is not None:
+                    pending_write.exception()
+                writer.abort()
+                raise
 
     def quantize(self, src: Path, name: str, tensor: torch.Tensor):
         if tensor.dtype not in FLOAT_DTYPES or tensor.dim() != 2:
@@ -192,7 +206,7 @@ class _Run:
             packed, state = self.format.quantize(tensor, self.job.config)
         except NonFiniteError:
             raise CompressorError(src, f"tensor {name!r} contains NaN or Inf") from None
-        max_err, rms_err = _error_stats(tensor, self.format.dequantize(packed, state))
+        max_err, rms_err = self.format.measure_error(tensor, packed, state)
         self.tensor_report[name] = {
             "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
             "max_abs_error": max_err, "rms_error": rms_err,

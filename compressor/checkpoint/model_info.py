@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.initialization import no_init_weights
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -33,7 +34,8 @@ def load_config(config_path: Path) -> PretrainedConfig:
 def meta_model(config: PretrainedConfig) -> nn.Module:
     """The causal LM of ``config`` with every parameter on the meta device (no memory, no weights)."""
     try:
-        with torch.device("meta"):
+        # Skipping weight initialisation matters even on the meta device: it is most of the time.
+        with torch.device("meta"), no_init_weights():
             return AutoModelForCausalLM.from_config(config)
     except Exception as e:
         raise CompressorError(None, f"cannot build a causal LM for model type {config.model_type!r} ({e})") from None

@@ -1,11 +1,15 @@
 """Write a safetensors file one tensor at a time, holding none of them in memory.
 
-``safetensors.save_file`` needs every tensor at once; a shard of quantized output can still be a
-gigabyte. :class:`ShardWriter` appends each tensor's bytes to a spill file as it is produced and, on
-:meth:`ShardWriter.finish`, writes the real file: an 8-byte little-endian header length, the JSON
-header (padded with spaces to a multiple of 8, as the format allows), then the tensor bytes in
-header order, copied from the spill file by the kernel. Tensors are ordered by decreasing element
-size so that each one starts at an offset aligned to its dtype, which zero-copy readers want.
+``safetensors.save_file`` needs every tensor at once, and a shard of quantized output can still be a
+gigabyte. :class:`ShardWriter` writes each tensor's bytes where they will stay as soon as it is
+produced, behind a space reserved for the header. :meth:`ShardWriter.finish` then writes the 8-byte
+little-endian header length and the JSON header into that space, padded with spaces as the format
+allows. If the header outgrows its reservation, the data is moved once (by the kernel) behind a
+larger one.
+
+Tensors follow each other in the order they were added. The safetensors format does not require a
+tensor to start at a multiple of its element size, and safetensors' readers copy such tensors as
+usual; reordering for alignment would mean holding or re-copying the whole shard.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,74 +29,68 @@ _DTYPE_NAMES = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    spill_offset: int
-    nbytes: int
-
-
 class ShardWriter:
-    """Collects tensors for one safetensors file; nothing is visible at ``path`` until :meth:`finish`."""
+    """Collects tensors for one safetensors file; nothing is visible at ``path`` until :meth:`finish`.
 
-    def __init__(self, path: str | Path):
+    Args:
+        path: where the finished file goes.
+        header_reserve: bytes kept free for the JSON header (a generous estimate avoids a move).
+    """
+
+    def __init__(self, path: str | Path, header_reserve: int = 1 << 16):
         self.path = Path(path)
-        self._spill_path = self.path.with_name(self.path.name + ".spill")
-        self._spill = open(self._spill_path, "wb")
-        self._entries: dict[str, _Entry] = {}
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._reserve = header_reserve + (-header_reserve % 8)
+        self._file = open(self._partial, "wb")
+        self._file.seek(8 + self._reserve)
+        self._header: dict[str, dict] = {}
         self.nbytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor; names must be unique within the file."""
-        if name in self._entries:
+        if name in self._header:
             raise ValueError(f"tensor {name!r} written twice")
         if tensor.dtype not in _DTYPE_NAMES:
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
         flat = tensor.detach().cpu().contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy() if flat.numel() else b""
-        offset = self._spill.tell()
-        self._spill.write(memoryview(data))
-        self._entries[name] = _Entry(name, tensor.dtype, tuple(tensor.shape), offset, flat.numel() * flat.element_size())
-        self.nbytes += self._entries[name].nbytes
+        size = flat.numel() * flat.element_size()
+        if size:
+            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.nbytes, self.nbytes + size]}
+        self.nbytes += size
 
     def finish(self, metadata: dict[str, str] | None = None) -> Path:
-        """Write the file at ``path`` and remove the spill file."""
-        self._spill.close()
-        order = sorted(self._entries.values(), key=lambda e: -e.dtype.itemsize)
-        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-        start = 0
-        for e in order:
-            header[e.name] = {"dtype": _DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [start, start + e.nbytes]}
-            start += e.nbytes
+        """Write the header, close the file and move it to ``path``."""
+        header = {"__metadata__": dict(metadata)} if metadata else {}
+        header.update(self._header)
         text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        with open(self._spill_path, "rb") as src, open(self.path, "wb") as dst:
-            dst.write(struct.pack("<Q", len(text)))
-            dst.write(text)
-            for e in order:
-                _copy_range(src, dst, e.spill_offset, e.nbytes)
-        self._spill_path.unlink()
+        if len(text) <= self._reserve:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self._reserve) + text + b" " * (self._reserve - len(text)))
+            self._file.close()
+        else:
+            self._file.close()
+            self._move_behind_header(text)
+        os.replace(self._partial, self.path)
         return self.path
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        self._spill.close()
-        self._spill_path.unlink(missing_ok=True)
+        self._file.close()
+        self._partial.unlink(missing_ok=True)
 
-
-def _copy_range(src, dst, offset: int, count: int) -> None:
-    # copy_file_range moves bytes inside the kernel, without passing them through our memory.
-    dst.flush()
-    while count:
-        sent = os.copy_file_range(src.fileno(), dst.fileno(), count, offset) if hasattr(os, "copy_file_range") else 0
-        if sent <= 0:  # not supported here: fall back to a buffered copy
-            src.seek(offset)
+    def _move_behind_header(self, text: bytes) -> None:
+        # The reservation was too small: write a new file with the real header, then the data.
+        text += b" " * (-len(text) % 8)
+        moved = self._partial.with_name(self._partial.name + ".moved")
+        with open(self._partial, "rb") as src, open(moved, "wb") as dst:
+            dst.write(struct.pack("<Q", len(text)) + text)
+            dst.flush()
+            offset, count = 8 + self._reserve, self.nbytes
             while count:
-                chunk = src.read(min(count, 1 << 24))
-                dst.write(chunk)
-                count -= len(chunk)
-            return
-        offset += sent
-        count -= sent
+                sent = os.copy_file_range(src.fileno(), dst.fileno(), count, offset)
+                if sent <= 0:
+                    raise OSError(f"copy_file_range stopped with {count} bytes left")
+                offset += sent
+                count -= sent
+        os.replace(moved, self._partial)

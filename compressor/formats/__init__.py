@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from . import int4, int8, int8_sym, nf4
-from .common import NonFiniteError
+from .common import NonFiniteError, error_stats
 from .int4 import Int4Config
 from .int8 import Int8Config, PerRow, PerTensor
 from .int8_sym import Int8SymConfig
@@ -21,15 +21,22 @@ from .nf4 import FourBitConfig
 
 @dataclass(frozen=True)
 class Format:
-    """A format's pair of functions and the type of state they exchange."""
+    """A format's pair of functions, the type of state they exchange, and optionally a fused error measure."""
 
     quantize: Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
     dequantize: Callable[[torch.Tensor, object], torch.Tensor]
     state_type: type
+    error: Callable[[torch.Tensor, torch.Tensor, object], tuple[float, float]] | None = None
+
+    def measure_error(self, w: torch.Tensor, packed: torch.Tensor, state) -> tuple[float, float]:
+        """Max absolute and RMS error of the round trip of ``w``."""
+        if self.error is not None:
+            return self.error(w, packed, state)
+        return error_stats(w, self.dequantize(packed, state))
 
 
 FORMATS: dict[type, Format] = {
-    FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState),
+    FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState, nf4.error),
     Int8Config: Format(int8.quantize, int8.dequantize, int8.Int8State),
     Int8SymConfig: Format(int8_sym.quantize, int8_sym.dequantize, int8_sym.Int8SymState),
     Int4Config: Format(int4.quantize, int4.dequantize, int4.Int4State),

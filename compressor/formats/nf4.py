@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 
 from . import dynamic8, kernels
-from .common import NonFiniteError, as_float32_flat
+from .common import NonFiniteError, check_dtype, error_stats
 
 # The 16 values of each codebook, indexed by their 4-bit code.
 _NF4 = [
@@ -111,12 +111,12 @@ def quantize(w: torch.Tensor, cfg: FourBitConfig = FourBitConfig()) -> tuple[tor
     Raises:
         NonFiniteError: ``w`` holds NaN or Inf.
     """
-    flat = as_float32_flat(w)
+    flat = _native(w)
     n = flat.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // cfg.blocksize), dtype=torch.float32)
     bounds, order = _rounding_tables(cfg.codebook)
-    if n and not kernels.quantize_4bit(flat.numpy(), cfg.blocksize, bounds, order, packed.numpy(), absmax.numpy()):
+    if n and not kernels.quantize_4bit(kernels.as_bits(flat), cfg.blocksize, bounds, order, packed.numpy(), absmax.numpy()):
         raise NonFiniteError("weight contains NaN or Inf")
     common = dict(codebook=cfg.codebook, blocksize=cfg.blocksize, shape=tuple(w.shape), dtype=w.dtype)
     if not cfg.double_quant:
@@ -128,10 +128,26 @@ def quantize(w: torch.Tensor, cfg: FourBitConfig = FourBitConfig()) -> tuple[tor
 
 def dequantize(packed: torch.Tensor, state: FourBitState) -> torch.Tensor:
     """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype``."""
-    out = torch.empty(state.shape, dtype=torch.float32)
-    flat = out.view(-1)
-    if flat.numel():
-        kernels.dequantize_4bit(
-            packed.reshape(-1).numpy(), state.scales().numpy(), state.blocksize, codebook(state.codebook).numpy(), flat.numpy()
-        )
+    out_dtype = state.dtype if state.dtype in kernels.NATIVE_DTYPES else torch.float32
+    out = torch.empty(state.shape, dtype=out_dtype)
+    if out.numel():
+        lut = codebook(state.codebook).numpy()
+        kernels.dequantize_4bit(packed.reshape(-1).numpy(), state.scales().numpy(), state.blocksize, lut, kernels.as_bits(out))
     return out.to(state.dtype)
+
+
+def error(w: torch.Tensor, packed: torch.Tensor, state: FourBitState) -> tuple[float, float]:
+    """Max absolute and RMS difference between ``w`` and ``dequantize(packed, state)``, in one pass."""
+    flat = _native(w)
+    if flat.dtype != w.dtype:  # float16: no single-pass kernel, compare the materialized weight
+        return error_stats(w, dequantize(packed, state))
+    lut = codebook(state.codebook).numpy()
+    peak, rms = kernels.error_4bit(kernels.as_bits(flat), packed.numpy(), state.scales().numpy(), state.blocksize, lut)
+    return float(peak), float(rms)
+
+
+def _native(w: torch.Tensor) -> torch.Tensor:
+    # The kernels read float32 and bfloat16 bits directly; anything else is widened to float32 first.
+    check_dtype(w)
+    w = w.detach().reshape(-1)
+    return w.contiguous() if w.dtype in kernels.NATIVE_DTYPES else w.to(torch.float32)

@@ -107,3 +107,15 @@ def test_double_quant_costs_about_4_127_bits_per_parameter():
 def test_unsupported_blocksize_is_rejected(blocksize):
     with pytest.raises(ValueError, match="blocksize"):
         FourBitConfig(blocksize=blocksize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_error_equals_error_of_the_dequantized_weight(dtype):
+    from compressor.formats.common import error_stats
+
+    w = (torch.randn(100, 130, generator=torch.Generator().manual_seed(3)) * 0.1).to(dtype)
+    packed, state = nf4.quantize(w)
+    peak, rms = nf4.error(w, packed, state)
+    ref_peak, ref_rms = error_stats(w, nf4.dequantize(packed, state))
+    assert peak == ref_peak
+    assert rms == pytest.approx(ref_rms, rel=1e-9)

@@ -1,0 +1,58 @@
+"""sha256 of a safetensors shard, computed from its tensors as the compressor reads them.
+
+A safetensors file is its 8-byte header length, the JSON header, then every tensor's bytes with no
+holes; reading the tensors in file order therefore replays the file. Hashing those bytes instead of
+reading the file a second time saves a pass over the whole checkpoint. If the replay does not add
+up to the file's size (a file with holes, or tensors not fed in file order), the file is hashed the
+ordinary way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class ShardHash:
+    """Feed the tensors of one shard in file order; :meth:`hexdigest` is the file's sha256.
+
+    Updates run on ``pool`` (hashlib releases the GIL); at most one is in flight, which bounds the
+    tensors kept alive for hashing to one.
+    """
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor):
+        self.path = path
+        self._pool = pool
+        self._hash = hashlib.sha256()
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else b""
+        self._hash.update(head + header)
+        self._fed = len(head) + len(header)
+        self._pending: Future | None = None
+
+    def feed(self, tensor: torch.Tensor) -> None:
+        """Add the next tensor's bytes."""
+        if self._pending is not None:
+            self._pending.result()
+        flat = tensor.contiguous().reshape(-1)
+        self._fed += flat.numel() * flat.element_size()
+        self._pending = self._pool.submit(self._hash.update, memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
+
+    def hexdigest(self) -> str:
+        """The sha256 of the file."""
+        if self._pending is not None:
+            self._pending.result()
+        if self._fed != self.path.stat().st_size:
+            return sha256_file(self.path)
+        return self._hash.hexdigest()
