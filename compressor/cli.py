@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -28,9 +29,17 @@ def _quantize(args) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _import_gguf(args) -> int:
     from .gguf import ImportJob, import_gguf
 
+    if args.quiet:
+        _quiet_transformers()
     summary = import_gguf(ImportJob(gguf_file=Path(args.gguf_file), out_dir=Path(args.out_dir), overwrite=args.overwrite))
     print(f"wrote {args.out_dir}: {summary}")
     return 0
@@ -39,6 +48,8 @@ def _import_gguf(args) -> int:
 def _eval(args) -> int:
     from .evaluate import EvalJob, evaluate
 
+    if args.quiet:
+        _quiet_transformers()
     job = EvalJob(
         model_dir=Path(args.model_dir), text=Path(args.text), windows=args.windows, seq_len=args.seq,
         reference_dir=Path(args.reference) if args.reference else None, progress=not args.quiet,
@@ -71,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("gguf_file")
     g.add_argument("out_dir")
     g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--quiet", action="store_true")
     g.set_defaults(run=_import_gguf)
 
     e = sub.add_parser("eval", help="perplexity (and KL / agreement against a reference) on a text file")
@@ -87,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # bitsandbytes warns on import about an optional GPU-kernel package; on the command line that is
+    # noise, and a library user keeps their own logging configuration.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except CompressorError as e:

@@ -14,3 +14,21 @@ def test_non_gguf_file_is_named(tmp_path):
     with pytest.raises(CompressorError, match="not a GGUF file"):
         import_gguf(ImportJob(tmp_path / "model.gguf", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_checkpoint_gives_the_logits_transformers_reads_from_the_gguf(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import tiny_gguf
+
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    summary = import_gguf(ImportJob(path, tmp_path / "out"))
+    assert "LlamaForCausalLM" in summary
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.decode(tokenizer(" the text").input_ids) == " the text"
