@@ -40,7 +40,7 @@ test: setup
 	$(PY) -m pytest -q -n $(JOBS) -p no:cacheprovider
 
 bench: setup model
-	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM)
+	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM) --big --work bench-results
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info
