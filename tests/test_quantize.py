@@ -163,3 +163,16 @@ def test_interrupted_run_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == [src.name]
+
+
+def test_unsupported_dtype_of_a_linear_weight_is_named(tmp_path):
+    src = tiny_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    state = model.state_dict()
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, src / "model.safetensors")
+    with pytest.raises(CompressorError, match="'model.layers.0.mlp.up_proj.weight': cannot quantize torch.float8_e4m3fn"):
+        run(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
