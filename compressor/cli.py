@@ -15,7 +15,10 @@ def _quantize(args) -> int:
     from .quantize import QuantizeJob, quantize_checkpoint
 
     try:
-        cfg = config_for(args.method, args.blocksize, double_quant=not args.no_double_quant, per_tensor=args.per_tensor)
+        cfg = config_for(
+            args.method, args.blocksize, double_quant=not args.no_double_quant, per_tensor=args.per_tensor,
+            absmax_rounding=args.absmax_rounding,
+        )  # fmt: skip
     except ValueError as e:
         raise CompressorError(None, str(e)) from None
     job = QuantizeJob(
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", required=True, choices=METHODS)
     q.add_argument("--blocksize", type=int, help="block size of nf4/fp4/int4 (default 64)")
     q.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: keep the per-block absmax in float32")
+    q.add_argument("--absmax-rounding", choices=("lut", "nearest"), default="lut",
+                   help="nf4/fp4 double quantization: bitsandbytes' CPU lookup table (default, bit-identical) or exact nearest")
     q.add_argument("--per-tensor", action="store_true", help="int8: one scale for the whole tensor instead of per row")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module names or patterns to keep in float")
     q.add_argument("--quantize-head", action="store_true", help="also quantize the output head (kept in float by default)")

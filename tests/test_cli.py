@@ -48,3 +48,11 @@ def test_unsupported_blocksize_is_one_line(tmp_path, capsys):
 def test_python_dash_m_is_the_same_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "compressor", "quantize", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--method" in done.stdout
+
+
+def test_nearest_absmax_rounding_is_recorded(tmp_path):
+    import json
+
+    src = tiny_checkpoint(tmp_path)
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--method", "nf4", "--absmax-rounding", "nearest", "--quiet"]) == 0
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["options"]["absmax_rounding"] == "nearest"

@@ -39,10 +39,11 @@ def test_stock_transformers_loads_output_with_same_logits_as_bitsandbytes(tmp_pa
         assert torch.equal(ours(ids).logits, bnb_reference(src, cfg)(ids).logits)
 
 
-def test_output_tensors_equal_what_transformers_saves(tmp_path):
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8-sym"])
+def test_output_tensors_equal_what_transformers_saves(tmp_path, method):
     src = tiny_checkpoint(tmp_path, "llama", torch.bfloat16)
-    run(src, tmp_path / "ours")
-    bnb_reference(src, FourBitConfig()).save_pretrained(tmp_path / "stock")
+    run(src, tmp_path / "ours", config_for(method))
+    bnb_reference(src, config_for(method)).save_pretrained(tmp_path / "stock")
     with safe_open(tmp_path / "ours/model.safetensors", "pt") as a, safe_open(tmp_path / "stock/model.safetensors", "pt") as b:
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():

@@ -62,10 +62,12 @@ def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
         raise TypeError(f"no format registered for state {type(state).__name__}") from None
 
 
-def config_for(method: str, blocksize: int | None = None, double_quant: bool = True, per_tensor: bool = False):
+def config_for(
+    method: str, blocksize: int | None = None, double_quant: bool = True, per_tensor: bool = False, absmax_rounding: str = "lut"
+):
     """Build the config for a method name as typed on the command line."""
     if method in ("nf4", "fp4"):
-        return FourBitConfig(codebook=method, blocksize=blocksize or 64, double_quant=double_quant)
+        return FourBitConfig(codebook=method, blocksize=blocksize or 64, double_quant=double_quant, absmax_rounding=absmax_rounding)
     if method == "int4":
         return Int4Config(blocksize=blocksize or 64)
     if method == "int8":
