@@ -16,8 +16,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import bnb_layout, native_layout
 from .checkpoint.atomic import atomic_folder
-from .checkpoint.hashing import ShardHash, sha256_file
-from .checkpoint.model_info import load_config, meta_model, plan_linears
+from .checkpoint.readahead import ReadAhead
 from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, open_shard
 from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
@@ -28,6 +27,7 @@ MANIFEST = "manifest.json"
 # Files of a source folder that are weights or rewritten by us; everything else (tokenizer,
 # generation config, chat template, licence) is copied as it is.
 _NOT_COPIED = {"config.json", MANIFEST, INDEX, "pytorch_model.bin.index.json"}
+_READAHEAD_BYTES = 512 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
@@ -88,15 +88,6 @@ def method_name(cfg) -> str:
     return getattr(cfg, "codebook", None) or {"Int8Config": "int8", "Int8SymConfig": "int8-sym", "Int4Config": "int4"}[type(cfg).__name__]
 
 
-def _prefetched(reader, names: list[str], pool: ThreadPoolExecutor):
-    # Yield (name, tensor) in order while the next tensor is being read on ``pool``.
-    upcoming = pool.submit(reader.get, names[0]) if names else None
-    for i, name in enumerate(names):
-        tensor = upcoming.result()
-        upcoming = pool.submit(reader.get, names[i + 1]) if i + 1 < len(names) else None
-        yield name, tensor
-
-
 def _add_all(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
     for key, value in tensors.items():
         writer.add(key, value)
@@ -106,51 +97,60 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     """Run ``job``: write the quantized folder at ``job.out_dir`` and return its summary."""
     start = time.perf_counter()
     ckpt = find_checkpoint(job.model_dir, allow_pickle=job.allow_pickle)
-    plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
-    with ThreadPoolExecutor(max_workers=1) as hash_pool, atomic_folder(job.out_dir, job.overwrite) as tmp:
-        run = _Run(job, plan.quantize, hash_pool)
-        total = 0
-        for shard in ckpt.shards:
-            with open_shard(shard) as reader:
-                total += len(reader.keys())
-        with tqdm(total=total, desc="quantize", unit="tensor", disable=not job.progress) as bar:
-            for shard in ckpt.shards:
-                out_name = shard.with_suffix(".safetensors").name if ckpt.sharded else SINGLE
-                run.shard(shard, tmp / out_name, bar)
-        if run.summary.tensors_quantized == 0:
-            raise CompressorError(job.model_dir, "no linear weight of the model matched a tensor in the checkpoint")
+    names: dict[Path, list[str]] = {}
+    for shard in ckpt.shards:
+        with open_shard(shard) as reader:
+            names[shard] = reader.keys()
+    source_bytes = sum(p.stat().st_size for p in ckpt.shards)
+    # Reading and hashing start now, on another core, while transformers is imported to plan the
+    # modules (see readahead.py); the import is local to this function for that reason.
+    reads = ReadAhead(ckpt.shards, budget=min(_READAHEAD_BYTES, source_bytes // 8))
+    try:
+        from .checkpoint.model_info import load_config, meta_model, plan_linears
 
-        _write_config(ckpt.config_path, tmp, job.config, plan.skip)
-        if ckpt.sharded:
-            index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}, "weight_map": run.weight_map}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _copy_side_files(ckpt.root, tmp)
-        summary = run.summary
-        summary.bytes_before = sum(p.stat().st_size for p in ckpt.shards)
-        summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        summary.seconds = time.perf_counter() - start
-        options = {k: type(v).__name__ if is_dataclass(v) else v for k, v in vars(job.config).items()}
-        manifest = {
-            "manifest_version": 1,
-            "compressor_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "method": summary.method,
-            "options": {**options, "skip": list(job.skip), "quantize_head": job.quantize_head},
-            "source": {"path": str(ckpt.root.resolve()),
-                       "files": {p.name: {"sha256": run.hashes[p], "bytes": p.stat().st_size} for p in ckpt.shards}},
-            "summary": {**asdict(summary), "bits_per_param": summary.bits_per_param},
-            "tensors": run.tensor_report,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
+        with atomic_folder(job.out_dir, job.overwrite) as tmp:
+            run = _Run(job, plan.quantize)
+            destinations = {s: tmp / (s.with_suffix(".safetensors").name if ckpt.sharded else SINGLE) for s in ckpt.shards}
+            with tqdm(total=sum(map(len, names.values())), desc="quantize", unit="tensor", disable=not job.progress) as bar:
+                run.all_shards(reads, destinations, names, bar)
+            if run.summary.tensors_quantized == 0:
+                raise CompressorError(job.model_dir, "no linear weight of the model matched a tensor in the checkpoint")
+            _write_config(ckpt.config_path, tmp, job.config, plan.skip)
+            if ckpt.sharded:
+                index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}, "weight_map": run.weight_map}
+                (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            _copy_side_files(ckpt.root, tmp)
+            summary = run.summary
+            summary.bytes_before = source_bytes
+            summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+            summary.seconds = time.perf_counter() - start
+            _write_manifest(tmp / MANIFEST, job, ckpt, reads.hashes, summary, run.tensor_report)
+    finally:
+        reads.close()
     return summary
+
+
+def _write_manifest(path: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str], summary: QuantizeSummary, tensors: dict) -> None:
+    options = {k: type(v).__name__ if is_dataclass(v) else v for k, v in vars(job.config).items()}
+    manifest = {
+        "manifest_version": 1,
+        "compressor_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": summary.method,
+        "options": {**options, "skip": list(job.skip), "quantize_head": job.quantize_head},
+        "source": {"path": str(ckpt.root.resolve()),
+                   "files": {p.name: {"sha256": hashes[p], "bytes": p.stat().st_size} for p in ckpt.shards}},
+        "summary": {**asdict(summary), "bits_per_param": summary.bits_per_param},
+        "tensors": tensors,
+    }  # fmt: skip
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 class _Run:
     # The state one run accumulates over its shards.
-    def __init__(self, job: QuantizeJob, targets: frozenset[str], hash_pool: ThreadPoolExecutor):
+    def __init__(self, job: QuantizeJob, targets: frozenset[str]):
         self.job = job
-        self.hash_pool = hash_pool
-        self.hashes: dict[Path, str] = {}
         self.targets = targets
         self.format = format_for(job.config)
         self.layout = bnb_layout if isinstance(job.config, bnb_layout.CONFIGS) else native_layout
@@ -158,45 +158,43 @@ class _Run:
         self.tensor_report: dict[str, dict] = {}
         self.weight_map: dict[str, str] = {}
 
-    def shard(self, src: Path, dst: Path, bar: tqdm) -> None:
-        header_entries: dict[str, dict] = {}
-        with open_shard(src) as reader, ThreadPoolExecutor(max_workers=2) as io:
-            names = reader.keys()
-            # Room for the output header: a weight becomes up to six entries (and a metadata line).
-            writer = ShardWriter(dst, header_reserve=4096 + sum(8 * (len(n) + 120) for n in names))
-            # Reading the next tensor and writing the last one's outputs overlap the quantization of
-            # this one (all three release the GIL); at most one read and one write are in flight.
-            pending_write = None
-            # The source's sha256 comes from the tensors as they stream past (see hashing.py).
-            source_hash = ShardHash(src, self.hash_pool) if src.suffix == ".safetensors" else None
+    def all_shards(self, reads: ReadAhead, destinations: dict[Path, Path], names: dict[Path, list[str]], bar: tqdm) -> None:
+        # One writer per shard; writing the last tensor's outputs overlaps quantizing this one.
+        writers: dict[Path, ShardWriter] = {}
+        header_entries: dict[Path, dict[str, dict]] = {}
+        pending = None
+        with ThreadPoolExecutor(max_workers=1) as io:
             try:
-                for name, tensor in _prefetched(reader, names, io):
-                    if source_hash is not None:
-                        source_hash.feed(tensor)
+                for src, name, tensor in reads:
+                    if src not in writers:
+                        # Room for the output header: a weight becomes up to six entries.
+                        reserve = 4096 + sum(8 * (len(n) + 120) for n in names[src])
+                        writers[src], header_entries[src] = ShardWriter(destinations[src], header_reserve=reserve), {}
                     self.summary.params_total += tensor.numel()
                     if name.endswith(".weight") and name.removesuffix(".weight") in self.targets:
                         packed, state = self.quantize(src, name, tensor)
                         if self.layout is native_layout:
-                            header_entries[name] = native_layout.header_entry(state)
+                            header_entries[src][name] = native_layout.header_entry(state)
                         outputs = self.layout.tensors_for(name, packed, state)
                     else:
                         outputs = {name: tensor}
-                    if pending_write is not None:
-                        pending_write.result()
-                    pending_write = io.submit(_add_all, writer, outputs)
-                    self.weight_map.update(dict.fromkeys(outputs, dst.name))
+                    if pending is not None:
+                        pending.result()
+                    pending = io.submit(_add_all, writers[src], outputs)
+                    self.weight_map.update(dict.fromkeys(outputs, destinations[src].name))
                     bar.update()
-                if pending_write is not None:
-                    pending_write.result()
-                metadata = {"format": "pt"}
-                if header_entries:
-                    metadata.update(native_layout.shard_metadata(header_entries))
-                writer.finish(metadata)
-                self.hashes[src] = source_hash.hexdigest() if source_hash is not None else sha256_file(src)
+                if pending is not None:
+                    pending.result()
+                for src, writer in writers.items():
+                    metadata = {"format": "pt"}
+                    if header_entries[src]:
+                        metadata.update(native_layout.shard_metadata(header_entries[src]))
+                    writer.finish(metadata)
             except BaseException:
-                if pending_write is not None:
-                    pending_write.exception()
-                writer.abort()
+                if pending is not None:
+                    pending.exception()
+                for writer in writers.values():
+                    writer.abort()
                 raise
 
     def quantize(self, src: Path, name: str, tensor: torch.Tensor):

@@ -11,48 +11,38 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB chunks."""
+    """sha256 of a file, read in chunks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ShardHash:
-    """Feed the tensors of one shard in file order; :meth:`hexdigest` is the file's sha256.
+    """Feed the tensors of one shard in file order; :meth:`hexdigest` is the file's sha256."""
 
-    Updates run on ``pool`` (hashlib releases the GIL); at most one is in flight, which bounds the
-    tensors kept alive for hashing to one.
-    """
-
-    def __init__(self, path: Path, pool: ThreadPoolExecutor):
+    def __init__(self, path: Path):
         self.path = path
-        self._pool = pool
         self._hash = hashlib.sha256()
         with open(path, "rb") as f:
             head = f.read(8)
             header = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else b""
         self._hash.update(head + header)
         self._fed = len(head) + len(header)
-        self._pending: Future | None = None
 
     def feed(self, tensor: torch.Tensor) -> None:
-        """Add the next tensor's bytes."""
-        if self._pending is not None:
-            self._pending.result()
+        """Add the next tensor's bytes (hashlib releases the GIL while it hashes them)."""
         flat = tensor.contiguous().reshape(-1)
+        if flat.numel():
+            self._hash.update(memoryview(flat.view(torch.uint8).numpy()))
         self._fed += flat.numel() * flat.element_size()
-        self._pending = self._pool.submit(self._hash.update, memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
 
     def hexdigest(self) -> str:
         """The sha256 of the file."""
-        if self._pending is not None:
-            self._pending.result()
         if self._fed != self.path.stat().st_size:
             return sha256_file(self.path)
         return self._hash.hexdigest()

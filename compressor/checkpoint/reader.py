@@ -1,13 +1,16 @@
 """Find and open the safetensors shards of a Hugging Face checkpoint, one tensor at a time.
 
-Shards are read with ``pread`` rather than memory-mapped: a mapping would leave every page of the
-checkpoint in our resident set as we pass over it, and the compressor promises to need far less
-memory than the checkpoint's size.
+``safe_open`` validates each shard. Tensors are then read with ``os.preadv`` at the offsets of the
+header rather than memory-mapped or read through ``safe_open``: a mapping would leave every page of
+the checkpoint in our resident set as we pass over it, and ``safe_open``'s own ``pread`` holds the
+GIL, which would stop a reading thread from running beside the Python that plans and quantizes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CompressorError
+from .dtypes import SAFETENSORS_TO_TORCH
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -89,8 +93,7 @@ class ShardReader:
 
     def keys(self) -> list[str]:
         """Tensor names in the order the file stores them."""
-        keys = getattr(self._handle, "offset_keys", self._handle.keys)
-        return list(keys())
+        return list(self._handle.keys())
 
     def metadata(self) -> dict[str, str]:
         """The shard's free-form header metadata."""
@@ -102,6 +105,48 @@ class ShardReader:
             return self._handle.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types; all mean a broken file here
             raise CompressorError(self.path, f"cannot read tensor {name!r} ({e})") from None
+
+
+class _SafetensorsHandle:
+    # safe_open checks the file (header, sizes, coverage); reads go through os.preadv.
+    def __init__(self, path: Path):
+        self._path = path
+        safe_open(str(path), framework="pt", device="cpu", backend="pread").__exit__(None, None, None)
+        self._fd = os.open(path, os.O_RDONLY)
+        (length,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        header = json.loads(os.pread(self._fd, length, 8))
+        self._metadata = header.pop("__metadata__", None) or {}
+        self._entries = header
+        self._data_start = 8 + length
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)
+
+    def keys(self):
+        return sorted(self._entries, key=lambda name: self._entries[name]["data_offsets"][0])
+
+    def metadata(self):
+        return self._metadata
+
+    def get_tensor(self, name):
+        entry = self._entries[name]
+        if entry["dtype"] not in SAFETENSORS_TO_TORCH:
+            raise ValueError(f"unsupported dtype {entry['dtype']}")
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_TO_TORCH[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        if len(view) != end - begin:
+            raise ValueError(f"{end - begin} bytes for a {entry['dtype']} tensor of shape {entry['shape']}")
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+            if got <= 0:
+                raise ValueError("file ends inside the tensor")
+            done += got
+        return tensor
 
 
 class _PickleHandle:
@@ -141,7 +186,7 @@ def open_shard(path: Path) -> Iterator[ShardReader]:
             yield ShardReader(path, handle)
         return
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+        handle = _SafetensorsHandle(path)
     except Exception as e:
         raise CompressorError(path, f"not a valid safetensors file ({e})") from None
     with handle:

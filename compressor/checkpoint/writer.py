@@ -21,12 +21,7 @@ from pathlib import Path
 
 import torch
 
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
+from .dtypes import TORCH_TO_SAFETENSORS
 
 
 class ShardWriter:
@@ -50,13 +45,13 @@ class ShardWriter:
         """Append one tensor; names must be unique within the file."""
         if name in self._header:
             raise ValueError(f"tensor {name!r} written twice")
-        if tensor.dtype not in _DTYPE_NAMES:
+        if tensor.dtype not in TORCH_TO_SAFETENSORS:
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         size = flat.numel() * flat.element_size()
         if size:
             self._file.write(memoryview(flat.view(torch.uint8).numpy()))
-        self._header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.nbytes, self.nbytes + size]}
+        self._header[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.nbytes, self.nbytes + size]}
         self.nbytes += size
 
     def finish(self, metadata: dict[str, str] | None = None) -> Path:

@@ -1,0 +1,93 @@
+"""Read (and hash) every tensor of a checkpoint in file order on a background thread.
+
+The compressor starts reading before it has imported transformers and planned which modules to
+quantize: that import keeps one core busy for seconds, while ``os.preadv`` and sha256 release the
+GIL and run on the other. Reading ahead is bounded by a byte budget, so memory stays far below the
+checkpoint's size however slow the consumer is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .hashing import ShardHash, sha256_file
+from .reader import open_shard
+
+
+class ReadAhead:
+    """Iterate ``(shard, name, tensor)`` over ``shards`` in file order; :attr:`hashes` is complete at the end.
+
+    Args:
+        shards: the files, in the order to read them.
+        budget: bytes of tensors that may wait, read but not yet taken (one tensor always may).
+    """
+
+    def __init__(self, shards: tuple[Path, ...], budget: int):
+        self.hashes: dict[Path, str] = {}
+        self._shards = shards
+        self._budget = budget
+        self._ready: deque = deque()
+        self._waiting_bytes = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._read_all, name="readahead", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[tuple[Path, str, torch.Tensor]]:
+        while True:
+            with self._cond:
+                while not self._ready:
+                    self._cond.wait()
+                item = self._ready.popleft()
+                if isinstance(item, tuple):
+                    self._waiting_bytes -= _nbytes(item[2])
+                    self._cond.notify_all()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop reading and wait for the thread (safe to call at any point)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _put(self, item) -> bool:
+        size = _nbytes(item[2]) if isinstance(item, tuple) else 0
+        with self._cond:
+            while self._waiting_bytes and self._waiting_bytes + size > self._budget and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                return False
+            self._ready.append(item)
+            self._waiting_bytes += size
+            self._cond.notify_all()
+            return True
+
+    def _read_all(self) -> None:
+        try:
+            for shard in self._shards:
+                with open_shard(shard) as reader:  # validates the file before anything else reads it
+                    source_hash = ShardHash(shard) if shard.suffix == ".safetensors" else None
+                    for name in reader.keys():
+                        tensor = reader.get(name)
+                        if source_hash is not None:
+                            source_hash.feed(tensor)
+                        if not self._put((shard, name, tensor)):
+                            return
+                self.hashes[shard] = source_hash.hexdigest() if source_hash is not None else sha256_file(shard)
+            self._put(None)
+        except BaseException as e:  # handed to the consumer, which raises it in its own thread
+            self._put(e)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
