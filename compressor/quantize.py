@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ MANIFEST = "manifest.json"
 # generation config, chat template, licence) is copied as it is.
 _NOT_COPIED = {"config.json", MANIFEST, INDEX, "pytorch_model.bin.index.json"}
 _READAHEAD_BYTES = 512 << 20
+_WRITES_IN_FLIGHT = 2
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
@@ -159,10 +161,10 @@ class _Run:
         self.weight_map: dict[str, str] = {}
 
     def all_shards(self, reads: ReadAhead, destinations: dict[Path, Path], names: dict[Path, list[str]], bar: tqdm) -> None:
-        # One writer per shard; writing the last tensor's outputs overlaps quantizing this one.
+        # One writer per shard; writing earlier tensors' outputs overlaps quantizing this one.
         writers: dict[Path, ShardWriter] = {}
         header_entries: dict[Path, dict[str, dict]] = {}
-        pending = None
+        pending: deque = deque()
         with ThreadPoolExecutor(max_workers=1) as io:
             try:
                 for src, name, tensor in reads:
@@ -178,21 +180,21 @@ class _Run:
                         outputs = self.layout.tensors_for(name, packed, state)
                     else:
                         outputs = {name: tensor}
-                    if pending is not None:
-                        pending.result()
-                    pending = io.submit(_add_all, writers[src], outputs)
+                    if len(pending) >= _WRITES_IN_FLIGHT:
+                        pending.popleft().result()
+                    pending.append(io.submit(_add_all, writers[src], outputs))
                     self.weight_map.update(dict.fromkeys(outputs, destinations[src].name))
                     bar.update()
-                if pending is not None:
-                    pending.result()
+                for write in pending:
+                    write.result()
                 for src, writer in writers.items():
                     metadata = {"format": "pt"}
                     if header_entries[src]:
                         metadata.update(native_layout.shard_metadata(header_entries[src]))
                     writer.finish(metadata)
             except BaseException:
-                if pending is not None:
-                    pending.exception()
+                for write in pending:
+                    write.exception()
                 for writer in writers.values():
                     writer.abort()
                 raise
