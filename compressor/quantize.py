@@ -21,7 +21,7 @@ from .checkpoint.readahead import ReadAhead
 from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, open_shard
 from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
-from .formats import FORMATS, NonFiniteError, format_for, payload_nbytes
+from .formats import FORMATS, NonFiniteError, format_for, method_of, payload_nbytes
 from .formats.common import FLOAT_DTYPES
 
 MANIFEST = "manifest.json"
@@ -83,11 +83,6 @@ class QuantizeSummary:
             f"largest RMS error      {self.worst_rms_error:.3g} ({self.worst_tensor})",
             f"time                   {self.seconds:.1f} s",
         ]
-
-
-def method_name(cfg) -> str:
-    """The command-line name of a format config."""
-    return getattr(cfg, "codebook", None) or {"Int8Config": "int8", "Int8SymConfig": "int8-sym", "Int4Config": "int4"}[type(cfg).__name__]
 
 
 def _add_all(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
@@ -156,7 +151,7 @@ class _Run:
         self.targets = targets
         self.format = format_for(job.config)
         self.layout = bnb_layout if isinstance(job.config, bnb_layout.CONFIGS) else native_layout
-        self.summary = QuantizeSummary(method=method_name(job.config))
+        self.summary = QuantizeSummary(method=method_of(job.config))
         self.tensor_report: dict[str, dict] = {}
         self.weight_map: dict[str, str] = {}
 

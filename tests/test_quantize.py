@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -177,3 +178,19 @@ def test_unsupported_dtype_of_a_linear_weight_is_named(tmp_path):
     with pytest.raises(CompressorError, match="'model.layers.0.mlp.up_proj.weight': cannot quantize torch.float8_e4m3fn"):
         run(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_allowed_pickle_is_quantized_like_safetensors(tmp_path):
+    src = tiny_checkpoint(tmp_path)
+    run(src, tmp_path / "from-safetensors", config_for("int4"))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(src / "config.json", pickled / "config.json")
+    with safe_open(src / "model.safetensors", "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, pickled / "pytorch_model.bin")
+    with pytest.raises(CompressorError, match="weights are a pickle"):
+        run(pickled, tmp_path / "refused", config_for("int4"))
+    run(pickled, tmp_path / "from-pickle", config_for("int4"), allow_pickle=True)
+    with safe_open(tmp_path / "from-safetensors/model.safetensors", "pt") as a, safe_open(tmp_path / "from-pickle/model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

@@ -54,6 +54,17 @@ def format_for(cfg) -> Format:
         raise TypeError(f"no format registered for {type(cfg).__name__}") from None
 
 
+def method_of(cfg) -> str:
+    """The command-line name of a config: the inverse of :func:`config_for`."""
+    if isinstance(cfg, FourBitConfig):
+        return cfg.codebook
+    names = {Int4Config: "int4", Int8Config: "int8", Int8SymConfig: "int8-sym"}
+    try:
+        return names[type(cfg)]
+    except KeyError:
+        raise TypeError(f"no method for {type(cfg).__name__}") from None
+
+
 def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     """Dequantize with whichever format produced ``state``."""
     try:
@@ -94,5 +105,5 @@ def payload_nbytes(packed: torch.Tensor, state) -> int:
 
 __all__ = [
     "FORMATS", "METHODS", "Format", "FourBitConfig", "Int4Config", "Int8Config", "Int8SymConfig",
-    "NonFiniteError", "PerRow", "PerTensor", "config_for", "dequantize", "format_for", "payload_nbytes",
+    "NonFiniteError", "PerRow", "PerTensor", "config_for", "dequantize", "format_for", "method_of", "payload_nbytes",
 ]  # fmt: skip
