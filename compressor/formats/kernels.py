@@ -115,7 +115,7 @@ def dequantize_4bit(packed, absmax, blocksize, lut, out_bits):
     blocks = absmax.size
     chunks = (blocks + _CHUNK_BLOCKS - 1) // _CHUNK_BLOCKS
     for c in numba.prange(chunks):
-        values_bits = np.empty(blocksize, dtype=np.uint32)
+        values_bits = np.empty(blocksize + 1, dtype=np.uint32)  # + 1: an odd last block decodes its pad
         values = values_bits.view(np.float32)
         for b in range(c * _CHUNK_BLOCKS, min((c + 1) * _CHUNK_BLOCKS, blocks)):
             start = b * blocksize
@@ -124,41 +124,13 @@ def dequantize_4bit(packed, absmax, blocksize, lut, out_bits):
             for k in range(0, end - start, 2):
                 byte = np.int32(packed[(start + k) >> 1])
                 values[k] = lut[byte >> 4] * s
-                if k + 1 < blocksize:
-                    values[k + 1] = lut[byte & 0x0F] * s
+                values[k + 1] = lut[byte & 0x0F] * s
             for k in range(end - start):
                 w = values_bits[k]
                 if out_bits.itemsize == 2:
                     out_bits[start + k] = _bfloat16_round(w)
                 else:
                     out_bits[start + k] = w
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def error_stats(original, restored, chunk):
-    """Max absolute and root-mean-square difference of two weights given as raw bits of one dtype."""
-    n = original.size
-    chunks = (n + chunk - 1) // chunk
-    peak = np.zeros(chunks, dtype=np.float64)
-    sumsq = np.zeros(chunks, dtype=np.float64)
-    for c in numba.prange(chunks):
-        start = c * chunk
-        end = min(start + chunk, n)
-        a_bits = np.zeros(chunk, dtype=np.uint32)
-        b_bits = np.zeros(chunk, dtype=np.uint32)
-        _widen(original, start, end, a_bits)
-        _widen(restored, start, end, b_bits)
-        a = a_bits.view(np.float32)
-        b = b_bits.view(np.float32)
-        m = 0.0
-        s = 0.0
-        for k in range(end - start):
-            d = np.float64(b[k]) - np.float64(a[k])
-            m = max(m, abs(d))
-            s += d * d
-        peak[c] = m
-        sumsq[c] = s
-    return peak.max(), np.sqrt(sumsq.sum() / max(n, 1))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
