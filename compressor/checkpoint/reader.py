@@ -177,17 +177,11 @@ def open_shard(path: Path) -> Iterator[ShardReader]:
     ``.bin`` shards are unpickled with ``weights_only=True``; :func:`find_checkpoint` only returns
     them when the user allowed pickles.
     """
-    if path.suffix == ".bin":
-        try:
-            handle = _PickleHandle(path)
-        except Exception as e:
-            raise CompressorError(path, f"cannot load pickled weights ({e})") from None
-        with handle:
-            yield ShardReader(path, handle)
-        return
+    pickled = path.suffix == ".bin"
     try:
-        handle = _SafetensorsHandle(path)
+        handle = _PickleHandle(path) if pickled else _SafetensorsHandle(path)
     except Exception as e:
-        raise CompressorError(path, f"not a valid safetensors file ({e})") from None
+        problem = "cannot load pickled weights" if pickled else "not a valid safetensors file"
+        raise CompressorError(path, f"{problem} ({e})") from None
     with handle:
         yield ShardReader(path, handle)
