@@ -85,9 +85,11 @@ class QuantizeSummary:
         ]
 
 
-def _add_all(writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
+def _write(writer: ShardWriter, tensors: dict[str, torch.Tensor], reads: ReadAhead, source: torch.Tensor | None) -> None:
     for key, value in tensors.items():
         writer.add(key, value)
+    if source is not None:  # a tensor copied through: its buffer is free once written
+        reads.release(source)
 
 
 def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
@@ -173,11 +175,13 @@ class _Run:
                         if self.layout is native_layout:
                             header_entries[src][name] = native_layout.header_entry(state)
                         outputs = self.layout.tensors_for(name, packed, state)
+                        reads.release(tensor)
+                        tensor = None
                     else:
                         outputs = {name: tensor}
                     if len(pending) >= _WRITES_IN_FLIGHT:
                         pending.popleft().result()
-                    pending.append(io.submit(_add_all, writers[src], outputs))
+                    pending.append(io.submit(_write, writers[src], outputs, reads, tensor))
                     self.weight_map.update(dict.fromkeys(outputs, destinations[src].name))
                     bar.update()
                 for write in pending:

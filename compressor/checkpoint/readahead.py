@@ -4,6 +4,10 @@ The compressor starts reading before it has imported transformers and planned wh
 quantize: that import keeps one core busy for seconds, while ``os.preadv`` and sha256 release the
 GIL and run on the other. Reading ahead is bounded by a byte budget, so memory stays far below the
 checkpoint's size however slow the consumer is.
+
+Tensors are read into recycled buffers: a consumer that is done with a tensor hands it back with
+:meth:`ReadAhead.release`. Reading into memory the process already touched is about four times
+faster than into fresh pages, which the kernel must first fault in and zero.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class ReadAhead:
         self._waiting_bytes = 0
         self._cond = threading.Condition()
         self._stopped = False
+        self._free: list[torch.Tensor] = []  # recycled uint8 buffers
+        self._lent: dict[int, torch.Tensor] = {}  # data pointer of a handed-out tensor -> its buffer
+        self._pool_lock = threading.Lock()
         self._thread = threading.Thread(target=self._read_all, name="readahead", daemon=True)
         self._thread.start()
 
@@ -52,6 +59,28 @@ class ReadAhead:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Hand back a tensor this iterator yielded; its memory will hold a later one. Do not use it after."""
+        with self._pool_lock:
+            buffer = self._lent.pop(tensor.data_ptr(), None)
+            # Keep at most a budget's worth of free buffers, so the pool never outgrows the read-ahead.
+            if buffer is not None and buffer.numel() + sum(b.numel() for b in self._free) <= self._budget:
+                self._free.append(buffer)
+
+    def _allocate(self, shape, dtype) -> torch.Tensor:
+        # Best fit among the free buffers, else a new one.
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        with self._pool_lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            best = min(fits, key=lambda i: self._free[i].numel()) if fits else None
+            buffer = self._free.pop(best) if best is not None else None
+        if buffer is None:
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        tensor = buffer[:nbytes].view(dtype).reshape(shape)
+        with self._pool_lock:
+            self._lent[tensor.data_ptr()] = buffer
+        return tensor
 
     def close(self) -> None:
         """Stop reading and wait for the thread (safe to call at any point)."""
@@ -78,7 +107,7 @@ class ReadAhead:
                 with open_shard(shard) as reader:  # validates the file before anything else reads it
                     source_hash = ShardHash(shard) if shard.suffix == ".safetensors" else None
                     for name in reader.keys():
-                        tensor = reader.get(name)
+                        tensor = reader.get(name, self._allocate)
                         if source_hash is not None:
                             source_hash.feed(tensor)
                         if not self._put((shard, name, tensor)):

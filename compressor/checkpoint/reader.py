@@ -99,10 +99,10 @@ class ShardReader:
         """The shard's free-form header metadata."""
         return self._handle.metadata() or {}
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor."""
+    def get(self, name: str, allocate=torch.empty) -> torch.Tensor:
+        """Read one tensor; ``allocate(shape, dtype=...)`` provides its memory (a fresh tensor by default)."""
         try:
-            return self._handle.get_tensor(name)
+            return self._handle.get_tensor(name, allocate)
         except Exception as e:  # safetensors raises its own error types; all mean a broken file here
             raise CompressorError(self.path, f"cannot read tensor {name!r} ({e})") from None
 
@@ -131,11 +131,11 @@ class _SafetensorsHandle:
     def metadata(self):
         return self._metadata
 
-    def get_tensor(self, name):
+    def get_tensor(self, name, allocate):
         entry = self._entries[name]
         if entry["dtype"] not in SAFETENSORS_TO_TORCH:
             raise ValueError(f"unsupported dtype {entry['dtype']}")
-        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_TO_TORCH[entry["dtype"]])
+        tensor = allocate(entry["shape"], dtype=SAFETENSORS_TO_TORCH[entry["dtype"]])
         begin, end = entry["data_offsets"]
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
         if len(view) != end - begin:
@@ -166,7 +166,7 @@ class _PickleHandle:
     def metadata(self):
         return {}
 
-    def get_tensor(self, name):
+    def get_tensor(self, name, allocate):
         return self._tensors[name].contiguous()
 
 

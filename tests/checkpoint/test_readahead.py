@@ -39,3 +39,21 @@ def test_close_stops_a_reader_waiting_on_its_budget(tmp_path):
     reads = ReadAhead(ckpt.shards, budget=1)
     next(iter(reads))
     reads.close()  # returns although most tensors were never taken
+
+
+def test_released_buffers_hold_later_tensors_without_disturbing_kept_ones(tmp_path):
+    ckpt = find_checkpoint(tiny_checkpoint(tmp_path))
+    with open_shard(ckpt.shards[0]) as reader:
+        expected = {name: reader.get(name) for name in reader.keys()}
+    reads = ReadAhead(ckpt.shards, budget=1 << 30)
+    kept, pointers = {}, set()
+    for i, (_, name, tensor) in enumerate(reads):
+        pointers.add(tensor.data_ptr())
+        if i % 2:
+            kept[name] = tensor
+        else:
+            assert torch.equal(tensor, expected[name])
+            reads.release(tensor)
+    reads.close()
+    assert all(torch.equal(t, expected[n]) for n, t in kept.items())
+    assert len(pointers) < len(expected)  # some memory was reused
