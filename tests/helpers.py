@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
@@ -13,6 +13,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(**_COMMON, tie_word_embeddings=True),
     "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=64),
 }
 
 

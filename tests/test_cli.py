@@ -56,3 +56,16 @@ def test_nearest_absmax_rounding_is_recorded(tmp_path):
     src = tiny_checkpoint(tmp_path)
     assert main(["quantize", str(src), str(tmp_path / "out"), "--method", "nf4", "--absmax-rounding", "nearest", "--quiet"]) == 0
     assert json.loads((tmp_path / "out/manifest.json").read_text())["options"]["absmax_rounding"] == "nearest"
+
+
+def test_eval_prints_perplexity_and_agreement_with_the_reference(tmp_path, capsys):
+    from tests.test_evaluate import TEXT, with_tokenizer
+
+    src = with_tokenizer(tiny_checkpoint(tmp_path))
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--method", "int4", "--quiet"]) == 0
+    capsys.readouterr()
+    args = ["eval", str(tmp_path / "q"), "--text", str(tmp_path / "text.txt"), "--windows", "2", "--seq", "64", "--quiet"]
+    assert main([*args, "--reference", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "mean KL to ref" in out and "top-1 agreement" in out

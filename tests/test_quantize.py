@@ -28,7 +28,7 @@ def bnb_reference(src, cfg):
     return AutoModelForCausalLM.from_pretrained(src, quantization_config=q, device_map="cpu").eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "mistral"])
 @pytest.mark.parametrize("method", ["nf4", "fp4", "int8-sym"])
 def test_stock_transformers_loads_output_with_same_logits_as_bitsandbytes(tmp_path, arch, method):
     src = tiny_checkpoint(tmp_path, arch)
