@@ -108,32 +108,32 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         with open_shard(shard) as reader:
             names[shard] = reader.keys()
     source_bytes = sum(p.stat().st_size for p in ckpt.shards)
-    # Reading and hashing start now, on another core, while transformers is imported to plan the
-    # modules (see readahead.py); the import is local to this function for that reason.
-    reads = ReadAhead(ckpt.shards, budget=min(_READAHEAD_BYTES, source_bytes // 8))
-    try:
-        from .checkpoint.model_info import load_config, meta_model, plan_linears
+    with atomic_folder(job.out_dir, job.overwrite) as tmp:
+        # Reading and hashing start now, on another core, while transformers is imported to plan
+        # the modules (see readahead.py); the import is local to this function for that reason.
+        reads = ReadAhead(ckpt.shards, budget=min(_READAHEAD_BYTES, source_bytes // 8))
+        try:
+            from .checkpoint.model_info import load_config, meta_model, plan_linears
 
-        plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
-        with atomic_folder(job.out_dir, job.overwrite) as tmp:
+            plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
             run = _Run(job, plan.quantize)
             destinations = {s: tmp / (s.with_suffix(".safetensors").name if ckpt.sharded else SINGLE) for s in ckpt.shards}
             with tqdm(total=sum(map(len, names.values())), desc="quantize", unit="tensor", disable=not job.progress) as bar:
                 run.all_shards(reads, destinations, names, bar)
-            if run.summary.tensors_quantized == 0:
-                raise CompressorError(job.model_dir, "no linear weight of the model matched a tensor in the checkpoint")
-            _write_config(ckpt.config_path, tmp, job.config, plan.skip)
-            if ckpt.sharded:
-                index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}, "weight_map": run.weight_map}
-                (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            _copy_side_files(ckpt.root, tmp)
-            summary = run.summary
-            summary.bytes_before = source_bytes
-            summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-            summary.seconds = time.perf_counter() - start
-            _write_manifest(tmp / MANIFEST, job, ckpt, reads.hashes, summary, run.tensor_report)
-    finally:
-        reads.close()
+        finally:
+            reads.close()
+        if run.summary.tensors_quantized == 0:
+            raise CompressorError(job.model_dir, "no linear weight of the model matched a tensor in the checkpoint")
+        _write_config(ckpt.config_path, tmp, job.config, plan.skip)
+        if ckpt.sharded:
+            index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}, "weight_map": run.weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(ckpt.root, tmp)
+        summary = run.summary
+        summary.bytes_before = source_bytes
+        summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        summary.seconds = time.perf_counter() - start
+        _write_manifest(tmp / MANIFEST, job, ckpt, reads.hashes, summary, run.tensor_report)
     return summary
 
 

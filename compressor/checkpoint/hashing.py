@@ -10,7 +10,6 @@ ordinary way.
 from __future__ import annotations
 
 import hashlib
-import struct
 from pathlib import Path
 
 import torch
@@ -23,16 +22,17 @@ def sha256_file(path: Path) -> str:
 
 
 class ShardHash:
-    """Feed the tensors of one shard in file order; :meth:`hexdigest` is the file's sha256."""
+    """Feed the tensors of one shard in file order; :meth:`hexdigest` is the file's sha256.
 
-    def __init__(self, path: Path):
+    Args:
+        path: the shard.
+        header: the file's bytes before its first tensor.
+    """
+
+    def __init__(self, path: Path, header: bytes):
         self.path = path
-        self._hash = hashlib.sha256()
-        with open(path, "rb") as f:
-            head = f.read(8)
-            header = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else b""
-        self._hash.update(head + header)
-        self._fed = len(head) + len(header)
+        self._hash = hashlib.sha256(header)
+        self._fed = len(header)
 
     def feed(self, tensor: torch.Tensor) -> None:
         """Add the next tensor's bytes (hashlib releases the GIL while it hashes them)."""

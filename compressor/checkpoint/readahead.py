@@ -104,8 +104,9 @@ class ReadAhead:
     def _read_all(self) -> None:
         try:
             for shard in self._shards:
-                with open_shard(shard) as reader:  # validates the file before anything else reads it
-                    source_hash = ShardHash(shard) if shard.suffix == ".safetensors" else None
+                with open_shard(shard) as reader:
+                    header = reader.raw_header()
+                    source_hash = ShardHash(shard, header) if header is not None else None
                     for name in reader.keys():
                         tensor = reader.get(name, self._allocate)
                         if source_hash is not None:

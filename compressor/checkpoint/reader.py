@@ -99,6 +99,10 @@ class ShardReader:
         """The shard's free-form header metadata."""
         return self._handle.metadata() or {}
 
+    def raw_header(self) -> bytes | None:
+        """The file's bytes before the first tensor (length and JSON header); None for a pickle."""
+        return self._handle.raw_header()
+
     def get(self, name: str, allocate=torch.empty) -> torch.Tensor:
         """Read one tensor; ``allocate(shape, dtype=...)`` provides its memory (a fresh tensor by default)."""
         try:
@@ -111,7 +115,8 @@ class _SafetensorsHandle:
     # safe_open checks the file (header, sizes, coverage); reads go through os.preadv.
     def __init__(self, path: Path):
         self._path = path
-        safe_open(str(path), framework="pt", device="cpu", backend="pread").__exit__(None, None, None)
+        with safe_open(str(path), framework="pt", device="cpu", backend="pread"):
+            pass  # opening is the check
         self._fd = os.open(path, os.O_RDONLY)
         (length,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
         header = json.loads(os.pread(self._fd, length, 8))
@@ -130,6 +135,9 @@ class _SafetensorsHandle:
 
     def metadata(self):
         return self._metadata
+
+    def raw_header(self):
+        return os.pread(self._fd, self._data_start, 0)
 
     def get_tensor(self, name, allocate):
         entry = self._entries[name]
@@ -165,6 +173,9 @@ class _PickleHandle:
 
     def metadata(self):
         return {}
+
+    def raw_header(self):
+        return None
 
     def get_tensor(self, name, allocate):
         return self._tensors[name].contiguous()
