@@ -1,4 +1,4 @@
-"""safetensors dtype names and the torch dtypes they stand for."""
+"""How tensors are stored in a safetensors file: dtype names and raw bytes."""
 
 from __future__ import annotations
 
@@ -11,3 +11,9 @@ TORCH_TO_SAFETENSORS = {
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
 SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in TORCH_TO_SAFETENSORS.items()}
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major order, as a file stores them; a view of its memory when it is contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")

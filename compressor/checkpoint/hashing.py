@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import raw_bytes
+
 
 def sha256_file(path: Path) -> str:
     """sha256 of a file, read in chunks."""
@@ -36,10 +38,9 @@ class ShardHash:
 
     def feed(self, tensor: torch.Tensor) -> None:
         """Add the next tensor's bytes (hashlib releases the GIL while it hashes them)."""
-        flat = tensor.contiguous().reshape(-1)
-        if flat.numel():
-            self._hash.update(memoryview(flat.view(torch.uint8).numpy()))
-        self._fed += flat.numel() * flat.element_size()
+        data = raw_bytes(tensor)
+        self._hash.update(data)
+        self._fed += len(data)
 
     def hexdigest(self) -> str:
         """The sha256 of the file."""

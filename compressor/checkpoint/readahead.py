@@ -52,7 +52,7 @@ class ReadAhead:
                     self._cond.wait()
                 item = self._ready.popleft()
                 if isinstance(item, tuple):
-                    self._waiting_bytes -= _nbytes(item[2])
+                    self._waiting_bytes -= item[2].nbytes
                     self._cond.notify_all()
             if item is None:
                 return
@@ -70,7 +70,7 @@ class ReadAhead:
 
     def _allocate(self, shape, dtype) -> torch.Tensor:
         # Best fit among the free buffers, else a new one.
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        nbytes = torch.Size(shape).numel() * dtype.itemsize  # of the tensor about to be read
         with self._pool_lock:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             best = min(fits, key=lambda i: self._free[i].numel()) if fits else None
@@ -90,7 +90,7 @@ class ReadAhead:
         self._thread.join()
 
     def _put(self, item) -> bool:
-        size = _nbytes(item[2]) if isinstance(item, tuple) else 0
+        size = item[2].nbytes if isinstance(item, tuple) else 0
         with self._cond:
             while self._waiting_bytes and self._waiting_bytes + size > self._budget and not self._stopped:
                 self._cond.wait()
@@ -117,7 +117,3 @@ class ReadAhead:
             self._put(None)
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
             self._put(e)
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()

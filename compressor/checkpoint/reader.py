@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CompressorError
-from .dtypes import SAFETENSORS_TO_TORCH
+from .dtypes import SAFETENSORS_TO_TORCH, raw_bytes
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -145,7 +145,7 @@ class _SafetensorsHandle:
             raise ValueError(f"unsupported dtype {entry['dtype']}")
         tensor = allocate(entry["shape"], dtype=SAFETENSORS_TO_TORCH[entry["dtype"]])
         begin, end = entry["data_offsets"]
-        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        view = raw_bytes(tensor)  # the tensor is freshly allocated, so this is its own memory
         if len(view) != end - begin:
             raise ValueError(f"{end - begin} bytes for a {entry['dtype']} tensor of shape {entry['shape']}")
         done = 0

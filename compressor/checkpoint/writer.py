@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .dtypes import TORCH_TO_SAFETENSORS
+from .dtypes import TORCH_TO_SAFETENSORS, raw_bytes
 
 
 class ShardWriter:
@@ -47,10 +47,9 @@ class ShardWriter:
             raise ValueError(f"tensor {name!r} written twice")
         if tensor.dtype not in TORCH_TO_SAFETENSORS:
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        size = flat.numel() * flat.element_size()
-        if size:
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        data = raw_bytes(tensor.cpu())
+        size = len(data)
+        self._file.write(data)
         self._header[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.nbytes, self.nbytes + size]}
         self.nbytes += size
 

@@ -93,13 +93,10 @@ def payload_nbytes(packed: torch.Tensor, state) -> int:
 
     Constant tables that some layouts repeat per weight (bitsandbytes' code maps) are not counted.
     """
-    total = packed.numel() * packed.element_size()
-    for field in state.tensor_fields:
-        t = getattr(state, field)
-        total += t.numel() * t.element_size()
+    total = packed.nbytes + sum(getattr(state, field).nbytes for field in state.tensor_fields)
     nested = getattr(state, "absmax_state", None)
     if nested is not None:
-        total += nested.absmax.numel() * nested.absmax.element_size() + 4  # + the float32 offset
+        total += nested.absmax.nbytes + 4  # + the float32 offset
     return total
 
 
