@@ -23,6 +23,7 @@ from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
 from .formats import FORMATS, NonFiniteError, format_for, method_of, payload_nbytes
 from .formats.common import FLOAT_DTYPES
+from .gc_pause import paused_gc
 
 MANIFEST = "manifest.json"
 # Files of a source folder that are weights or rewritten by us; everything else (tokenizer,
@@ -113,9 +114,10 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         # the modules (see readahead.py); the import is local to this function for that reason.
         reads = ReadAhead(ckpt.shards, budget=min(_READAHEAD_BYTES, source_bytes // 8))
         try:
-            from .checkpoint.model_info import load_config, meta_model, plan_linears
+            with paused_gc():
+                from .checkpoint.model_info import load_config, meta_model, plan_linears
 
-            plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
+                plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
             run = _Run(job, plan.quantize)
             destinations = {s: tmp / (s.with_suffix(".safetensors").name if ckpt.sharded else SINGLE) for s in ckpt.shards}
             with tqdm(total=sum(map(len, names.values())), desc="quantize", unit="tensor", disable=not job.progress) as bar:
