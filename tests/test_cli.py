@@ -69,3 +69,9 @@ def test_eval_prints_perplexity_and_agreement_with_the_reference(tmp_path, capsy
     assert main([*args, "--reference", str(src)]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "mean KL to ref" in out and "top-1 agreement" in out
+
+
+def test_parsing_the_command_line_imports_no_torch():
+    # quantize sets OpenMP's wait policy, which torch reads when it loads: after parsing.
+    code = "import sys; from compressor.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

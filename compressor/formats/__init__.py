@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from . import int4, int8, int8_sym, nf4
+from ..methods import METHODS
 from .common import NonFiniteError, error_stats
 from .int4 import Int4Config
 from .int8 import Int8Config, PerRow, PerTensor
@@ -42,8 +43,6 @@ FORMATS: dict[type, Format] = {
     Int4Config: Format(int4.quantize, int4.dequantize, int4.Int4State),
 }
 _BY_STATE = {f.state_type: f for f in FORMATS.values()}
-
-METHODS = ("nf4", "fp4", "int8", "int8-sym", "int4")
 
 
 def format_for(cfg) -> Format:
