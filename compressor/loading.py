@@ -9,7 +9,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .checkpoint import native_layout
+from .checkpoint import bnb_layout, native_layout
 from .checkpoint.reader import find_checkpoint, open_shard
 from .errors import CompressorError
 from .nn import QuantLinear
@@ -28,35 +28,57 @@ def quant_method(model_dir: str | Path) -> str:
 def load(model_dir: str | Path) -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
-    bitsandbytes folders (nf4, fp4, int8-sym) load through stock transformers + bitsandbytes; our
-    int8 and int4 folders get :class:`~compressor.nn.QuantLinear` modules; float folders load as usual.
+    bitsandbytes folders (nf4, fp4, int8-sym) load through stock transformers + bitsandbytes, unless
+    bitsandbytes' CPU kernel cannot run them (4-bit blocks that straddle rows); those, and our int8
+    and int4 folders, get :class:`~compressor.nn.QuantLinear` modules. Float folders load as usual.
     """
-    method = quant_method(model_dir)
+    root = Path(model_dir)
+    method = quant_method(root)
     if method == "compressor":
-        model = _load_native(Path(model_dir))
+        model = _load_quant_linear(root, *_read(root, native=True))
+    elif method == "bitsandbytes" and not _runs_on_bitsandbytes_cpu(root):
+        model = _load_quant_linear(root, *_read(root, native=False))
     elif method in ("bitsandbytes", "float"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
-        raise CompressorError(Path(model_dir) / "config.json", f"unknown quant_method {method!r}")
+        raise CompressorError(root / "config.json", f"unknown quant_method {method!r}")
     return model.eval()
 
 
-def _load_native(root: Path) -> PreTrainedModel:
-    config = AutoConfig.from_pretrained(root)
-    del config.quantization_config
-    # Parameters start on the meta device (no memory); buffers such as rotary tables are real.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+def _runs_on_bitsandbytes_cpu(root: Path) -> bool:
+    # Reads only the small JSON blobs of the 4-bit weights.
+    for shard in find_checkpoint(root).shards:
+        with open_shard(shard) as reader:
+            blobs = [reader.get(name) for name in reader.keys() if bnb_layout.is_blob(name)]
+        if not all(bnb_layout.fits_cpu_kernel(bnb_layout.blob_fields(b)) for b in blobs):
+            return False
+    return True
+
+
+def _read(root: Path, native: bool) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    # Every tensor of the folder, and each quantized weight's (packed, state) in our or bitsandbytes' layout.
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for shard in find_checkpoint(root).shards:
         with open_shard(shard) as reader:
-            entries.update(native_layout.read_shard_metadata(reader.metadata(), str(shard)))
+            if native:
+                entries.update(native_layout.read_shard_metadata(reader.metadata(), str(shard)))
             tensors.update({name: reader.get(name) for name in reader.keys()})
-    for weight_name, entry in entries.items():
-        packed, state = native_layout.state_from(weight_name, entry, tensors)
-        for field in (weight_name, *(f"{weight_name}.{f}" for f in state.tensor_fields)):
-            del tensors[field]
+    if native:
+        return tensors, {name: native_layout.state_from(name, entry, tensors) for name, entry in entries.items()}
+    return tensors, {name: bnb_layout.state_from(name, tensors) for name in bnb_layout.quantized_weights(tensors)}
+
+
+def _load_quant_linear(root: Path, tensors: dict[str, torch.Tensor], weights: dict[str, tuple]) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(root)
+    layout = bnb_layout if config.quantization_config.get("quant_method") == "bitsandbytes" else native_layout
+    del config.quantization_config
+    # Parameters start on the meta device (no memory); buffers such as rotary tables are real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    for weight_name, (packed, state) in weights.items():
+        for key in layout.tensors_for(weight_name, packed, state):
+            del tensors[key]
         module_name = weight_name.removesuffix(".weight")
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)

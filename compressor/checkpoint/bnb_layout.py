@@ -56,7 +56,7 @@ def state_from(weight_name: str, tensors: dict[str, torch.Tensor]) -> tuple[torc
         q = tensors[weight_name]
         return q, Int8SymState(row_absmax=tensors[f"{module}.SCB"], shape=tuple(q.shape), dtype=torch.float16)
     blob_key = next(k for k in tensors if k.startswith(f"{weight_name}.quant_state.bitsandbytes__"))
-    fields = json.loads(bytes(tensors[blob_key].tolist()))
+    fields = blob_fields(tensors[blob_key])
     absmax_state, offset = None, 0.0
     if "nested_blocksize" in fields:
         nested = tensors[f"{weight_name}.nested_absmax"]
@@ -72,6 +72,31 @@ def state_from(weight_name: str, tensors: dict[str, torch.Tensor]) -> tuple[torc
         absmax_offset=offset,
     )
     return tensors[weight_name].reshape(-1), state
+
+
+def is_blob(key: str) -> bool:
+    """Whether a checkpoint key is the JSON blob of a 4-bit weight's scalar fields."""
+    return ".quant_state.bitsandbytes__" in key
+
+
+def blob_fields(blob: torch.Tensor) -> dict:
+    """The scalar fields of a 4-bit weight (quant type, block size, shape, ...) from its JSON blob tensor."""
+    return json.loads(bytes(blob.tolist()))
+
+
+def quantized_weights(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the quantized weights among a checkpoint's tensors (4-bit and int8-sym)."""
+    four = {k.partition(".quant_state.bitsandbytes__")[0] for k in tensors if is_blob(k)}
+    eight = {k.removesuffix(".SCB") + ".weight" for k in tensors if k.endswith(".SCB")}
+    return sorted(four | eight)
+
+
+def fits_cpu_kernel(fields: dict) -> bool:
+    """Whether bitsandbytes' CPU matmul can run a 4-bit weight (its :func:`blob_fields`): whole blocks per row.
+
+    bitsandbytes 0.50 reshapes the absmax to ``(rows, columns // blocksize)`` and fails otherwise.
+    """
+    return fields["shape"][-1] % fields["blocksize"] == 0
 
 
 def quantization_config(cfg, skip_modules: list[str], compute_dtype: torch.dtype) -> dict:
