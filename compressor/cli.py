@@ -73,6 +73,25 @@ def _eval(args) -> int:
     return 0
 
 
+def _bench_tradeoffs(args) -> int:
+    with paused_gc():
+        from .report.tradeoffs import TradeoffJob, run_tradeoffs
+
+    _quiet_transformers()
+    job = TradeoffJob(
+        model_dir=Path(args.model_dir), text=Path(args.text), out_dir=Path(args.out), methods=tuple(args.methods) or None,
+        quick=args.quick, windows=args.windows, seq_len=args.seq, new_tokens=args.new_tokens,
+        keep_checkpoints=args.keep_checkpoints, progress=not args.quiet,
+    )  # fmt: skip
+    report = run_tradeoffs(job)
+    print(report.markdown, end="")
+    print(f"wrote {', '.join(report.files.values())}")
+    if report.failed:
+        print(f"compressor: error: rows failed: {', '.join(report.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
@@ -109,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="float checkpoint to compare against")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(run=_eval)
+
+    b = sub.add_parser("bench", help="measurements").add_subparsers(dest="bench", required=True)
+    t = b.add_parser("tradeoffs", help="memory against accuracy and speed of every method, side by side")
+    t.add_argument("model_dir", help="float checkpoint")
+    t.add_argument("--text", required=True, help="text for perplexity, KL and agreement")
+    t.add_argument("--methods", nargs="*", default=[], help="only the rows of these methods (float32 is always measured)")
+    t.add_argument("--out", default="tradeoffs", help="folder for report.md, report.json and report.png")
+    t.add_argument("--quick", action="store_true", help="fewer rows and tokens (under 5 minutes for SmolLM2-135M)")
+    t.add_argument("--windows", type=int, help="text windows (default 8, quick 4)")
+    t.add_argument("--seq", type=int, help="tokens per window (default 512, quick 256)")
+    t.add_argument("--new-tokens", type=int, help="tokens decoded for the speed figure (default 64, quick 32)")
+    t.add_argument("--keep-checkpoints", action="store_true", help="keep the quantized folders in OUT/checkpoints")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(run=_bench_tradeoffs)
     return parser
 
 

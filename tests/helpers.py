@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
@@ -91,3 +92,16 @@ def tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# A text in the word-level vocabulary of with_tokenizer.
+TEXT = " ".join(f"word{i % 97} token{i % 13}" for i in range(3000))
+
+
+def with_tokenizer(folder):
+    """Give a tiny checkpoint a word-level tokenizer over its 320-entry vocabulary."""
+    vocab = {f"word{i}": i for i in range(97)} | {f"token{i}": 97 + i for i in range(13)} | {"[UNK]": 110}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    return folder

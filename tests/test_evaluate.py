@@ -1,25 +1,12 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from compressor.errors import CompressorError
 from compressor.evaluate import EvalJob, evaluate, evaluate_models, text_windows
 from compressor.formats import config_for
 from compressor.quantize import QuantizeJob, quantize_checkpoint
-from tests.helpers import tiny_checkpoint
-
-TEXT = " ".join(f"word{i % 97} token{i % 13}" for i in range(3000))
-
-
-def with_tokenizer(folder):
-    """Give a tiny checkpoint a word-level tokenizer over its 320-entry vocabulary."""
-    vocab = {f"word{i}": i for i in range(97)} | {f"token{i}": 97 + i for i in range(13)} | {"[UNK]": 110}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    return folder
-
+from tests.helpers import TEXT, tiny_checkpoint, with_tokenizer
 
 def test_a_model_against_itself_has_zero_kl_and_full_agreement(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(tmp_path)).eval()
