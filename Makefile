@@ -35,12 +35,14 @@ $(SMOLLM)/config.json: $(SMOLLM_GGUF) | setup
 demo: setup model
 	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4 --method nf4 --overwrite
 	$(PY) -m compressor eval $(OUT)/smollm2-nf4 --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
+	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --out $(OUT)/tradeoffs-quick
 
 test: setup
 	$(PY) -m pytest -q -n $(JOBS) -p no:cacheprovider
 
 bench: setup model
 	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM) --big --work bench-results
+	$(PY) -m benchmarks.tradeoffs $(SMOLLM) --text $(TEXT) --out bench-results/tradeoffs
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

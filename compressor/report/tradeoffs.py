@@ -123,7 +123,7 @@ def _measure_row(row: Row, job: TradeoffJob, windows: int, seq_len: int, new_tok
             tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
             return {**asdict(row), "error": f"{tail[0] if tail else 'exit status ' + str(done.returncode)} (see {log})"}
         return json.loads(result.read_text())
-    except CompressorError as e:
+    except (CompressorError, ValueError) as e:  # a bad row is reported; the others still run
         return {**asdict(row), "error": str(e)}
     finally:
         if row.source == OURS and not job.keep_checkpoints:
