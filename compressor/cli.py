@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model_dir")
     q.add_argument("out_dir")
     q.add_argument("--method", required=True, choices=METHODS)
-    q.add_argument("--blocksize", type=int, help="block size of nf4/fp4/int4 (default 64)")
+    q.add_argument("--blocksize", type=int, help="block size of nf4/fp4/int4/int3/int2 (default 64)")
     q.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: keep the per-block absmax in float32")
     q.add_argument("--absmax-rounding", choices=("lut", "nearest"), default="lut",
                    help="nf4/fp4 double quantization: bitsandbytes' CPU lookup table (default, bit-identical) or exact nearest")

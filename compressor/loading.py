@@ -30,7 +30,7 @@ def load(model_dir: str | Path) -> PreTrainedModel:
 
     bitsandbytes folders (nf4, fp4, int8-sym) load through stock transformers + bitsandbytes, unless
     bitsandbytes' CPU kernel cannot run them (4-bit blocks that straddle rows); those, and our int8
-    and int4 folders, get :class:`~compressor.nn.QuantLinear` modules. Float folders load as usual.
+    and int4/int3/int2 folders, get :class:`~compressor.nn.QuantLinear` modules. Float folders load as usual.
     """
     root = Path(model_dir)
     method = quant_method(root)

@@ -5,4 +5,4 @@ set up the process (see ``cli._quantize``) before torch loads. :mod:`compressor.
 name to its config.
 """
 
-METHODS = ("nf4", "fp4", "int8", "int8-sym", "int4")
+METHODS = ("nf4", "fp4", "int8", "int8-sym", "int4", "int3", "int2")

@@ -17,7 +17,7 @@ def test_float_checkpoint_loads_as_is(tmp_path):
         assert torch.equal(compressor.load(src)(ids).logits, AutoModelForCausalLM.from_pretrained(src)(ids).logits)
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "int3"])
 def test_native_output_gets_quant_linears_that_match_the_dequantized_weights(tmp_path, method):
     src = tiny_checkpoint(tmp_path, "gemma")
     quantize_checkpoint(QuantizeJob(src, tmp_path / "out", config_for(method), progress=False))

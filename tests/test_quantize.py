@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import compressor
 from compressor.errors import CompressorError
-from compressor.formats import FourBitConfig, Int4Config, Int8SymConfig, config_for
+from compressor.formats import FourBitConfig, IntNConfig, Int8SymConfig, config_for
 from compressor.quantize import QuantizeJob, quantize_checkpoint
 from tests.helpers import tiny_checkpoint, token_batch
 
@@ -78,7 +78,7 @@ def test_sharded_input_gives_sharded_output_with_index(tmp_path):
 
 def test_keeps_norms_embeddings_and_head_in_their_dtype(tmp_path):
     src = tiny_checkpoint(tmp_path, "llama", torch.bfloat16)
-    run(src, tmp_path / "out", Int4Config())
+    run(src, tmp_path / "out", IntNConfig())
     with safe_open(tmp_path / "out/model.safetensors", "pt") as f:
         for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
             assert f.get_tensor(key).dtype == torch.bfloat16
@@ -91,7 +91,7 @@ def test_skip_patterns_and_quantize_head(tmp_path):
     assert summary.tensors_quantized == 7
     config = json.loads((tmp_path / "a/config.json").read_text())
     assert "model.layers.1" in config["quantization_config"]["llm_int8_skip_modules"]
-    summary = run(src, tmp_path / "b", Int4Config(), quantize_head=True)
+    summary = run(src, tmp_path / "b", IntNConfig(), quantize_head=True)
     assert summary.tensors_quantized == 15
 
 

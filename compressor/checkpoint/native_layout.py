@@ -1,4 +1,4 @@
-"""Our own checkpoint layout, for the formats bitsandbytes has no layout for (int8 affine, int4).
+"""Our own checkpoint layout, for the formats bitsandbytes has no layout for (int8 affine, int4/3/2).
 
 For a quantized weight ``m.weight`` a shard holds the codes under ``m.weight`` and each tensor field
 of the format's state under ``m.weight.{field}`` (``scale``, ``zero_point``). The scalar fields go,
@@ -18,17 +18,17 @@ import json
 
 import torch
 
-from ..formats import Int4Config, Int8Config, PerTensor
-from ..formats.int4 import Int4State
+from ..formats import Int8Config, IntNConfig, PerTensor
 from ..formats.int8 import Int8State
+from ..formats.intn import IntNState
 
 LAYOUT_VERSION = 1
 METADATA_KEY = "compressor"
-CONFIGS = (Int8Config, Int4Config)
+CONFIGS = (Int8Config, IntNConfig)
 
 
 def _method(state) -> str:
-    return "int4" if isinstance(state, Int4State) else "int8"
+    return f"int{state.bits}" if isinstance(state, IntNState) else "int8"
 
 
 def tensors_for(weight_name: str, packed: torch.Tensor, state) -> dict[str, torch.Tensor]:
@@ -42,7 +42,7 @@ def tensors_for(weight_name: str, packed: torch.Tensor, state) -> dict[str, torc
 def header_entry(state) -> dict:
     """The scalar fields of ``state``, for the shard metadata."""
     entry = {"method": _method(state), "shape": list(state.shape), "dtype": str(state.dtype).removeprefix("torch.")}
-    if isinstance(state, Int4State):
+    if isinstance(state, IntNState):
         entry["blocksize"] = state.blocksize
     return entry
 
@@ -66,16 +66,16 @@ def state_from(weight_name: str, entry: dict, tensors: dict[str, torch.Tensor]) 
     """Inverse of :func:`tensors_for` plus :func:`header_entry`."""
     common = dict(shape=tuple(entry["shape"]), dtype=getattr(torch, entry["dtype"]))
     fields = {f: tensors[f"{weight_name}.{f}"] for f in ("scale", "zero_point")}
-    if entry["method"] == "int4":
-        return tensors[weight_name], Int4State(blocksize=entry["blocksize"], **fields, **common)
+    if entry["method"] in ("int4", "int3", "int2"):  # the width is in the name, as users type it
+        return tensors[weight_name], IntNState(bits=int(entry["method"][3]), blocksize=entry["blocksize"], **fields, **common)
     return tensors[weight_name], Int8State(**fields, **common)
 
 
 def quantization_config(cfg, skip_modules: list[str]) -> dict:
     """The ``quantization_config`` entry of ``config.json`` for ``cfg``."""
     qc = {"quant_method": METADATA_KEY, "layout_version": LAYOUT_VERSION, "skip_modules": sorted(skip_modules)}
-    if isinstance(cfg, Int4Config):
-        qc.update(method="int4", blocksize=cfg.blocksize)
+    if isinstance(cfg, IntNConfig):
+        qc.update(method=cfg.method, blocksize=cfg.blocksize)
     else:
         qc.update(method="int8", granularity="per_tensor" if isinstance(cfg.granularity, PerTensor) else "per_row")
     return qc

@@ -11,12 +11,12 @@ from typing import Callable
 
 import torch
 
-from . import int4, int8, int8_sym, nf4
+from . import int8, int8_sym, intn, nf4
 from ..methods import METHODS
 from .common import NonFiniteError, error_stats
-from .int4 import Int4Config
 from .int8 import Int8Config, PerRow, PerTensor
 from .int8_sym import Int8SymConfig
+from .intn import IntNConfig
 from .nf4 import FourBitConfig
 
 
@@ -40,7 +40,7 @@ FORMATS: dict[type, Format] = {
     FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState, nf4.error),
     Int8Config: Format(int8.quantize, int8.dequantize, int8.Int8State),
     Int8SymConfig: Format(int8_sym.quantize, int8_sym.dequantize, int8_sym.Int8SymState),
-    Int4Config: Format(int4.quantize, int4.dequantize, int4.Int4State),
+    IntNConfig: Format(intn.quantize, intn.dequantize, intn.IntNState),
 }
 _BY_STATE = {f.state_type: f for f in FORMATS.values()}
 
@@ -57,7 +57,9 @@ def method_of(cfg) -> str:
     """The command-line name of a config: the inverse of :func:`config_for`."""
     if isinstance(cfg, FourBitConfig):
         return cfg.codebook
-    names = {Int4Config: "int4", Int8Config: "int8", Int8SymConfig: "int8-sym"}
+    if isinstance(cfg, IntNConfig):
+        return cfg.method
+    names = {Int8Config: "int8", Int8SymConfig: "int8-sym"}
     try:
         return names[type(cfg)]
     except KeyError:
@@ -78,8 +80,8 @@ def config_for(
     """Build the config for a method name as typed on the command line."""
     if method in ("nf4", "fp4"):
         return FourBitConfig(codebook=method, blocksize=blocksize or 64, double_quant=double_quant, absmax_rounding=absmax_rounding)
-    if method == "int4":
-        return Int4Config(blocksize=blocksize or 64)
+    if method in ("int4", "int3", "int2"):
+        return IntNConfig(bits=int(method[3]), blocksize=blocksize or 64)
     if method == "int8":
         return Int8Config(granularity=PerTensor() if per_tensor else PerRow())
     if method == "int8-sym":
@@ -100,6 +102,6 @@ def payload_nbytes(packed: torch.Tensor, state) -> int:
 
 
 __all__ = [
-    "FORMATS", "METHODS", "Format", "FourBitConfig", "Int4Config", "Int8Config", "Int8SymConfig",
+    "FORMATS", "METHODS", "Format", "FourBitConfig", "Int8Config", "Int8SymConfig", "IntNConfig",
     "NonFiniteError", "PerRow", "PerTensor", "config_for", "dequantize", "format_for", "method_of", "payload_nbytes",
 ]  # fmt: skip

@@ -9,5 +9,5 @@ def test_method_names_round_trip_through_configs(method):
 
 
 def test_unknown_method_is_named():
-    with pytest.raises(ValueError, match="unknown method 'int3'"):
-        config_for("int3")
+    with pytest.raises(ValueError, match="unknown method 'int5'"):
+        config_for("int5")
