@@ -113,7 +113,7 @@ def _measure_row(row: Row, job: TradeoffJob, windows: int, seq_len: int, new_tok
             quantize_checkpoint(QuantizeJob(job.model_dir, model_dir, cfg, overwrite=True, progress=False))
         measure = MeasureJob(
             row=row, model_dir=model_dir, reference_dir=job.model_dir, text=job.text, windows=windows,
-            seq_len=seq_len, new_tokens=new_tokens, scratch_dir=out / "scratch",
+            seq_len=seq_len, new_tokens=new_tokens,
         )  # fmt: skip
         spec, result = out / "scratch" / f"{slug}.job.json", out / "scratch" / f"{slug}.result.json"
         spec.write_text(measure.to_json())

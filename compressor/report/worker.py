@@ -12,7 +12,6 @@ import json
 import math
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ class MeasureJob:
     windows: int
     seq_len: int
     new_tokens: int
-    scratch_dir: Path  # where rows without a folder of their own are saved to weigh them
     prompt_tokens: int = 32
 
     def to_json(self) -> str:
@@ -47,7 +45,7 @@ class MeasureJob:
     def from_json(cls, text: str) -> MeasureJob:
         """Inverse of :meth:`to_json`."""
         raw = json.loads(text)
-        paths = {k: Path(raw[k]) for k in ("model_dir", "reference_dir", "text", "scratch_dir")}
+        paths = {k: Path(raw[k]) for k in ("model_dir", "reference_dir", "text")}
         return cls(**{**raw, **paths, "row": Row(**raw["row"])})
 
 
@@ -111,6 +109,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def state_bytes(model) -> int:
+    """Bytes of the tensors ``save_pretrained`` would write (tied weights once), without writing them."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tensor.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.nbytes
+    return total
+
+
 @torch.inference_mode()
 def decode_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
     """Tokens per second of greedy decoding at batch 1 with the KV cache, ``new_tokens`` of them."""
@@ -133,19 +142,13 @@ def measure(job: MeasureJob) -> dict:
     model = load_row(row, job.model_dir)
     load_seconds = time.perf_counter() - start
     q_params, q_bytes = quantized_layers(model)
+    # Weighed before the first forward: bitsandbytes' CPU path repacks 4-bit weights in place then.
+    checkpoint_bytes = folder_bytes(job.model_dir) if row.source == OURS else state_bytes(model)
     speed = decode_speed(model, batches[:1, : job.prompt_tokens], job.new_tokens)
     peak = peak_rss()
     reference = model if row.source == FLOAT and row.dtype == "float32" else load_row(Row("float32", FLOAT), job.reference_dir)
     params_total = sum(p.numel() for p in reference.parameters())
     quality = evaluate_models(model, batches, reference)
-    if row.source == OURS:
-        checkpoint_bytes = folder_bytes(job.model_dir)
-    else:
-        # Last: saving a bitsandbytes model converts its weights back from the CPU kernel's packing
-        # in place, and the model scores differently afterwards.
-        with tempfile.TemporaryDirectory(dir=job.scratch_dir) as tmp:
-            model.save_pretrained(tmp)
-            checkpoint_bytes = folder_bytes(Path(tmp))
     return {
         **asdict(row),
         "params_total": params_total,
