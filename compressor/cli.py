@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import CompressorError
 from .gc_pause import paused_gc
-from .methods import METHODS
+from .methods import DEFAULT_TARGETS, METHODS
 
 
 def _quantize(args) -> int:
@@ -92,6 +92,46 @@ def _bench_tradeoffs(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    with paused_gc():
+        from .train import TrainJob, train
+
+    _quiet_transformers()
+    job = TrainJob(
+        base_dir=Path(args.base_dir), data=Path(args.data), out_dir=Path(args.out), rank=None if args.rank == "auto" else int(args.rank),
+        alpha=args.alpha, dropout=args.dropout, targets=tuple(t for t in args.targets.split(",") if t), lr=args.lr,
+        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+        eval_split=args.eval_split, eval_every=args.eval_every, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, overwrite=args.overwrite, progress=not args.quiet,
+    )  # fmt: skip
+    summary = train(job)
+    print(f"wrote {args.out}")
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _merge(args) -> int:
+    with paused_gc():
+        from .merge import MergeJob, merge
+
+    _quiet_transformers()
+    job = MergeJob(
+        base_dir=Path(args.base_dir), adapter_dir=Path(args.adapter_dir), out_dir=Path(args.out_dir), to=args.to,
+        text=Path(args.text) if args.text else None, windows=args.windows, seq_len=args.seq, overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle, progress=not args.quiet,
+    )  # fmt: skip
+    summary = merge(job)
+    print(f"wrote {args.out_dir}")
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _rank(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError("a positive integer or 'auto'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
@@ -128,6 +168,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="float checkpoint to compare against")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(run=_eval)
+
+    r = sub.add_parser("train", help="train a LoRA adapter on a frozen (quantized or float) base")
+    r.add_argument("base_dir")
+    r.add_argument("--data", required=True, help='JSON lines: {"text"}, {"prompt", "completion"} or {"messages"}')
+    r.add_argument("--out", required=True, help="adapter folder to write (PEFT's layout)")
+    r.add_argument("--rank", type=_rank, default="8", help="LoRA rank, or 'auto' from the model's size (default 8)")
+    r.add_argument("--alpha", type=float, default=16.0)
+    r.add_argument("--dropout", type=float, default=0.05)
+    r.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names to adapt")
+    r.add_argument("--lr", type=float, default=2e-4)
+    r.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    r.add_argument("--epochs", type=float, default=1.0)
+    r.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step, over all processes")
+    r.add_argument("--grad-accum", type=int, default=1)
+    r.add_argument("--seq-len", type=int, default=512)
+    r.add_argument("--eval-split", type=float, default=0.1, help="fraction held out for the held-out loss")
+    r.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--gradient-checkpointing", action="store_true")
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(run=_train)
+
+    m = sub.add_parser("merge", help="fold an adapter into its base: W + scaling * B @ A, re-quantized or float")
+    m.add_argument("base_dir")
+    m.add_argument("adapter_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--to", choices=("same", "float32", "float16", "bfloat16"), default="same",
+                   help="same: re-quantize with the base's method (default); or a float dtype")
+    m.add_argument("--text", help="score the merged model against base + adapter on this text")
+    m.add_argument("--windows", type=int, default=4)
+    m.add_argument("--seq", type=int, default=512)
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (only if you trust it)")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(run=_merge)
 
     b = sub.add_parser("bench", help="measurements").add_subparsers(dest="bench", required=True)
     t = b.add_parser("tradeoffs", help="memory against accuracy and speed of every method, side by side")

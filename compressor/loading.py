@@ -25,23 +25,28 @@ def quant_method(model_dir: str | Path) -> str:
     return (config.get("quantization_config") or {}).get("quant_method", "float")
 
 
-def load(model_dir: str | Path) -> PreTrainedModel:
+def load(model_dir: str | Path, for_training: bool = False) -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
     bitsandbytes folders (nf4, fp4, int8-sym) load through stock transformers + bitsandbytes, unless
-    bitsandbytes' CPU kernel cannot run them (4-bit blocks that straddle rows); those, and our int8
-    and int4/int3/int2 folders, get :class:`~compressor.nn.QuantLinear` modules. Float folders load as usual.
+    bitsandbytes' CPU kernel cannot run them (4-bit blocks that straddle rows) or the model is
+    ``for_training`` (training needs our autograd path, and bitsandbytes' CPU layers repack their
+    weights in place at the first forward). Those, and our int8 and int4/int3/int2 folders, get
+    :class:`~compressor.nn.QuantLinear` modules. Float folders load as usual; ``for_training`` makes
+    every float tensor float32.
     """
     root = Path(model_dir)
     method = quant_method(root)
     if method == "compressor":
         model = _load_quant_linear(root, *_read(root, native=True))
-    elif method == "bitsandbytes" and not _runs_on_bitsandbytes_cpu(root):
+    elif method == "bitsandbytes" and (for_training or not _runs_on_bitsandbytes_cpu(root)):
         model = _load_quant_linear(root, *_read(root, native=False))
     elif method in ("bitsandbytes", "float"):
         model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
         raise CompressorError(root / "config.json", f"unknown quant_method {method!r}")
+    if for_training:
+        model.float()  # packed codes are integer buffers and stay as they are
     return model.eval()
 
 
@@ -56,14 +61,21 @@ def _runs_on_bitsandbytes_cpu(root: Path) -> bool:
 
 
 def _read(root: Path, native: bool) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    # Every tensor of the folder, and each quantized weight's (packed, state) in our or bitsandbytes' layout.
+    # Every tensor of the folder, and each quantized weight's (packed, state).
     tensors: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict] = {}
+    weights: dict[str, tuple] = {}
     for shard in find_checkpoint(root).shards:
-        with open_shard(shard) as reader:
-            if native:
-                entries.update(native_layout.read_shard_metadata(reader.metadata(), str(shard)))
-            tensors.update({name: reader.get(name) for name in reader.keys()})
+        shard_tensors, shard_weights = read_shard(shard, native)
+        tensors.update(shard_tensors)
+        weights.update(shard_weights)
+    return tensors, weights
+
+
+def read_shard(shard: Path, native: bool) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """Every tensor of one shard, and each quantized weight's ``(packed, state)``, in our layout or bitsandbytes'."""
+    with open_shard(shard) as reader:
+        entries = native_layout.read_shard_metadata(reader.metadata(), str(shard)) if native else {}
+        tensors = {name: reader.get(name) for name in reader.keys()}
     if native:
         return tensors, {name: native_layout.state_from(name, entry, tensors) for name, entry in entries.items()}
     return tensors, {name: bnb_layout.state_from(name, tensors) for name in bnb_layout.quantized_weights(tensors)}

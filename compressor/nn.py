@@ -9,6 +9,21 @@ from torch import nn
 from . import formats
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    # x @ W.T where W is dequantized in forward and again in backward: autograd keeps the packed
+    # weight (through the module), never a float copy, so training holds one layer's float weight at a time.
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        bias = None if module.bias is None else module.bias.to(x.dtype)  # frozen: no gradient
+        return F.linear(x, module.weight_dequantized().to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.module.weight_dequantized().to(grad.dtype), None
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight stays packed; it is dequantized for each forward.
 
@@ -29,9 +44,8 @@ class QuantLinear(nn.Module):
         return formats.dequantize(self.packed, self.state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + b`` with ``W`` dequantized to ``x``'s dtype."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight_dequantized().to(x.dtype), bias)
+        """``x @ W.T + b`` with ``W`` dequantized to ``x``'s dtype; gradients flow to ``x`` only."""
+        return _DequantizedLinear.apply(x, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={type(self.state).__name__}"

@@ -130,7 +130,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         if ckpt.sharded:
             index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}, "weight_map": run.weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _copy_side_files(ckpt.root, tmp)
+        copy_side_files(ckpt.root, tmp)
         summary = run.summary
         summary.bytes_before = source_bytes
         summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
@@ -255,7 +255,8 @@ def _write_config(src: Path, dst_dir: Path, cfg, skip: tuple[str, ...]) -> None:
     (dst_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _copy_side_files(src_dir: Path, dst_dir: Path) -> None:
+def copy_side_files(src_dir: Path, dst_dir: Path) -> None:
+    """Copy tokenizer, generation config and other non-weight files (not config.json or the manifest)."""
     for path in sorted(src_dir.iterdir()):
         if path.is_file() and path.name not in _NOT_COPIED and not path.name.endswith(_WEIGHT_SUFFIXES) and not path.name.startswith("."):
             shutil.copy2(path, dst_dir / path.name)

@@ -98,10 +98,24 @@ def tiny_gguf(path: Path, seed: int = 0) -> Path:
 TEXT = " ".join(f"word{i % 97} token{i % 13}" for i in range(3000))
 
 
-def with_tokenizer(folder):
-    """Give a tiny checkpoint a word-level tokenizer over its 320-entry vocabulary."""
+# A ChatML-like template in the tiny vocabulary: "token0 <role> <content> </s>" per turn, and
+# "token0 assistant" as the generation prompt.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}token0 {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}token0 assistant {% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' 320-entry vocabulary, with a chat template and ``</s>`` as eos."""
     vocab = {f"word{i}": i for i in range(97)} | {f"token{i}": 97 + i for i in range(13)} | {"[UNK]": 110}
+    vocab |= {"user": 111, "assistant": 112, "system": 113, "</s>": 114}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>", chat_template=CHAT_TEMPLATE)
+
+
+def with_tokenizer(folder):
+    """Give a tiny checkpoint :func:`tiny_tokenizer`."""
+    tiny_tokenizer().save_pretrained(folder)
     return folder

@@ -18,3 +18,18 @@ def test_forward_is_linear_on_the_dequantized_weight():
 def test_forward_follows_the_input_dtype():
     packed, state = format_for(FourBitConfig()).quantize(torch.randn(16, 64), FourBitConfig())
     assert QuantLinear(packed, state)(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_backward_reaches_the_input_through_the_dequantized_weight_and_saves_no_float_weight():
+    w = torch.randn(48, 64)
+    packed, state = format_for(FourBitConfig()).quantize(w, FourBitConfig())
+    layer = QuantLinear(packed, state, torch.randn(48))
+    x = torch.randn(3, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.square().sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    F.linear(reference, layer.weight_dequantized(), layer.bias).square().sum().backward()
+    assert torch.allclose(x.grad, reference.grad, atol=1e-5)
+    assert not any(t.shape == (48, 64) for t in saved)

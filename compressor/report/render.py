@@ -45,30 +45,38 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Perplexity change against bytes on disk, the Pareto frontier drawn through the best rows."""
+    """Perplexity change against bytes on disk, Pareto frontier drawn; the right panel zooms into the useful rows."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if "error" not in r]
-    xs = [r["checkpoint_bytes"] / 1e6 for r in done]
-    ys = [r["ppl_change_pct"] for r in done]
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for source, marker, label in ((BITSANDBYTES, "x", "bitsandbytes (on the fly)"), (None, "o", "compressor and float")):
-        idx = [i for i, r in enumerate(done) if (r["source"] == BITSANDBYTES) == (source == BITSANDBYTES)]
-        ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], marker=marker, s=60 if marker == "x" else 30, label=label, zorder=3)
-    for x, y, r in zip(xs, ys, done):
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    front = pareto_front(list(zip(xs, ys)))
-    ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="tab:green", alpha=0.6, label="Pareto frontier", zorder=2)
-    ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1.0)  # +0.5% and +5000% on one readable axis
-    ax.set_xlabel("checkpoint size on disk (MB, log scale)")
-    ax.set_ylabel("perplexity change against float32 (%, symlog)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    points = [(r["checkpoint_bytes"] / 1e6, r["ppl_change_pct"]) for r in done]
+    front = pareto_front(points)
+    biggest = max(x for x, _ in points)
+    # Useful: within 60% of float32's perplexity and well under float32's size.
+    useful = [i for i, (x, y) in enumerate(points) if y <= 60 and x <= 0.6 * biggest] or list(range(len(done)))
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(15, 6))
+    for ax, shown, label_all in ((full, range(len(done)), False), (zoom, useful, True)):
+        for is_bnb, marker, label in ((True, "x", "bitsandbytes (on the fly)"), (False, "o", "compressor and float")):
+            idx = [i for i in shown if (done[i]["source"] == BITSANDBYTES) == is_bnb]
+            ax.scatter([points[i][0] for i in idx], [points[i][1] for i in idx], marker=marker, s=70 if is_bnb else 30, label=label, zorder=3)
+        on_front = [i for i in front if i in shown]
+        ax.step([points[i][0] for i in on_front], [points[i][1] for i in on_front], where="post", color="tab:green", alpha=0.6,
+                label="Pareto frontier", zorder=2)  # fmt: skip
+        for i in shown if label_all else on_front:
+            ax.annotate(done[i]["name"], points[i], textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("checkpoint size on disk (MB)")
+        ax.grid(True, which="both", alpha=0.3)
+    full.set_xscale("log")
+    full.set_yscale("symlog", linthresh=1.0)  # +0.5% and +10^6% on one readable axis
+    full.set_ylim(bottom=min(-0.5, min(y for _, y in points)))
+    full.set_ylabel("perplexity change against float32 (%, symlog)")
+    full.set_title(f"{title}: every row (frontier labelled)")
+    zoom.set_ylabel("perplexity change against float32 (%)")
+    zoom.set_title("rows within 60% of float32's perplexity, below 60% of its size")
+    full.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from compressor.formats import IntNConfig, NonFiniteError, intn, payload_nbytes
+from compressor.formats.packing import unpack_bits
 
 
 @settings(max_examples=100, deadline=None)
@@ -30,6 +31,8 @@ def test_zero_is_exact_and_codes_take_their_width(bits):
     w[:, 7] = 0
     packed, state = intn.quantize(w, IntNConfig(bits))
     assert packed.numel() == w.numel() * bits // 8
+    codes = unpack_bits(packed, bits, w.numel())
+    assert int(codes.min()) == 0 and int(codes.max()) == 2**bits - 1
     assert bool((intn.dequantize(packed, state)[:, 7] == 0).all())
 
 

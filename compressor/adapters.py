@@ -1,0 +1,136 @@
+"""LoRA adapter folders in PEFT's layout, tied to the base they were trained on.
+
+A folder holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields) and ``adapter_model.safetensors``
+with PEFT's key names (``base_model.model.<module>.lora_A.weight`` and ``lora_B.weight``), so
+``peft.PeftModel.from_pretrained`` loads ours and we load PEFT's. Ours also carry, in the
+safetensors metadata where PEFT does not look, the fingerprint of the float weights the base derives
+from: an adapter is refused on a base made from other weights. A quantized base and its float source
+share a fingerprint, since the adapter is as valid on one as on the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint.atomic import atomic_folder
+from .checkpoint.hashing import sha256_file
+from .checkpoint.reader import find_checkpoint, open_shard
+from .errors import CompressorError
+from .lora import LoraConfig, LoraLinear, add_lora
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_METADATA_KEY = "compressor"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter read from disk: its shape, its weights by module name, and the base it was made for."""
+
+    config: LoraConfig
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
+    base_fingerprint: str | None  # None for adapters PEFT wrote
+
+
+def base_fingerprint(base_dir: str | Path) -> str:
+    """sha256 over the sha256 of each float shard the base comes from (its manifest's, or its own files')."""
+    root = Path(base_dir)
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["source"]["files"]
+        hashes = [files[name]["sha256"] for name in sorted(files)]
+    else:
+        hashes = [sha256_file(p) for p in sorted(find_checkpoint(root).shards)]
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def save_adapter(modules: dict[str, LoraLinear], cfg: LoraConfig, out_dir: Path, base_dir: Path, overwrite: bool = False) -> Path:
+    """Write ``modules``' A and B as a PEFT adapter folder at ``out_dir``, atomically."""
+    tensors = {}
+    for name, m in modules.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base_dir), "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    }  # fmt: skip
+    meta = {"format": "pt", _METADATA_KEY: json.dumps({"base_fingerprint": base_fingerprint(base_dir)})}
+    with atomic_folder(out_dir, overwrite) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+        save_file(tensors, tmp / WEIGHTS, metadata=meta)
+    return out_dir
+
+
+def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter folder (ours or PEFT's); a pickled ``adapter_model.bin`` only with ``allow_pickle``."""
+    root = Path(adapter_dir)
+    config_path = root / CONFIG
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CompressorError(config_path, f"not a readable adapter config ({e})") from None
+    if raw.get("peft_type") != "LORA":
+        raise CompressorError(config_path, f"peft_type {raw.get('peft_type')!r} is not LORA")
+    if raw.get("use_dora") or raw.get("use_rslora") or raw.get("bias", "none") != "none":
+        raise CompressorError(config_path, "DoRA, rsLoRA and trained biases are not supported")
+    targets = raw["target_modules"]
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    cfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0), targets=targets)
+    tensors, metadata = _read_weights(root, allow_pickle)
+    weights = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            name = key.removesuffix(".lora_A.weight").removeprefix(_PREFIX)
+            b_key = key.replace(".lora_A.weight", ".lora_B.weight")
+            if b_key not in tensors:
+                raise CompressorError(root / WEIGHTS, f"{key} has no matching lora_B")
+            weights[name] = (tensors[key], tensors[b_key])
+    if not weights:
+        raise CompressorError(root / WEIGHTS, "no LoRA weights (keys ending in lora_A.weight)")
+    fingerprint = json.loads(metadata[_METADATA_KEY])["base_fingerprint"] if _METADATA_KEY in metadata else None
+    return Adapter(config=cfg, weights=weights, base_fingerprint=fingerprint)
+
+
+def _read_weights(root: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = root / WEIGHTS
+    if path.is_file():
+        with open_shard(path) as reader:
+            return {name: reader.get(name) for name in reader.keys()}, reader.metadata()
+    pickled = root / "adapter_model.bin"
+    if pickled.is_file():
+        if not allow_pickle:
+            raise CompressorError(pickled, "adapter weights are a pickle; refusing to load it (allow pickles only if you trust it)")
+        return torch.load(pickled, map_location="cpu", weights_only=True), {}
+    raise CompressorError(path, "missing file")
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter, base_dir: Path | None = None) -> dict[str, LoraLinear]:
+    """Wrap ``model``'s target modules with LoRA layers holding ``adapter``'s weights; checks base and shapes first."""
+    if base_dir is not None and adapter.base_fingerprint is not None and adapter.base_fingerprint != base_fingerprint(base_dir):
+        raise CompressorError(base_dir, "the adapter was trained on a base made from other weights (fingerprints differ)")
+    modules = dict(model.named_modules())
+    for name, (a, b) in adapter.weights.items():
+        target = modules.get(name)
+        if target is None:
+            raise CompressorError(None, f"adapter module {name!r} is not in the model")
+        if a.shape != (adapter.config.rank, target.in_features) or b.shape != (target.out_features, adapter.config.rank):
+            raise CompressorError(None, f"adapter module {name!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                                        f"a {target.out_features}x{target.in_features} layer at rank {adapter.config.rank}")  # fmt: skip
+    wrapped = add_lora(model, LoraConfig(adapter.config.rank, adapter.config.alpha, 0.0, adapter.config.targets))
+    missing = sorted(set(wrapped) - set(adapter.weights))
+    if missing:
+        raise CompressorError(None, f"adapter has no weights for {', '.join(missing[:3])}")
+    with torch.no_grad():
+        for name, (a, b) in adapter.weights.items():
+            wrapped[name].lora_A.weight.copy_(a)
+            wrapped[name].lora_B.weight.copy_(b)
+    return wrapped

@@ -1,0 +1,215 @@
+"""``compressor train``: fit a LoRA adapter on a frozen base (QLoRA when the base is quantized).
+
+The base's linear layers stay packed (:class:`~compressor.nn.QuantLinear` dequantizes inside its
+own autograd function); only the adapter's A and B are trained. The run is data-parallel under
+``accelerate launch``: every process sees the same sequence of global batches and takes its slice,
+and the loss is normalised by the global batch's token count, so any number of processes computes
+the same gradients as one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .adapters import save_adapter
+from .data import IGNORE, Example, collate, encode, read_jsonl
+from .errors import CompressorError
+from .loading import load
+from .lora import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``compressor train`` run. ``rank=None`` picks the rank from the model's size."""
+
+    base_dir: Path
+    data: Path
+    out_dir: Path
+    rank: int | None = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float = 2e-4
+    steps: int | None = None  # optimizer steps; None: ``epochs`` passes over the training split
+    epochs: float = 1.0
+    batch_size: int = 8  # sequences per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
+    seq_len: int = 512
+    eval_split: float = 0.1
+    eval_every: int = 25
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainSummary:
+    """What a run did."""
+
+    rank: int
+    rank_was_auto: bool
+    trainable_params: int
+    base_params: int
+    steps: int
+    train_examples: int
+    eval_examples: int
+    train_losses: list[float] = field(default_factory=list)  # per step
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss), step 0 is the base
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        """Human-readable report."""
+        rank = f"{self.rank} (auto: {self.base_params / 1e6:,.0f}M parameters)" if self.rank_was_auto else str(self.rank)
+        out = [
+            f"rank                {rank}",
+            f"trainable params    {self.trainable_params:,} ({100 * self.trainable_params / self.base_params:.2f}% of the base)",
+            f"examples            {self.train_examples} train, {self.eval_examples} held out",
+            f"steps               {self.steps} in {self.seconds:.1f} s ({self.seconds / max(self.steps, 1):.2f} s/step)",
+        ]
+        if self.train_losses:
+            out.append(f"train loss          {self.train_losses[0]:.4f} -> {self.train_losses[-1]:.4f}")
+        if len(self.eval_losses) >= 2:
+            (_, before), (_, after) = self.eval_losses[0], self.eval_losses[-1]
+            out.append(f"held-out loss       {before:.4f} (base) -> {after:.4f} ({100 * (after / before - 1):+.1f}%)")
+        return out
+
+
+def train(job: TrainJob) -> TrainSummary:
+    """Run ``job`` and write the adapter folder at ``job.out_dir`` (on the main process)."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank_id = accelerator.num_processes, accelerator.process_index
+    micro = job.batch_size // (world * job.grad_accum)
+    if micro * world * job.grad_accum != job.batch_size:
+        raise CompressorError(None, f"batch size {job.batch_size} does not split into {world} processes x {job.grad_accum} accumulation steps")
+    if job.out_dir.exists() and not job.overwrite:
+        raise CompressorError(job.out_dir, "already exists (pass --overwrite to replace it)")
+    torch.manual_seed(job.seed)
+    tokenizer = AutoTokenizer.from_pretrained(job.base_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train_set, eval_set = _split([encode(r, tokenizer, job.seq_len) for r in read_jsonl(job.data)], job.eval_split, job.seed, job.data)
+
+    model = load(job.base_dir, for_training=True)
+    base_params = sum(_logical_params(m) for m in model.modules())
+    cfg = LoraConfig(job.rank or rank_for(base_params), job.alpha, job.dropout, job.targets)
+    if job.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        modules = add_lora(model, cfg)
+    except ValueError as e:
+        raise CompressorError(job.base_dir, str(e)) from None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    steps = job.steps or max(1, math.ceil(job.epochs * len(train_set) / job.batch_size))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * (1 - s / steps))
+    summary = TrainSummary(cfg.rank, job.rank is None, sum(p.numel() for p in params), base_params, steps, len(train_set), len(eval_set))
+    if eval_set:
+        summary.eval_losses.append((0, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
+    order = _batches(len(train_set), job.batch_size, steps, job.seed)
+    bar = tqdm(total=steps, desc="train", unit="step", disable=not (job.progress and accelerator.is_main_process))
+    model.train()
+    for step, batch in enumerate(order, 1):
+        examples = [train_set[i] for i in batch]
+        tokens = sum(_trained_tokens(e) for e in examples)
+        mine = examples[rank_id * micro * job.grad_accum : (rank_id + 1) * micro * job.grad_accum]
+        loss_sum = 0.0
+        for k in range(job.grad_accum):
+            chunk = mine[k * micro : (k + 1) * micro]
+            with accelerator.no_sync(model) if k < job.grad_accum - 1 else _nothing():
+                total = _loss_sum(model, collate(chunk, pad_id))
+                # DDP averages gradients over processes; times ``world`` makes that a sum over the global batch.
+                accelerator.backward(total * world / max(tokens, 1))
+            loss_sum += total.item()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = accelerator.reduce(torch.tensor(loss_sum), "sum").item() / max(tokens, 1)
+        summary.train_losses.append(loss)
+        if eval_set and (step % job.eval_every == 0 or step == steps):
+            summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
+            model.train()
+        bar.set_postfix(loss=f"{loss:.4f}", **({"held_out": f"{summary.eval_losses[-1][1]:.4f}"} if summary.eval_losses else {}))
+        bar.update()
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        save_adapter(modules, cfg, job.out_dir, job.base_dir, job.overwrite)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _logical_params(module: torch.nn.Module) -> int:
+    # Parameters a module stands for, packed weights counted as the weights they encode.
+    from .nn import QuantLinear
+
+    if isinstance(module, QuantLinear):
+        return math.prod(module.state.shape) + (module.bias.numel() if module.bias is not None else 0)
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _trained_tokens(e: Example) -> int:
+    return sum(label != IGNORE for label in e.labels[1:])
+
+
+def _split(examples: list[Example], fraction: float, seed: int, path: Path) -> tuple[list[Example], list[Example]]:
+    # Examples with nothing to learn (a prompt filling the whole window) would only dilute batches.
+    usable = [e for e in examples if _trained_tokens(e)]
+    if not usable:
+        raise CompressorError(path, "no example has tokens to train on (prompts longer than --seq-len?)")
+    random.Random(seed).shuffle(usable)
+    held = round(len(usable) * fraction) if fraction > 0 and len(usable) > 1 else 0
+    return usable[held:], usable[:held]
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int):
+    # The same sequence of global batches on every process: reshuffled each pass over the data.
+    rng = random.Random(seed + 1)
+    pool: list[int] = []
+    for _ in range(steps):
+        while len(pool) < batch_size:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            pool += epoch
+        yield pool[:batch_size]
+        pool = pool[batch_size:]
+
+
+def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def _eval_loss(model, examples: list[Example], micro: int, pad_id: int, accelerator) -> float:
+    # Token-weighted mean over the held-out set, each process scoring its share.
+    model.eval()
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2)
+    for i in range(0, len(mine), max(micro, 1)):
+        chunk = mine[i : i + max(micro, 1)]
+        total += torch.tensor([_loss_sum(model, collate(chunk, pad_id)).item(), sum(_trained_tokens(e) for e in chunk)])
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1].clamp(min=1)).item()

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from compressor.cli import main
+from compressor.errors import CompressorError
+from compressor.formats import config_for
+from compressor.quantize import QuantizeJob, quantize_checkpoint
+from compressor.train import TrainJob, train
+from tests.helpers import tiny_checkpoint, with_tokenizer
+
+# A fixed answer format a tiny model learns in a few dozen steps, held-out prompts included.
+RECORDS = [{"prompt": f"word{i} word{i + 1}", "completion": "token3 token5 token7"} for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    src = with_tokenizer(tiny_checkpoint(root))
+    quantize_checkpoint(QuantizeJob(src, root / "nf4", config_for("nf4"), progress=False))
+    with_tokenizer(root / "nf4")
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return root
+
+
+def job(base, out, **kw):
+    options = dict(rank=4, alpha=8, dropout=0.0, lr=1e-2, steps=30, batch_size=4, seq_len=32, eval_split=0.2, eval_every=10, progress=False)
+    return TrainJob(base / "nf4", base / "data.jsonl", out, **{**options, **kw})
+
+
+def test_training_on_the_packed_base_lowers_train_and_held_out_loss(base, tmp_path):
+    summary = train(job(base, tmp_path / "a"))
+    assert summary.train_losses[-1] < 0.5 * summary.train_losses[0]
+    assert summary.eval_losses[-1][1] < 0.7 * summary.eval_losses[0][1]
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert summary.trainable_params < 0.1 * summary.base_params
+
+
+def test_the_same_seed_trains_the_same_adapter(base, tmp_path):
+    train(job(base, tmp_path / "a", steps=5))
+    train(job(base, tmp_path / "b", steps=5))
+    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_two_data_parallel_processes_reach_the_loss_of_one_with_the_same_global_batch(base, tmp_path):
+    single = train(job(base, tmp_path / "one", steps=6, grad_accum=2))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "compressor", "train", str(base / "nf4"),
+           "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "two"), "--rank", "4", "--alpha", "8", "--dropout", "0",
+           "--lr", "1e-2", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-split", "0.2", "--eval-every", "10",
+           "--quiet"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = float(next(line for line in done.stdout.splitlines() if line.startswith("train loss")).split("->")[1])
+    assert final == pytest.approx(single.train_losses[-1], rel=1e-3, abs=1e-4)
+
+
+def test_auto_rank_is_said_in_the_summary(base, tmp_path, capsys):
+    args = ["train", str(base / "nf4"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "a"), "--rank", "auto",
+            "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert "rank                8 (auto: " in capsys.readouterr().out
+
+
+def test_a_batch_that_does_not_split_over_the_accumulation_steps_is_an_error(base, tmp_path):
+    with pytest.raises(CompressorError, match="batch size 5 does not split"):
+        train(job(base, tmp_path / "a", batch_size=5, grad_accum=2))
