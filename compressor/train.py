@@ -64,6 +64,7 @@ class TrainSummary:
     eval_examples: int
     train_losses: list[float] = field(default_factory=list)  # per step
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss), step 0 is the base
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
@@ -124,6 +125,7 @@ def train(job: TrainJob) -> TrainSummary:
     bar = tqdm(total=steps, desc="train", unit="step", disable=not (job.progress and accelerator.is_main_process))
     model.train()
     for step, batch in enumerate(order, 1):
+        began = time.perf_counter()
         examples = [train_set[i] for i in batch]
         tokens = sum(_trained_tokens(e) for e in examples)
         mine = examples[rank_id * micro * job.grad_accum : (rank_id + 1) * micro * job.grad_accum]
@@ -140,9 +142,9 @@ def train(job: TrainJob) -> TrainSummary:
         optimizer.zero_grad(set_to_none=True)
         loss = accelerator.reduce(torch.tensor(loss_sum), "sum").item() / max(tokens, 1)
         summary.train_losses.append(loss)
+        summary.step_seconds.append(time.perf_counter() - began)
         if eval_set and (step % job.eval_every == 0 or step == steps):
             summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
-            model.train()
         bar.set_postfix(loss=f"{loss:.4f}", **({"held_out": f"{summary.eval_losses[-1][1]:.4f}"} if summary.eval_losses else {}))
         bar.update()
     bar.close()
@@ -203,13 +205,21 @@ def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def loss_and_tokens(model, examples: list[Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """Summed cross-entropy over the trained tokens of ``examples``, and how many tokens that is."""
+    was_training = model.training
+    model.eval()
+    loss = tokens = 0
+    for i in range(0, len(examples), max(batch_size, 1)):
+        chunk = examples[i : i + max(batch_size, 1)]
+        loss += _loss_sum(model, collate(chunk, pad_id)).item()
+        tokens += sum(_trained_tokens(e) for e in chunk)
+    model.train(was_training)
+    return loss, tokens
+
+
 def _eval_loss(model, examples: list[Example], micro: int, pad_id: int, accelerator) -> float:
     # Token-weighted mean over the held-out set, each process scoring its share.
-    model.eval()
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
-    total = torch.zeros(2)
-    for i in range(0, len(mine), max(micro, 1)):
-        chunk = mine[i : i + max(micro, 1)]
-        total += torch.tensor([_loss_sum(model, collate(chunk, pad_id)).item(), sum(_trained_tokens(e) for e in chunk)])
-    total = accelerator.reduce(total, "sum")
+    loss, tokens = loss_and_tokens(model, examples[accelerator.process_index :: accelerator.num_processes], pad_id, micro)
+    total = accelerator.reduce(torch.tensor([loss, float(tokens)]), "sum")
     return (total[0] / total[1].clamp(min=1)).item()
