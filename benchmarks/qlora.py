@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.qlora", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="float checkpoint (SmolLM2-135M-Instruct)")
     parser.add_argument("--work", type=Path, default=Path("bench-results/qlora"))
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per tenant (batch 8)")
+    parser.add_argument("--steps", type=int, default=110, help="optimizer steps per tenant (batch 8)")
     parser.add_argument("--train-sentences", type=int, default=600)
     parser.add_argument("--held-out", type=int, default=40)
     parser.add_argument("--cost-steps", type=int, default=6)

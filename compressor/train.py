@@ -200,8 +200,12 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
 
 
 def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+    # Logits only at positions whose next token is trained on: over a 49k vocabulary the logits and
+    # their gradients are most of a step's memory, and prompts are often most of a sequence.
+    labels = batch["labels"][:, 1:]
+    keep = (labels != IGNORE).any(dim=0).nonzero().squeeze(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep].flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 @torch.no_grad()
