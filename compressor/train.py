@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def train(job: TrainJob) -> TrainSummary:
         loss_sum = 0.0
         for k in range(job.grad_accum):
             chunk = mine[k * micro : (k + 1) * micro]
-            with accelerator.no_sync(model) if k < job.grad_accum - 1 else _nothing():
+            with accelerator.no_sync(model) if k < job.grad_accum - 1 else nullcontext():
                 total = _loss_sum(model, collate(chunk, pad_id))
                 # DDP averages gradients over processes; times ``world`` makes that a sum over the global batch.
                 accelerator.backward(total * world / max(tokens, 1))
@@ -153,14 +154,6 @@ def train(job: TrainJob) -> TrainSummary:
         save_adapter(modules, cfg, job.out_dir, job.base_dir, job.overwrite)
     accelerator.wait_for_everyone()
     return summary
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _logical_params(module: torch.nn.Module) -> int:

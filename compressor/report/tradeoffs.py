@@ -10,6 +10,7 @@ bytes, Pareto frontier marked).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import shutil
@@ -148,8 +149,6 @@ def _write(out: Path, rows: list[dict], settings: dict) -> TradeoffReport:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
