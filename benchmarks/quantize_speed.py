@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import check, python, run_measured
+from compressor.checkpoint.reader import folder_bytes
 
 _STOCK = """
 import sys, torch
@@ -91,11 +92,6 @@ def throughput(weights: dict[str, torch.Tensor], repeats: int) -> dict:
     }
 
 
-def checkpoint_bytes(folder: Path) -> int:
-    """Bytes of the weight files of a checkpoint folder."""
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
 def _settle(out_dir: Path) -> None:
     # Start each timed run with no earlier output being deleted or flushed under it: both are slow
     # on a shared disk and would be charged to whichever run comes next.
@@ -113,7 +109,7 @@ def whole_run(model_dir: Path, out_dir: Path, rounds: int = 1) -> dict:
         cmd = [sys.executable, "-m", "compressor", "quantize", str(model_dir), str(out_dir), "--method", "nf4", "--quiet"]
         runs.append(check(run_measured(cmd), "quantize"))
     best = min(runs, key=lambda r: r.seconds)
-    size = checkpoint_bytes(model_dir)
+    size = folder_bytes(model_dir)
     extra = max(r.peak_rss for r in runs) - baseline.peak_rss
     return {
         "checkpoint_bytes": size,

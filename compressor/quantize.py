@@ -18,7 +18,7 @@ from . import __version__
 from .checkpoint import bnb_layout, native_layout
 from .checkpoint.atomic import atomic_folder
 from .checkpoint.readahead import ReadAhead
-from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, open_shard
+from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, folder_bytes, open_shard
 from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
 from .formats import FORMATS, NonFiniteError, format_for, method_of, payload_nbytes
@@ -126,14 +126,14 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
             reads.close()
         if run.summary.tensors_quantized == 0:
             raise CompressorError(job.model_dir, "no linear weight of the model matched a tensor in the checkpoint")
-        _write_config(ckpt.config_path, tmp, job.config, plan.skip)
-        if ckpt.sharded:
-            index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("*.safetensors"))}, "weight_map": run.weight_map}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        copy_side_files(ckpt.root, tmp)
         summary = run.summary
         summary.bytes_before = source_bytes
-        summary.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        summary.bytes_after = folder_bytes(tmp)  # the shards are complete; what follows is not weights
+        _write_config(ckpt.config_path, tmp, job.config, plan.skip)
+        if ckpt.sharded:
+            index = {"metadata": {"total_size": summary.bytes_after}, "weight_map": run.weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        copy_side_files(ckpt.root, tmp)
         summary.seconds = time.perf_counter() - start
         _write_manifest(tmp / MANIFEST, job, ckpt, reads.hashes, summary, run.tensor_report)
     return summary

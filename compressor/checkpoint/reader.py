@@ -54,6 +54,11 @@ def _check_shard(path: Path) -> None:
         raise CompressorError(path, "not a safetensors file (shorter than its 8-byte header length)")
 
 
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the safetensors files of a checkpoint folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
 def find_checkpoint(model_dir: str | Path, allow_pickle: bool = False) -> Checkpoint:
     """Locate config and shards of ``model_dir``, refusing pickled weights unless ``allow_pickle``."""
     root = Path(model_dir)

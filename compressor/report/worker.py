@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.reader import folder_bytes
 from ..evaluate import evaluate_models, text_windows
 from ..formats import payload_nbytes
 from ..nn import QuantLinear
@@ -102,11 +103,6 @@ def quantized_layers(model) -> tuple[int, int]:
             params += module.weight.numel()
             nbytes += module.weight.nbytes + module.weight.SCB.nbytes
     return params, nbytes
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the safetensors files of a checkpoint folder."""
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def state_bytes(model) -> int:
