@@ -25,6 +25,10 @@ def quant_method(model_dir: str | Path) -> str:
     return (config.get("quantization_config") or {}).get("quant_method", "float")
 
 
+# quant_method of config.json -> the layout module that reads its packed weights.
+LAYOUTS = {"compressor": native_layout, "bitsandbytes": bnb_layout}
+
+
 def load(model_dir: str | Path, for_training: bool = False) -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
@@ -37,10 +41,8 @@ def load(model_dir: str | Path, for_training: bool = False) -> PreTrainedModel:
     """
     root = Path(model_dir)
     method = quant_method(root)
-    if method == "compressor":
-        model = _load_quant_linear(root, *_read(root, native=True))
-    elif method == "bitsandbytes" and (for_training or not _runs_on_bitsandbytes_cpu(root)):
-        model = _load_quant_linear(root, *_read(root, native=False))
+    if method == "compressor" or (method == "bitsandbytes" and (for_training or not _runs_on_bitsandbytes_cpu(root))):
+        model = _load_quant_linear(root, LAYOUTS[method])
     elif method in ("bitsandbytes", "float"):
         model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
@@ -60,30 +62,22 @@ def _runs_on_bitsandbytes_cpu(root: Path) -> bool:
     return True
 
 
-def _read(root: Path, native: bool) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    # Every tensor of the folder, and each quantized weight's (packed, state).
+def read_shard(shard: Path, layout) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """Every tensor of one shard, and each quantized weight's ``(packed, state)`` in ``layout`` (none if ``None``)."""
+    with open_shard(shard) as reader:
+        tensors = {name: reader.get(name) for name in reader.keys()}
+        metadata = reader.metadata()
+    return tensors, layout.weights_in(tensors, metadata, str(shard)) if layout is not None else {}
+
+
+def _load_quant_linear(root: Path, layout) -> PreTrainedModel:
     tensors: dict[str, torch.Tensor] = {}
     weights: dict[str, tuple] = {}
     for shard in find_checkpoint(root).shards:
-        shard_tensors, shard_weights = read_shard(shard, native)
+        shard_tensors, shard_weights = read_shard(shard, layout)
         tensors.update(shard_tensors)
         weights.update(shard_weights)
-    return tensors, weights
-
-
-def read_shard(shard: Path, native: bool) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    """Every tensor of one shard, and each quantized weight's ``(packed, state)``, in our layout or bitsandbytes'."""
-    with open_shard(shard) as reader:
-        entries = native_layout.read_shard_metadata(reader.metadata(), str(shard)) if native else {}
-        tensors = {name: reader.get(name) for name in reader.keys()}
-    if native:
-        return tensors, {name: native_layout.state_from(name, entry, tensors) for name, entry in entries.items()}
-    return tensors, {name: bnb_layout.state_from(name, tensors) for name in bnb_layout.quantized_weights(tensors)}
-
-
-def _load_quant_linear(root: Path, tensors: dict[str, torch.Tensor], weights: dict[str, tuple]) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(root)
-    layout = bnb_layout if config.quantization_config.get("quant_method") == "bitsandbytes" else native_layout
     del config.quantization_config
     # Parameters start on the meta device (no memory); buffers such as rotary tables are real.
     with init_empty_weights(include_buffers=False):

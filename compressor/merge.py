@@ -26,7 +26,7 @@ from .checkpoint.reader import INDEX, find_checkpoint
 from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
 from .formats import config_for, dequantize
-from .loading import load, quant_method, read_shard
+from .loading import LAYOUTS, load, quant_method, read_shard
 from .quantize import MANIFEST, QuantizeJob, QuantizeSummary, copy_side_files, quantize_checkpoint
 
 TARGETS = ("same", "float32", "float16", "bfloat16")
@@ -113,14 +113,14 @@ def merge(job: MergeJob) -> MergeSummary:
 def _write_merged_float(base_dir: Path, out: Path, deltas: dict[str, torch.Tensor], method: str, dtype: torch.dtype | None) -> None:
     # Shard by shard: every quantized weight dequantized (plus its delta), float tensors as they are.
     ckpt = find_checkpoint(base_dir)
-    native = method != "bitsandbytes"  # a float base has no packed weights in either layout
+    layout = LAYOUTS.get(method)  # None for a float base: no packed weights
     weight_map = {}
     for shard in ckpt.shards:
-        tensors, weights = read_shard(shard, native)
+        tensors, weights = read_shard(shard, layout)
         layout_keys = set()
         merged: dict[str, torch.Tensor] = {}
         for name, (packed, state) in weights.items():
-            layout_keys |= _layout_keys(name, packed, state, native)
+            layout_keys |= set(layout.tensors_for(name, packed, state))
             w = dequantize(packed, state).float()
             merged[name] = ((w + deltas[name]) if name in deltas else w).to(dtype or state.dtype)
         for name, t in tensors.items():
@@ -142,12 +142,6 @@ def _write_merged_float(base_dir: Path, out: Path, deltas: dict[str, torch.Tenso
     if ckpt.sharded:
         (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
     copy_side_files(base_dir, out)
-
-
-def _layout_keys(name: str, packed, state, native: bool) -> set[str]:
-    from .checkpoint import bnb_layout, native_layout
-
-    return set((native_layout if native else bnb_layout).tensors_for(name, packed, state))
 
 
 def _score(job: MergeJob, summary: MergeSummary, base_plus_adapter) -> None:

@@ -91,6 +91,11 @@ def quantized_weights(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(four | eight)
 
 
+def weights_in(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> dict[str, tuple]:
+    """Each quantized weight of one shard as ``(packed, state)``; the same signature as ``native_layout.weights_in``."""
+    return {name: state_from(name, tensors) for name in quantized_weights(tensors)}
+
+
 def fits_cpu_kernel(fields: dict) -> bool:
     """Whether bitsandbytes' CPU matmul can run a 4-bit weight (its :func:`blob_fields`): whole blocks per row.
 

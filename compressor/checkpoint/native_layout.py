@@ -71,6 +71,11 @@ def state_from(weight_name: str, entry: dict, tensors: dict[str, torch.Tensor]) 
     return tensors[weight_name], Int8State(**fields, **common)
 
 
+def weights_in(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> dict[str, tuple]:
+    """Each quantized weight of one shard (its tensors and header metadata) as ``(packed, state)``."""
+    return {name: state_from(name, entry, tensors) for name, entry in read_shard_metadata(metadata, where).items()}
+
+
 def quantization_config(cfg, skip_modules: list[str]) -> dict:
     """The ``quantization_config`` entry of ``config.json`` for ``cfg``."""
     qc = {"quant_method": METADATA_KEY, "layout_version": LAYOUT_VERSION, "skip_modules": sorted(skip_modules)}
