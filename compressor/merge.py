@@ -25,9 +25,9 @@ from .checkpoint.atomic import atomic_folder
 from .checkpoint.reader import INDEX, find_checkpoint
 from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
-from .formats import config_for, dequantize
+from .formats import dequantize
 from .loading import LAYOUTS, load, quant_method, read_shard
-from .quantize import MANIFEST, QuantizeJob, QuantizeSummary, copy_side_files, quantize_checkpoint
+from .quantize import MANIFEST, QuantizeJob, QuantizeSummary, copy_side_files, options_from_manifest, quantize_checkpoint
 
 TARGETS = ("same", "float32", "float16", "bfloat16")
 
@@ -93,12 +93,9 @@ def merge(job: MergeJob) -> MergeSummary:
         summary = MergeSummary(modules_merged=len(deltas), written_as=job.to if job.to != "same" else "float, as the base")
         if requantize:
             manifest = json.loads((job.base_dir / MANIFEST).read_text())
-            opts = manifest["options"]
-            cfg = config_for(manifest["method"], opts.get("blocksize"), double_quant=opts.get("double_quant", True),
-                             per_tensor=opts.get("granularity") == "PerTensor", absmax_rounding=opts.get("absmax_rounding", "lut"))  # fmt: skip
+            cfg, skip, quantize_head = options_from_manifest(manifest)
             summary.requantized = quantize_checkpoint(QuantizeJob(
-                merged_float, job.out_dir, cfg, skip=tuple(opts.get("skip", ())), quantize_head=opts.get("quantize_head", False),
-                overwrite=job.overwrite, progress=job.progress,
+                merged_float, job.out_dir, cfg, skip=skip, quantize_head=quantize_head, overwrite=job.overwrite, progress=job.progress,
             ))  # fmt: skip
             summary.written_as = manifest["method"]
         else:

@@ -21,7 +21,7 @@ from .checkpoint.readahead import ReadAhead
 from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, folder_bytes, open_shard
 from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
-from .formats import FORMATS, NonFiniteError, format_for, method_of, payload_nbytes
+from .formats import FORMATS, NonFiniteError, config_for, format_for, method_of, payload_nbytes
 from .formats.common import FLOAT_DTYPES
 from .gc_pause import paused_gc
 
@@ -153,6 +153,16 @@ def _write_manifest(path: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str],
         "tensors": tensors,
     }  # fmt: skip
     path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def options_from_manifest(manifest: dict) -> tuple[object, tuple[str, ...], bool]:
+    """The inverse of the manifest's method and options: ``(config, skip, quantize_head)`` to quantize the same way again."""
+    opts = manifest["options"]
+    cfg = config_for(
+        manifest["method"], opts.get("blocksize"), double_quant=opts.get("double_quant", True),
+        per_tensor=opts.get("granularity") == "PerTensor", absmax_rounding=opts.get("absmax_rounding", "lut"),
+    )  # fmt: skip
+    return cfg, tuple(opts.get("skip", ())), opts.get("quantize_head", False)
 
 
 class _Run:
