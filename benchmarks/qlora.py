@@ -108,17 +108,24 @@ def with_adapter(base_dir: Path, adapter_dir: Path | None):
     return model.eval()
 
 
-def tenants(model_dir: Path, work: Path, steps: int, train_items: int, held: int) -> dict:
-    """Train both tenants on the NF4 base and score every adapter on every task."""
-    from transformers import AutoTokenizer
-
+def nf4_base(model_dir: Path, work: Path) -> Path:
+    """The NF4 base both tenants share, quantized once into ``work``."""
     from compressor.formats import config_for
     from compressor.quantize import QuantizeJob, quantize_checkpoint
-    from compressor.train import TrainJob, train
 
     nf4 = work / "nf4"
     if not (nf4 / "manifest.json").exists():
         quantize_checkpoint(QuantizeJob(model_dir, nf4, config_for("nf4"), overwrite=True, progress=False))
+    return nf4
+
+
+def tenants(model_dir: Path, work: Path, steps: int, train_items: int, held: int) -> dict:
+    """Train both tenants on the NF4 base and score every adapter on every task."""
+    from transformers import AutoTokenizer
+
+    from compressor.train import TrainJob, train
+
+    nf4 = nf4_base(model_dir, work)
     pool = sentences()
     test, train_pool = pool[:held], pool[held : held + train_items]
     tokenizer = AutoTokenizer.from_pretrained(nf4)
@@ -197,14 +204,10 @@ def demo(model_dir: Path, work: Path, steps: int) -> None:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from compressor.formats import config_for
-    from compressor.quantize import QuantizeJob, quantize_checkpoint
     from compressor.train import TrainJob, train
 
     hf_logging.disable_progress_bar()
-    nf4 = work / "nf4"
-    if not (nf4 / "manifest.json").exists():
-        quantize_checkpoint(QuantizeJob(model_dir, nf4, config_for("nf4"), overwrite=True, progress=False))
+    nf4 = nf4_base(model_dir, work)
     pool = sentences()
     test, train_pool = pool[:3], pool[3:323]
     tokenizer = AutoTokenizer.from_pretrained(nf4)
