@@ -167,10 +167,14 @@ def peft_checks(float_dir: Path, nf4: Path, adapter_dir: Path, tokenizer, test: 
     theirs = stock(**enc).logits
     mask = enc.attention_mask.bool()
     diff = (ours - theirs).abs()[mask]
+    # The bare bases, to tell the kernels' difference from the adapter's.
+    with stock.disable_adapter():
+        bare = (with_adapter(nf4, None)(**enc).logits - stock(**enc).logits).abs()[mask]
     float_base = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
     before = held_out_loss(float_base, tokenizer, "ledger", test)
     after = held_out_loss(PeftModel.from_pretrained(float_base, adapter_dir).eval(), tokenizer, "ledger", test)
     return {"stock_nf4_max_abs_logit_diff": diff.max().item(), "stock_nf4_mean_abs_logit_diff": diff.mean().item(),
+            "bare_base_max_abs_logit_diff": bare.max().item(), "bare_base_mean_abs_logit_diff": bare.mean().item(),
             "logit_scale": ours.abs()[mask].mean().item(), "float_base_held_out_loss": before, "float_base_plus_adapter_held_out_loss": after}  # fmt: skip
 
 
