@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import subprocess
@@ -102,7 +103,7 @@ def with_adapter(base_dir: Path, adapter_dir: Path | None):
     import compressor
     from compressor.adapters import apply_adapter, read_adapter
 
-    model = compressor.load(base_dir, for_training=True)
+    model = compressor.load(base_dir, exact=True)
     if adapter_dir is not None:
         apply_adapter(model, read_adapter(adapter_dir), base_dir)
     return model.eval()
@@ -190,17 +191,26 @@ def step_cost(base_dir: Path, data: Path, steps: int) -> dict:
     return {"s_per_step": timed[len(timed) // 2], "peak_rss": peak_rss(), "baseline_rss": baseline, "extra_rss": peak_rss() - baseline}
 
 
+# glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, where the interleaving
+# of long-lived and short-lived activations fragments it: most of a step's peak RSS is freed memory.
+# A fixed 1 MiB threshold hands large blocks back at free, so RSS follows the live tensors; steps get
+# slower (fresh pages fault in), so step time is measured with the default allocator only.
+RETURNING_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def costs(model_dir: Path, work: Path, steps: int) -> dict:
-    """nf4 against float32 base, each in a fresh process (so memory is its own), interleaved twice."""
-    runs: dict[str, list] = {"nf4": [], "float32": []}
+    """nf4 against float32 base, each in a fresh process (so memory is its own), interleaved twice, under both allocator settings."""
+    runs: dict[str, list] = {f"{base}{suffix}": [] for base in ("nf4", "float32") for suffix in ("", "/returning")}
     for _ in range(2):
-        for name, base in (("nf4", work / "nf4"), ("float32", model_dir)):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.qlora", "--step-cost", str(base), str(work / "ledger.jsonl"), str(steps)],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
-            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    best = {k: min(v, key=lambda r: r["s_per_step"]) for k, v in runs.items()}
-    return {"runs": runs, "time_ratio": best["nf4"]["s_per_step"] / best["float32"]["s_per_step"],
-            "memory_ratio": min(r["extra_rss"] for r in runs["nf4"]) / min(r["extra_rss"] for r in runs["float32"])}  # fmt: skip
+        for suffix, env in (("", {}), ("/returning", RETURNING_ALLOCATOR)):
+            for name, base in (("nf4", work / "nf4"), ("float32", model_dir)):
+                out = subprocess.run([sys.executable, "-m", "benchmarks.qlora", "--step-cost", str(base), str(work / "ledger.jsonl"), str(steps)],
+                                     capture_output=True, text=True, check=True, env={**os.environ, **env})  # fmt: skip
+                runs[name + suffix].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    least = {k: min(r["extra_rss"] for r in v) for k, v in runs.items()}
+    fastest = {k: min(r["s_per_step"] for r in v) for k, v in runs.items()}
+    return {"runs": runs, "time_ratio": fastest["nf4"] / fastest["float32"], "memory_ratio": least["nf4"] / least["float32"],
+            "memory_ratio_returning_allocator": least["nf4/returning"] / least["float32/returning"]}  # fmt: skip
 
 
 def demo(model_dir: Path, work: Path, steps: int) -> None:
@@ -239,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=40)
     parser.add_argument("--cost-steps", type=int, default=6)
     parser.add_argument("--demo", action="store_true", help="train one tenant briefly and show answers before and after")
+    parser.add_argument("--costs-only", action="store_true", help="only the step time and memory comparison (WORK from an earlier full run)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.demo:
         demo(args.model, args.work, args.steps)
+        return 0
+    if args.costs_only:
+        print(json.dumps(costs(args.model, args.work, args.cost_steps), indent=2))
         return 0
     start = time.perf_counter()
     results = tenants(args.model, args.work, args.steps, args.train_sentences, args.held_out)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .adapters import save_adapter
@@ -103,7 +104,7 @@ def train(job: TrainJob) -> TrainSummary:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train_set, eval_set = _split([encode(r, tokenizer, job.seq_len) for r in read_jsonl(job.data)], job.eval_split, job.seed, job.data)
 
-    model = load(job.base_dir, for_training=True)
+    model = load(job.base_dir, exact=True)
     base_params = sum(_logical_params(m) for m in model.modules())
     cfg = LoraConfig(job.rank or rank_for(base_params), job.alpha, job.dropout, job.targets)
     if job.gradient_checkpointing:
@@ -192,13 +193,33 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         pool = pool[batch_size:]
 
 
+# Architectures whose logits are exactly ``lm_head(last hidden state)``: no soft-capping or scaling
+# after the head. Only these take the chunked loss; others go through the model's own forward.
+PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3", "stablelm", "starcoder2"})
+LOSS_CHUNK = 128  # positions whose logits exist at once; 128 x 49k vocabulary is 25 MB in float32
+
+
 def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # Logits only at positions whose next token is trained on: over a 49k vocabulary the logits and
     # their gradients are most of a step's memory, and prompts are often most of a sequence.
     labels = batch["labels"][:, 1:]
     keep = (labels != IGNORE).any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep].flatten(), ignore_index=IGNORE, reduction="sum")
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep].flatten(), ignore_index=IGNORE, reduction="sum")
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden, targets = hidden[:, keep].flatten(0, 1), labels[:, keep].flatten()
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], LOSS_CHUNK):
+        # Checkpointed: a chunk's logits are dropped after its loss and recomputed in backward, so
+        # the whole sequence's logits never exist at once.
+        total = total + checkpoint(_head_loss, head, hidden[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK], use_reentrant=False)
+    return total
+
+
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
 @torch.no_grad()
