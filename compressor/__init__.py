@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load(model_dir, for_training: bool = False):
+def load(model_dir, exact: bool = False):
     """Load a compressor output folder (any method) or a float checkpoint as a transformers model."""
     from .loading import load as _load
 
-    return _load(model_dir, for_training=for_training)
+    return _load(model_dir, exact=exact)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,18 +114,22 @@ def _read_weights(root: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
     raise CompressorError(path, "missing file")
 
 
-def apply_adapter(model: nn.Module, adapter: Adapter, base_dir: Path | None = None) -> dict[str, LoraLinear]:
-    """Wrap ``model``'s target modules with LoRA layers holding ``adapter``'s weights; checks base and shapes first."""
-    if base_dir is not None and adapter.base_fingerprint is not None and adapter.base_fingerprint != base_fingerprint(base_dir):
-        raise CompressorError(base_dir, "the adapter was trained on a base made from other weights (fingerprints differ)")
-    modules = dict(model.named_modules())
+def check_fits(layers: Mapping[str, nn.Module], adapter: Adapter, fingerprint: str | None = None) -> None:
+    """Raise unless each of ``adapter``'s modules is in ``layers`` with fitting shapes, and (given ``fingerprint``) it was made for that base."""
+    if fingerprint is not None and adapter.base_fingerprint is not None and adapter.base_fingerprint != fingerprint:
+        raise CompressorError(None, "the adapter was trained on a base made from other weights (fingerprints differ)")
     for name, (a, b) in adapter.weights.items():
-        target = modules.get(name)
+        target = layers.get(name)
         if target is None:
             raise CompressorError(None, f"adapter module {name!r} is not in the model")
         if a.shape != (adapter.config.rank, target.in_features) or b.shape != (target.out_features, adapter.config.rank):
             raise CompressorError(None, f"adapter module {name!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
                                         f"a {target.out_features}x{target.in_features} layer at rank {adapter.config.rank}")  # fmt: skip
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter, base_dir: Path | None = None) -> dict[str, LoraLinear]:
+    """Wrap ``model``'s target modules with LoRA layers holding ``adapter``'s weights; checks base and shapes first."""
+    check_fits(dict(model.named_modules()), adapter, None if base_dir is None else base_fingerprint(base_dir))
     wrapped = add_lora(model, LoraConfig(adapter.config.rank, adapter.config.alpha, 0.0, adapter.config.targets))
     missing = sorted(set(wrapped) - set(adapter.weights))
     if missing:

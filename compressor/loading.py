@@ -29,25 +29,25 @@ def quant_method(model_dir: str | Path) -> str:
 LAYOUTS = {"compressor": native_layout, "bitsandbytes": bnb_layout}
 
 
-def load(model_dir: str | Path, for_training: bool = False) -> PreTrainedModel:
+def load(model_dir: str | Path, exact: bool = False) -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
     bitsandbytes folders (nf4, fp4, int8-sym) load through stock transformers + bitsandbytes, unless
-    bitsandbytes' CPU kernel cannot run them (4-bit blocks that straddle rows) or the model is
-    ``for_training`` (training needs our autograd path, and bitsandbytes' CPU layers repack their
-    weights in place at the first forward). Those, and our int8 and int4/int3/int2 folders, get
-    :class:`~compressor.nn.QuantLinear` modules. Float folders load as usual; ``for_training`` makes
-    every float tensor float32.
+    bitsandbytes' CPU kernel cannot run them (4-bit blocks that straddle rows) or ``exact`` is set.
+    Those, and our int8 and int4/int3/int2 folders, get :class:`~compressor.nn.QuantLinear` modules.
+    ``exact`` is for training, merging and serving: our autograd path, the same numbers on every
+    path (bitsandbytes' CPU layers repack their weights in place at the first forward and take
+    other kernels for one row than for many), and every float tensor in float32.
     """
     root = Path(model_dir)
     method = quant_method(root)
-    if method == "compressor" or (method == "bitsandbytes" and (for_training or not _runs_on_bitsandbytes_cpu(root))):
+    if method == "compressor" or (method == "bitsandbytes" and (exact or not _runs_on_bitsandbytes_cpu(root))):
         model = _load_quant_linear(root, LAYOUTS[method])
     elif method in ("bitsandbytes", "float"):
         model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
         raise CompressorError(root / "config.json", f"unknown quant_method {method!r}")
-    if for_training:
+    if exact:
         model.float()  # packed codes are integer buffers and stay as they are
     return model.eval()
 

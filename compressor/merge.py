@@ -80,7 +80,7 @@ def merge(job: MergeJob) -> MergeSummary:
     adapter = read_adapter(job.adapter_dir, job.allow_pickle)
     method = quant_method(job.base_dir)
     # Checks fingerprint and shapes on a model built from the base, before anything is written.
-    base_model = load(job.base_dir, for_training=True)
+    base_model = load(job.base_dir, exact=True)
     modules = apply_adapter(base_model, adapter, job.base_dir)
     deltas = {f"{name}.weight": m.delta() for name, m in modules.items()}
     quantized = method != "float"
@@ -147,6 +147,6 @@ def _score(job: MergeJob, summary: MergeSummary, base_plus_adapter) -> None:
     from .evaluate import evaluate_models, text_windows
 
     batches = text_windows(AutoTokenizer.from_pretrained(job.base_dir), job.text, job.windows, job.seq_len)
-    result = evaluate_models(load(job.out_dir, for_training=True).eval(), batches, base_plus_adapter.eval(), job.progress)
+    result = evaluate_models(load(job.out_dir, exact=True).eval(), batches, base_plus_adapter.eval(), job.progress)
     summary.perplexity_merged, summary.perplexity_unmerged = result.perplexity, result.reference_perplexity
     summary.kl, summary.agreement = result.kl, result.agreement

@@ -20,7 +20,7 @@ def setup(tmp_path_factory):
     src = with_tokenizer(tiny_checkpoint(root))
     quantize_checkpoint(QuantizeJob(src, root / "nf4", config_for("nf4"), progress=False))
     cfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
-    model = compressor.load(root / "nf4", for_training=True)
+    model = compressor.load(root / "nf4", exact=True)
     modules = add_lora(model, cfg)
     with torch.no_grad():
         for m in modules.values():
@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
 
 
 def base_plus_adapter(base_dir, adapter_dir):
-    model = compressor.load(base_dir, for_training=True)
+    model = compressor.load(base_dir, exact=True)
     apply_adapter(model, read_adapter(adapter_dir), base_dir)
     return model.eval()
 
