@@ -1,0 +1,238 @@
+"""The serving engine: one packed base, many adapters, continuous batching on one scheduler thread.
+
+Requests wait in a queue; between decode steps the scheduler admits as many as the batch has room
+for, runs each newcomer's prompt alone (prefill), and then decodes one token for every running
+sequence in a single forward, each row with its own adapter (:mod:`serve.multilora`) and its own
+key/value cache (:mod:`serve.attention`). Finished and cancelled sequences leave between steps.
+
+Every product is padded to the measured row multiple (:mod:`serve.invariance`), prefill is always
+alone, and attention is per sequence: so a request's tokens do not depend on what else is served.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from transformers import AutoTokenizer
+
+from compressor.adapters import base_fingerprint
+from compressor.loading import load
+
+from . import attention, multilora
+from .detokenize import Detokenizer
+from .errors import PromptTooLong, QueueFull
+from .invariance import padded, row_multiple
+from .registry import AdapterRegistry
+from .sampling import generator_for, pick
+from .types import AdapterInfo, EngineConfig, Event, SamplingParams
+
+log = logging.getLogger(__name__)
+PROBED_RANKS = (4, 8, 16, 32, 64)  # adapter ranks whose products are checked for row invariance at start
+
+
+class Request:
+    """One generation in flight; :meth:`cancel` ends it at the next step."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, on_event: Callable[[Event], None], tokenizer):
+        self.id = f"req-{next(self._ids)}"
+        self.prompt_ids = prompt_ids
+        self.adapter = adapter
+        self.params = params
+        self.on_event = on_event
+        self.text = Detokenizer(tokenizer, params.stop)
+        self.generator = generator_for(params)
+        self.kv: attention.SequenceKV | None = None
+        self.cancelled = False
+        self.done = False
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; a last event with ``finish_reason="cancelled"`` follows."""
+        self.cancelled = True
+
+
+class Engine:
+    """Holds the base and its adapters, and generates for submitted requests on a background thread."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model = load(config.base_dir, exact=True)
+        try:
+            attention.install(self.model)
+        except ValueError as e:
+            raise ValueError(f"{config.base_dir}: {e}") from None
+        self.routing = multilora.Routing()
+        layers = multilora.install(self.model, self.routing)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.base_dir)
+        self.base_name = config.base_name or config.base_dir.name
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        budget = None if config.adapter_memory_mb is None else int(config.adapter_memory_mb * 2**20)
+        self.registry = AdapterRegistry(layers, base_fingerprint(config.base_dir), config.adapter_root, config.max_adapters, budget)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._kv_shape = attention.kv_shape(self.model.config)
+        head = self.model.get_output_embeddings()
+        shapes = {(m.out_features, m.in_features) for m in layers.values()} | {(head.out_features, head.in_features)}
+        shapes |= {s for m in layers.values() for r in PROBED_RANKS for s in ((r, m.in_features), (m.out_features, r))}
+        self.row_multiple = row_multiple(shapes, padded(config.max_batch, 16))
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- the public interface -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="serve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel every request and stop the scheduler thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for r in list(self._waiting) + self._running:
+            self._finish(r, "cancelled")
+        self._waiting.clear()
+        self._running.clear()
+
+    def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
+        """Queue a generation; ``on_event`` is called on the engine thread with each piece of text."""
+        if not prompt_ids:
+            raise PromptTooLong("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}")
+        if adapter is not None:
+            self.registry.acquire(adapter)
+        request = Request(list(prompt_ids), adapter, params, on_event, self.tokenizer)
+        with self._wake:
+            if len(self._waiting) >= self.config.max_queue:
+                if adapter is not None:
+                    self.registry.release(adapter)
+                raise QueueFull(f"{len(self._waiting)} requests are waiting")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def load_adapter(self, name: str, path, trusted: bool = False) -> AdapterInfo:
+        """Load an adapter while serving (see :meth:`AdapterRegistry.load`)."""
+        return self.registry.load(name, path, trusted)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter; requests already using it finish first."""
+        self.registry.unload(name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The adapters that take requests."""
+        return self.registry.infos()
+
+    def stats(self) -> dict:
+        """Queue depth, running sequences, resident adapters and their bytes."""
+        return {"queue_depth": len(self._waiting), "running": len(self._running),
+                "adapters_loaded": len(self.registry.infos()), "adapter_bytes": self.registry.resident_bytes()}  # fmt: skip
+
+    # -- the scheduler ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                admitted = []
+                while self._waiting and len(self._running) + len(admitted) < self.config.max_batch:
+                    admitted.append(self._waiting.popleft())
+                cancelled = [r for r in self._waiting if r.cancelled]
+                for r in cancelled:
+                    self._waiting.remove(r)
+            for r in cancelled:
+                self._finish(r, "cancelled")
+            for r in admitted:
+                self._guarded([r], self._prefill)
+            self._running = [r for r in self._running + admitted if not r.done]
+            for r in [r for r in self._running if r.cancelled]:
+                self._finish(r, "cancelled")
+            self._running = [r for r in self._running if not r.done]
+            if self._running:
+                self._guarded(self._running, self._decode)
+                self._running = [r for r in self._running if not r.done]
+
+    def _guarded(self, requests: list[Request], step: Callable[[list[Request]], None]) -> None:
+        # A failing forward ends the requests in it, never the server.
+        try:
+            step(requests)
+        except Exception as e:  # noqa: BLE001 - reported to the requests' clients
+            log.exception("generation step failed")
+            for r in requests:
+                self._finish(r, "error", f"{type(e).__name__}: {e}")
+
+    @torch.inference_mode()
+    def _prefill(self, requests: list[Request]) -> None:
+        (r,) = requests
+        if r.cancelled:
+            self._finish(r, "cancelled")
+            return
+        r.kv = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(r.prompt_ids) + min(r.params.max_tokens, 256))
+        self.routing.set([r.adapter], 1)  # alone: no neighbours to be invariant to
+        ids = torch.tensor([r.prompt_ids])
+        kv = attention.StepKV([r.kv])
+        logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=1).logits
+        kv.advance(ids.shape[1])
+        self._emit(r, pick(logits[0, -1], r.params, r.generator))
+
+    @torch.inference_mode()
+    def _decode(self, requests: list[Request]) -> None:
+        rows = padded(len(requests), self.row_multiple)
+        pad = rows - len(requests)
+        last = [r.text.ids[-1] for r in requests] + [0] * pad
+        positions = [r.kv.length for r in requests] + [0] * pad
+        self.routing.set([r.adapter for r in requests] + [None] * pad, self.row_multiple)
+        kv = attention.StepKV([r.kv for r in requests] + [None] * pad)
+        logits = self.model(input_ids=torch.tensor(last)[:, None], position_ids=torch.tensor(positions)[:, None], kv=kv, use_cache=False).logits
+        kv.advance(1)
+        for i, r in enumerate(requests):
+            self._emit(r, pick(logits[i, -1], r.params, r.generator))
+
+    def _emit(self, r: Request, token: int) -> None:
+        if token in self.eos_ids:
+            self._finish(r, "stop")
+            return
+        delta = r.text.push(token)
+        if r.text.stopped:
+            self._finish(r, "stop", text=delta)
+        elif len(r.text.ids) >= r.params.max_tokens:
+            self._finish(r, "length", text=delta + r.text.flush())
+        elif delta:
+            r.on_event(Event(delta, (token,), len(r.prompt_ids), len(r.text.ids)))
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, text: str | None = None) -> None:
+        if r.done:
+            return
+        r.done = True
+        r.kv = None
+        if r.adapter is not None:
+            self.registry.release(r.adapter)
+        tail = r.text.flush() if text is None and reason == "stop" else (text or "")
+        r.on_event(Event(tail, (), len(r.prompt_ids), len(r.text.ids), reason, error))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

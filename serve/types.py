@@ -1,0 +1,69 @@
+"""What a request asks for and what the engine sends back, shared by the engine and the HTTP layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One serving process: the base it holds, and its limits."""
+
+    base_dir: Path
+    base_name: str | None = None  # the ``model`` id of the bare base; default: the folder's name
+    adapter_root: Path | None = None  # adapters loaded at run time must lie under it; None: no run-time loads
+    max_batch: int = 16  # sequences decoded together
+    max_queue: int = 64  # requests waiting for a slot in the batch; more are refused
+    max_adapters: int = 64  # resident adapters; idle ones are evicted, least recently used first
+    adapter_memory_mb: float | None = None  # budget for resident adapters' weights
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens: greedy when ``temperature`` is 0, else sampled with ``top_p`` from ``seed``."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be at least 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress of one request: new text since the last event, and, on the last, why it finished."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # None while running; "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True on the request's last event."""
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A resident adapter as the registry reports it."""
+
+    name: str
+    path: str
+    rank: int
+    targets: tuple[str, ...]
+    nbytes: int
+    in_use: int  # requests holding it now
+    load_seconds: float
+    last_used: float = field(compare=False, default=0.0)

@@ -1,0 +1,166 @@
+import threading
+
+import pytest
+import torch
+
+import compressor
+from serve.engine import Engine
+from serve.errors import PromptTooLong, QueueFull, UnknownAdapter
+from serve.types import EngineConfig, SamplingParams
+from tests.helpers import tiny_checkpoint, with_tokenizer
+
+GREEDY = SamplingParams(max_tokens=10)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 110, (int(k),), generator=g).tolist() for k in torch.randint(3, 14, (n,), generator=g)]
+
+
+def generate(engine: Engine, jobs: list[tuple[list[int], str | None]], params: SamplingParams = GREEDY) -> list[dict]:
+    """Submit every job at once and wait: each result has its text, token count and finish reason."""
+    results = [{"text": "", "events": 0} for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def on_event(i, event):
+        results[i]["text"] += event.text
+        results[i]["events"] += 1
+        if event.finished:
+            results[i].update(reason=event.finish_reason, tokens=event.completion_tokens, error=event.error)
+            done.release()
+
+    for i, (ids, adapter) in enumerate(jobs):
+        engine.submit(ids, adapter, params, lambda e, i=i: on_event(i, e))
+    for _ in jobs:
+        assert done.acquire(timeout=60)
+    return results
+
+
+@pytest.fixture(scope="module")
+def engine(bases):
+    engine = Engine(EngineConfig(bases["nf4"], max_batch=8, adapter_root=bases["adapters"]))
+    engine.load_adapter("a", bases["adapters"] / "nf4-a")
+    engine.load_adapter("b", bases["adapters"] / "nf4-b")
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def test_a_mixed_batch_gives_every_request_the_tokens_it_gets_alone(engine):
+    jobs = list(zip(prompts(12), [None, "a", "b"] * 4))
+    alone = [generate(engine, [job])[0]["text"] for job in jobs]
+    together = [r["text"] for r in generate(engine, jobs)]
+    assert together == alone
+    assert len(set(alone[:3])) == 3  # the adapters do change the output
+
+
+def test_base_and_adapters_match_transformers_and_our_lora_layers(engine, bases):
+    from compressor.adapters import apply_adapter, read_adapter
+
+    tok = engine.tokenizer
+    for name in (None, "a", "b"):
+        reference = compressor.load(bases["nf4"], exact=True)
+        if name:
+            apply_adapter(reference, read_adapter(bases["adapters"] / f"nf4-{name}"))
+        for ids in prompts(3, seed=5):
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+            expected = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+            assert generate(engine, [(ids, name)])[0]["text"] == expected
+
+
+def test_served_adapter_matches_peft_on_the_float_base(bases):
+    from peft import PeftModel
+
+    engine = Engine(EngineConfig(bases["float"], max_batch=4))
+    engine.load_adapter("a", bases["adapters"] / "float-a", trusted=True)
+    engine.start()
+    try:
+        peft = PeftModel.from_pretrained(compressor.load(bases["float"], exact=True), bases["adapters"] / "float-a").eval()
+        tok = engine.tokenizer
+        for ids in prompts(4, seed=7):
+            out = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
+            assert generate(engine, [(ids, "a")])[0]["text"] == tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(engine):
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=123)
+    ids = prompts(1, seed=3)[0]
+    alone = generate(engine, [(ids, "a")], params)[0]["text"]
+    crowd = generate(engine, [(ids, "a")] + [(p, "b") for p in prompts(5, seed=4)], params)
+    assert crowd[0]["text"] == alone
+
+
+def test_max_tokens_ends_with_length_and_stop_strings_end_with_stop(engine):
+    ids = prompts(1, seed=11)[0]
+    long = generate(engine, [(ids, None)], SamplingParams(max_tokens=6, temperature=1.0, seed=0))[0]
+    assert long["reason"] == "length" and long["tokens"] == 6
+    words = long["text"].split()
+    assert len(words) >= 2
+    stop = words[-1]
+    cut = generate(engine, [(ids, None)], SamplingParams(max_tokens=6, temperature=1.0, seed=0, stop=(stop,)))[0]
+    assert cut["reason"] == "stop"
+    assert cut["text"] == long["text"][: long["text"].index(stop)]
+
+
+def test_bad_requests_are_refused_at_submission(engine, bases):
+    with pytest.raises(UnknownAdapter):
+        engine.submit([1, 2], "nobody", GREEDY, lambda e: None)
+    with pytest.raises(PromptTooLong):
+        engine.submit([1] * engine.context_length, None, GREEDY, lambda e: None)
+    small = Engine(EngineConfig(bases["nf4"], max_queue=2))  # not started: nothing leaves the queue
+    for _ in range(2):
+        small.submit([1, 2], None, GREEDY, lambda e: None)
+    with pytest.raises(QueueFull):
+        small.submit([1, 2], None, GREEDY, lambda e: None)
+
+
+def test_an_adapter_unloaded_mid_request_serves_that_request_to_the_end(engine, bases):
+    engine.load_adapter("c", bases["adapters"] / "nf4-a")
+    events, done = [], threading.Event()
+    gate = threading.Event()
+
+    def on_event(e):
+        gate.wait()
+        events.append(e)
+        if e.finished:
+            done.set()
+
+    ids = prompts(1, seed=2)[0]
+    expected = generate(engine, [(ids, "a")], SamplingParams(max_tokens=8))[0]["text"]
+    engine.submit(ids, "c", SamplingParams(max_tokens=8), on_event)
+    engine.unload_adapter("c")
+    with pytest.raises(UnknownAdapter):
+        engine.submit(ids, "c", GREEDY, lambda e: None)
+    gate.set()
+    assert done.wait(30)
+    assert "".join(e.text for e in events) == expected and events[-1].finish_reason in ("length", "stop")
+    assert all("c" not in layer.adapters for layer in engine.registry._layers.values())
+
+
+def test_cancelling_ends_a_request_with_cancelled(engine):
+    events, done = [], threading.Event()
+
+    def on_event(e):
+        events.append(e)
+        if e.finished:
+            done.set()
+
+    request = engine.submit(prompts(1)[0], None, SamplingParams(max_tokens=100, temperature=1.0, seed=1), on_event)
+    request.cancel()
+    assert done.wait(30)
+    assert events[-1].finish_reason in ("cancelled", "stop")
+
+
+def test_other_architectures_serve_and_sliding_window_ones_are_refused(tmp_path):
+    qwen = with_tokenizer(tiny_checkpoint(tmp_path, "qwen2"))
+    engine = Engine(EngineConfig(qwen, max_batch=4))
+    engine.start()
+    try:
+        results = generate(engine, [(p, None) for p in prompts(3)])
+        assert all(r["reason"] in ("stop", "length") for r in results)
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="sliding-window"):
+        Engine(EngineConfig(with_tokenizer(tiny_checkpoint(tmp_path, "mistral"))))
