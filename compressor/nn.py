@@ -24,11 +24,15 @@ class _DequantizedLinear(torch.autograd.Function):
         return grad @ ctx.module.weight_dequantized().to(grad.dtype), None
 
 
+FUSED_MAX_ROWS = 16  # up to this many rows, a format's fused kernel beats dequantize + matmul on CPU
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight stays packed; it is dequantized for each forward.
 
     ``packed`` and ``state`` come from a format's ``quantize`` (offline). The module keeps them on
-    the CPU as they are; the dequantized weight lives only for the duration of one call.
+    the CPU as they are; the dequantized weight lives only for the duration of one call. Without
+    gradients and for a few rows (decoding), a format's fused kernel skips the float weight entirely.
     """
 
     def __init__(self, packed: torch.Tensor, state, bias: torch.Tensor | None = None):
@@ -38,6 +42,7 @@ class QuantLinear(nn.Module):
         self.in_features = state.shape[1]
         self.out_features = state.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.fused_max_rows = FUSED_MAX_ROWS  # a server raises it so every decode batch takes one kernel
 
     def weight_dequantized(self) -> torch.Tensor:
         """The float weight, ``(out_features, in_features)`` in the original dtype."""
@@ -45,6 +50,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with ``W`` dequantized to ``x``'s dtype; gradients flow to ``x`` only."""
+        if not torch.is_grad_enabled() and x.numel() <= self.fused_max_rows * self.in_features:
+            y = formats.fused_linear(x, self.packed, self.state)
+            if y is not None:
+                return y if self.bias is None else y + self.bias.to(y.dtype)
         return _DequantizedLinear.apply(x, self)
 
     def extra_repr(self) -> str:

@@ -22,12 +22,13 @@ from .nf4 import FourBitConfig
 
 @dataclass(frozen=True)
 class Format:
-    """A format's pair of functions, the type of state they exchange, and optionally a fused error measure."""
+    """A format's pair of functions, the type of state they exchange, and optionally a fused error measure and matmul."""
 
     quantize: Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
     dequantize: Callable[[torch.Tensor, object], torch.Tensor]
     state_type: type
     error: Callable[[torch.Tensor, torch.Tensor, object], tuple[float, float]] | None = None
+    linear: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor | None] | None = None
 
     def measure_error(self, w: torch.Tensor, packed: torch.Tensor, state) -> tuple[float, float]:
         """Max absolute and RMS error of the round trip of ``w``."""
@@ -37,7 +38,7 @@ class Format:
 
 
 FORMATS: dict[type, Format] = {
-    FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState, nf4.error),
+    FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState, nf4.error, nf4.linear),
     Int8Config: Format(int8.quantize, int8.dequantize, int8.Int8State),
     Int8SymConfig: Format(int8_sym.quantize, int8_sym.dequantize, int8_sym.Int8SymState),
     IntNConfig: Format(intn.quantize, intn.dequantize, intn.IntNState),
@@ -68,8 +69,18 @@ def method_of(cfg) -> str:
 
 def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     """Dequantize with whichever format produced ``state``."""
+    return _format_of(state).dequantize(packed, state)
+
+
+def fused_linear(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor | None:
+    """``x @ W.T`` by the format's own kernel, never materializing ``W``; None if the format has none for this case."""
+    fmt = _format_of(state)
+    return None if fmt.linear is None else fmt.linear(x, packed, state)
+
+
+def _format_of(state) -> Format:
     try:
-        return _BY_STATE[type(state)].dequantize(packed, state)
+        return _BY_STATE[type(state)]
     except KeyError:
         raise TypeError(f"no format registered for state {type(state).__name__}") from None
 

@@ -209,3 +209,41 @@ def error_4bit(bits, packed, absmax, blocksize, lut):
         peak[c] = m
         sumsq[c] = s
     return peak.max(), np.sqrt(sumsq.sum() / max(n, 1))
+
+
+_ROWS_PER_TASK = 16  # weight rows one thread decodes at a time
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def matmul_4bit(x, packed, absmax, blocksize, lut, out):
+    """``out = x @ W.T`` for a 4-bit ``W`` with ``out.shape[1]`` rows whose length is a multiple of ``blocksize``.
+
+    Each weight row is decoded once (exactly the values :func:`dequantize_4bit` writes) and dotted
+    with every row of ``x``. Each output is one dot product in one fixed order (reassociated to
+    vectorise), so a row's result does not depend on how many rows ``x`` has: decoding one sequence
+    or sixteen gives that sequence the same bits.
+    """
+    rows, width = x.shape
+    outputs = out.shape[1]
+    per_row = width // blocksize
+    tasks = (outputs + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for t in numba.prange(tasks):
+        w = np.empty(width, dtype=np.float32)
+        for n in range(t * _ROWS_PER_TASK, min((t + 1) * _ROWS_PER_TASK, outputs)):
+            for b in range(per_row):
+                block = n * per_row + b
+                start = block * blocksize
+                _decode(packed[start >> 1 : (start + blocksize) >> 1], absmax[block], lut, w[b * blocksize : (b + 1) * blocksize])
+            for m in range(rows):
+                xm = x[m]
+                total = np.float32(0.0)
+                for k in range(width):
+                    total += xm[k] * w[k]
+                out[m, n] = total
+
+
+@numba.njit(cache=True, nogil=True)
+def dequantize_absmax(codes, code_values, nested_absmax, nested_blocksize, offset, out):
+    """Double-quantized block scales back to float32: ``code_values[code] * nested_absmax[block] + offset``, bit for bit as torch computes it."""
+    for i in range(codes.size):
+        out[i] = code_values[np.int32(codes[i])] * nested_absmax[i // nested_blocksize] + offset

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from . import dynamic8, kernels
@@ -79,7 +80,11 @@ class FourBitState:
         """The float32 absmax of every block."""
         if self.absmax_state is None:
             return self.absmax
-        return dynamic8.dequantize(self.absmax, self.absmax_state) + torch.tensor(self.absmax_offset)
+        out = torch.empty(self.absmax.numel(), dtype=torch.float32)
+        nested = self.absmax_state
+        kernels.dequantize_absmax(self.absmax.reshape(-1).numpy(), dynamic8.dynamic_code().numpy(), nested.absmax.numpy(),
+                                  nested.blocksize, np.float32(self.absmax_offset), out.numpy())  # fmt: skip
+        return out
 
 
 @lru_cache(maxsize=None)
@@ -134,6 +139,21 @@ def dequantize(packed: torch.Tensor, state: FourBitState) -> torch.Tensor:
         lut = codebook(state.codebook).numpy()
         kernels.dequantize_4bit(packed.reshape(-1).numpy(), state.scales().numpy(), state.blocksize, lut, kernels.as_bits(out))
     return out.to(state.dtype)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, state: FourBitState) -> torch.Tensor | None:
+    """``x @ W.T`` without materializing ``W``, each row's result independent of the other rows; None where it does not apply.
+
+    For float32 activations and weights whose rows hold whole blocks. Worth it for a few rows
+    (decoding); for many, dequantizing once and one matmul is faster.
+    """
+    out_features, in_features = state.shape
+    if x.dtype != torch.float32 or in_features % state.blocksize:
+        return None
+    rows = x.reshape(-1, in_features).contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+    kernels.matmul_4bit(rows.numpy(), packed.reshape(-1).numpy(), state.scales().numpy(), state.blocksize, codebook(state.codebook).numpy(), out.numpy())
+    return out.reshape(*x.shape[:-1], out_features)
 
 
 def error(w: torch.Tensor, packed: torch.Tensor, state: FourBitState) -> tuple[float, float]:
