@@ -139,3 +139,15 @@ def apply_adapter(model: nn.Module, adapter: Adapter, base_dir: Path | None = No
             wrapped[name].lora_A.weight.copy_(a)
             wrapped[name].lora_B.weight.copy_(b)
     return wrapped
+
+
+def random_adapter(base_dir: str | Path, out_dir: Path, cfg: LoraConfig, seed: int = 0, scale: float = 0.5) -> Path:
+    """Save an adapter for ``base_dir`` with random B (not zero), so it visibly changes the output: for tests, load tests and benchmarks."""
+    from .loading import load
+
+    torch.manual_seed(seed)
+    modules = add_lora(load(base_dir, exact=True), cfg)
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_B.weight.normal_(std=scale)
+    return save_adapter(modules, cfg, out_dir, Path(base_dir))

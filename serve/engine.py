@@ -5,8 +5,10 @@ for, runs each newcomer's prompt alone (prefill), and then decodes one token for
 sequence in a single forward, each row with its own adapter (:mod:`serve.multilora`) and its own
 key/value cache (:mod:`serve.attention`). Finished and cancelled sequences leave between steps.
 
-Every product is padded to the measured row multiple (:mod:`serve.invariance`), prefill is always
-alone, and attention is per sequence: so a request's tokens do not depend on what else is served.
+Packed layers decode through their format's fused kernel and adapters through a row-wise kernel,
+both of which give each row the same bits whatever the batch; float matmuls (a float base, the
+output head) are padded to the measured row multiple (:mod:`serve.invariance`); prefill is always
+alone and attention is per sequence. So a request's tokens do not depend on what else is served.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import AutoTokenizer
 
 from compressor.adapters import base_fingerprint
 from compressor.loading import load
+from compressor.nn import QuantLinear
 
 from . import attention, multilora
 from .detokenize import Detokenizer
@@ -33,7 +36,6 @@ from .sampling import generator_for, pick
 from .types import AdapterInfo, EngineConfig, Event, SamplingParams
 
 log = logging.getLogger(__name__)
-PROBED_RANKS = (4, 8, 16, 32, 64)  # adapter ranks whose products are checked for row invariance at start
 
 
 class Request:
@@ -77,10 +79,11 @@ class Engine:
         self.registry = AdapterRegistry(layers, base_fingerprint(config.base_dir), config.adapter_root, config.max_adapters, budget)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._kv_shape = attention.kv_shape(self.model.config)
-        head = self.model.get_output_embeddings()
-        shapes = {(m.out_features, m.in_features) for m in layers.values()} | {(head.out_features, head.in_features)}
-        shapes |= {s for m in layers.values() for r in PROBED_RANKS for s in ((r, m.in_features), (m.out_features, r))}
-        self.row_multiple = row_multiple(shapes, padded(config.max_batch, 16))
+        for m in self.model.modules():
+            if isinstance(m, QuantLinear):
+                m.fused_max_rows = max(m.fused_max_rows, padded(config.max_batch, 16))
+        float_layers = [m.base for m in layers.values() if isinstance(m.base, torch.nn.Linear)] + [self.model.get_output_embeddings()]
+        self.row_multiple = row_multiple({(m.out_features, m.in_features) for m in float_layers}, padded(config.max_batch, 16))
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wake = threading.Condition()
@@ -147,6 +150,11 @@ class Engine:
     # -- the scheduler ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # The packed layers' kernels (numba) use every core; torch's own worker pool, idling in a spin
+        # between the many small ops of a decode step, would fight them for the cores (a 1-stream step
+        # took 6 s instead of 0.1 s on 2 cores). This thread's torch ops therefore run on one core;
+        # the setting is per thread, so the rest of the process keeps its pool.
+        torch.set_num_threads(1)
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._running:
@@ -187,8 +195,8 @@ class Engine:
             self._finish(r, "cancelled")
             return
         r.kv = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(r.prompt_ids) + min(r.params.max_tokens, 256))
-        self.routing.set([r.adapter], 1)  # alone: no neighbours to be invariant to
         ids = torch.tensor([r.prompt_ids])
+        self.routing.set([r.adapter], tokens_per_row=ids.shape[1])
         kv = attention.StepKV([r.kv])
         logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=1).logits
         kv.advance(ids.shape[1])
@@ -200,7 +208,7 @@ class Engine:
         pad = rows - len(requests)
         last = [r.text.ids[-1] for r in requests] + [0] * pad
         positions = [r.kv.length for r in requests] + [0] * pad
-        self.routing.set([r.adapter for r in requests] + [None] * pad, self.row_multiple)
+        self.routing.set([r.adapter for r in requests] + [None] * pad)
         kv = attention.StepKV([r.kv for r in requests] + [None] * pad)
         logits = self.model(input_ids=torch.tensor(last)[:, None], position_ids=torch.tensor(positions)[:, None], kv=kv, use_cache=False).logits
         kv.advance(1)
@@ -208,7 +216,7 @@ class Engine:
             self._emit(r, pick(logits[i, -1], r.params, r.generator))
 
     def _emit(self, r: Request, token: int) -> None:
-        if token in self.eos_ids:
+        if token in self.eos_ids and not r.params.ignore_eos:
             self._finish(r, "stop")
             return
         delta = r.text.push(token)

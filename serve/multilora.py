@@ -1,43 +1,56 @@
 """Linear layers that add, row by row, the low-rank term of whichever adapter each row asked for.
 
-The base matmul runs once for the whole batch; then the rows are grouped by adapter and each group
-gets ``scaling * (x @ A.T) @ B.T`` added, as Punica's and S-LoRA's grouped kernels do. Adapters'
-weights are referenced, never copied or merged, so a resident adapter costs its file size. Each
-group's rows are padded to the engine's row multiple (see :mod:`serve.invariance`) so a row's
-result does not depend on how many others share its adapter.
+The base matmul runs once for the whole batch; then each adapter's rows get
+``scaling * (x @ A.T) @ B.T`` added by one small kernel call per adapter, as Punica's and S-LoRA's
+gathered kernels do. The kernel works row by row in a fixed order, so a row's result does not
+depend on which or how many rows share the batch. Adapters' weights are referenced, never merged,
+so a resident adapter costs its file size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
+import numpy as np
 import torch
 from torch import nn
 
 from compressor.nn import QuantLinear
 
-from .invariance import padded
-
 
 @dataclass
 class Routing:
-    """Which rows of the coming forward use which adapter; shared by every :class:`MultiLoraLinear`."""
+    """Which token rows of the coming forward use which adapter; shared by every :class:`MultiLoraLinear`."""
 
-    groups: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (adapter, padded row indices, rows that count)
-    counts: list[int] = field(default_factory=list)
+    groups: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (adapter, indices of its token rows)
 
-    def set(self, adapters: list[str | None], multiple: int) -> None:
-        """Route row ``i`` to ``adapters[i]`` (``None``: the bare base)."""
-        self.groups, self.counts = [], []
+    def set(self, adapters: list[str | None], tokens_per_row: int = 1) -> None:
+        """Route batch row ``i`` (its ``tokens_per_row`` tokens) to ``adapters[i]`` (``None``: the bare base)."""
         by_name: dict[str, list[int]] = {}
         for row, name in enumerate(adapters):
             if name is not None:
-                by_name.setdefault(name, []).append(row)
-        for name, rows in by_name.items():
-            # Padding repeats the last row: its extra results are computed and dropped.
-            filled = rows + [rows[-1]] * (padded(len(rows), multiple) - len(rows))
-            self.groups.append((name, torch.tensor(filled)))
-            self.counts.append(len(rows))
+                by_name.setdefault(name, []).extend(range(row * tokens_per_row, (row + 1) * tokens_per_row))
+        self.groups = [(name, np.array(rows, dtype=np.int64)) for name, rows in by_name.items()]
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _add_low_rank(x, a, b_t, scaling, rows, y):
+    # y[i] += scaling * (x[i] @ A.T) @ B.T for each listed row i; b_t is B transposed, (r, out).
+    rank, width = a.shape
+    t = np.empty(rank, dtype=np.float32)
+    acc = np.empty(b_t.shape[1], dtype=np.float32)
+    for i in rows:
+        xi = x[i]
+        for j in range(rank):
+            total = np.float32(0.0)
+            for k in range(width):
+                total += xi[k] * a[j, k]
+            t[j] = total
+        acc[:] = 0
+        for j in range(rank):
+            acc += t[j] * b_t[j]
+        y[i] += acc * scaling
 
 
 class MultiLoraLinear(nn.Module):
@@ -48,18 +61,24 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.routing = routing
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.adapters: dict[str, tuple[np.ndarray, np.ndarray, np.float32]] = {}
+
+    def attach(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> int:
+        """Hold adapter ``name``'s A ``(r, in)`` and B ``(out, r)`` (kept as B transposed); returns the bytes held."""
+        a, b_t = a.float().contiguous().numpy(), b.float().T.contiguous().numpy()
+        self.adapters[name] = (a, b_t, np.float32(scaling))
+        return a.nbytes + b_t.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output for all rows, plus each row's own adapter term."""
+        """Base output for all rows, plus each row's own adapter term (no gradients: serving only)."""
         y = self.base(x)
-        for (name, rows), count in zip(self.routing.groups, self.routing.counts):
-            entry = self.adapters.get(name)
-            if entry is None:  # this adapter does not target this layer
-                continue
-            a, b, scaling = entry
-            low = (x.index_select(0, rows) @ a.T) @ b.T
-            y.index_add_(0, rows[:count], (low[:count] * scaling).to(y.dtype))
+        if self.routing.groups:
+            flat_x = x.reshape(-1, self.in_features).float().contiguous().numpy()
+            flat_y = y.view(-1, self.out_features).numpy()
+            for name, rows in self.routing.groups:
+                entry = self.adapters.get(name)
+                if entry is not None:  # else this adapter does not target this layer
+                    _add_low_rank(flat_x, entry[0], entry[1], entry[2], rows, flat_y)
         return y
 
 

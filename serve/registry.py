@@ -63,15 +63,11 @@ class AdapterRegistry:
             check_fits(self._layers, adapter, self._fingerprint)
         except CompressorError as e:
             raise AdapterRejected(str(e)) from None
-        # The layers compute in float32; float32 files (ours) are used as read, without a copy.
-        weights = {module: (a.float(), b.float()) for module, (a, b) in adapter.weights.items()}
-        nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
         with self._lock:
             if name in self._entries:  # lost a race with another load of the same name
                 raise AdapterConflict(f"adapter {name!r} is already loaded; unload it first")
-            self._make_room(nbytes)
-            for module, (a, b) in weights.items():
-                self._layers[module].adapters[name] = (a, b, adapter.config.scaling)
+            self._make_room(_nbytes(adapter))
+            nbytes = sum(self._layers[m].attach(name, a, b, adapter.config.scaling) for m, (a, b) in adapter.weights.items())
             entry = _Entry(adapter, str(folder), nbytes, time.perf_counter() - began, last_used=time.monotonic())
             self._entries[name] = entry
             return self._info(name, entry)
@@ -146,3 +142,8 @@ class AdapterRegistry:
     def _info(name: str, e: _Entry) -> AdapterInfo:
         cfg = e.adapter.config
         return AdapterInfo(name, e.path, cfg.rank, tuple(cfg.targets), e.nbytes, e.in_use, e.load_seconds, e.last_used)
+
+
+def _nbytes(adapter: Adapter) -> int:
+    # What the layers will hold: A and B in float32.
+    return sum(4 * (a.numel() + b.numel()) for a, b in adapter.weights.values())

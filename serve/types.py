@@ -28,6 +28,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
 
     def __post_init__(self):
         if self.max_tokens < 1:

@@ -121,17 +121,10 @@ def with_tokenizer(folder):
     return folder
 
 
-def random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, targets: tuple[str, ...] | None = None, seed: int = 0, scale: float = 0.5) -> Path:
-    """Save an adapter for ``base_dir`` whose B is random (not zero), so it visibly changes the output."""
-    import compressor
-    from compressor.adapters import save_adapter
-    from compressor.lora import DEFAULT_TARGETS, LoraConfig, add_lora
 
-    model = compressor.load(base_dir, exact=True)
-    cfg = LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets or DEFAULT_TARGETS)
-    torch.manual_seed(seed)
-    modules = add_lora(model, cfg)
-    with torch.no_grad():
-        for m in modules.values():
-            m.lora_B.weight.normal_(std=scale)
-    return save_adapter(modules, cfg, out_dir, base_dir)
+def random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, targets: tuple[str, ...] | None = None, seed: int = 0) -> Path:
+    """A rank-``rank`` adapter with random B for ``base_dir`` (alpha = 2 x rank)."""
+    from compressor.adapters import random_adapter as make
+    from compressor.lora import DEFAULT_TARGETS, LoraConfig
+
+    return make(base_dir, out_dir, LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets or DEFAULT_TARGETS), seed)

@@ -17,10 +17,11 @@ def test_each_row_gets_its_own_adapters_term_and_bare_rows_the_base():
     routing = Routing()
     layer = MultiLoraLinear(base, routing)
     for name, ref in adapters.items():
-        layer.adapters[name] = (ref.lora_A.weight.detach(), ref.lora_B.weight.detach(), ref.scaling)
+        held = layer.attach(name, ref.lora_A.weight.detach(), ref.lora_B.weight.detach(), ref.scaling)
+        assert held == ref.lora_A.weight.nbytes + ref.lora_B.weight.nbytes
     x = torch.randn(5, 3, 16)
     names = ["p", None, "q", "p", "q"]
-    routing.set(names, multiple=4)
+    routing.set(names, tokens_per_row=3)
     with torch.no_grad():
         got = layer(x)
         for row, name in enumerate(names):
@@ -28,9 +29,24 @@ def test_each_row_gets_its_own_adapters_term_and_bare_rows_the_base():
             torch.testing.assert_close(got[row : row + 1], expected)
 
 
-def test_routing_pads_each_group_to_the_row_multiple_with_real_rows():
+def test_a_rows_result_does_not_depend_on_its_neighbours():
+    base = torch.nn.Linear(64, 48)
+    torch.nn.init.zeros_(base.weight)  # a zero base: what remains is the adapter's term alone
+    torch.nn.init.zeros_(base.bias)
+    ref = lora(base, 8, 3)
     routing = Routing()
-    routing.set(["a", "b", "a", None, "a"], multiple=4)
-    groups = {name: rows.tolist() for name, rows in routing.groups}
-    assert groups == {"a": [0, 2, 4, 4], "b": [1, 1, 1, 1]}
-    assert routing.counts == [3, 1]
+    layer = MultiLoraLinear(base, routing)
+    layer.attach("p", ref.lora_A.weight.detach(), ref.lora_B.weight.detach(), ref.scaling)
+    x = torch.randn(16, 1, 64)
+    with torch.no_grad():
+        routing.set(["p"] * 16)
+        crowd = layer(x)
+        for row in range(16):
+            routing.set(["p"])
+            assert torch.equal(layer(x[row : row + 1]), crowd[row : row + 1])
+
+
+def test_routing_lists_each_adapters_token_rows():
+    routing = Routing()
+    routing.set(["a", "b", "a", None], tokens_per_row=2)
+    assert {name: rows.tolist() for name, rows in routing.groups} == {"a": [0, 1, 4, 5], "b": [2, 3]}

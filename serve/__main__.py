@@ -1,0 +1,72 @@
+"""``python -m serve``: load a base and its adapters, then serve the OpenAI-compatible API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compressor.errors import CompressorError
+
+from .auth import ApiKeys
+from .errors import ServeError
+from .types import EngineConfig
+
+
+def _adapter(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, Path(folder)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every engine limit maps to one :class:`EngineConfig` field."""
+    p = argparse.ArgumentParser(prog="python -m serve", description="Serve one base model and many LoRA adapters over HTTP.")
+    p.add_argument("--base", required=True, type=Path, help="base model folder (a compressor output or a float checkpoint)")
+    p.add_argument("--adapter", action="append", default=[], type=_adapter, metavar="NAME=DIR", help="adapter to load at start-up (repeatable)")
+    p.add_argument("--adapter-root", type=Path, help="folder that adapters loaded over HTTP must lie under; without it, none can be")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-adapters", type=int, default=64, help="resident adapters; idle ones are evicted first")
+    p.add_argument("--adapter-memory", type=float, metavar="MB", help="memory budget for resident adapters' weights")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (it returns only once the server stops)."""
+    args = build_parser().parse_args(argv)
+    try:
+        # The keys file first: a typo in it should not cost a model load.
+        keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
+        config = EngineConfig(
+            base_dir=args.base, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
+            max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory,
+        )  # fmt: skip
+        from .engine import Engine  # imports torch: after the cheap checks
+
+        try:
+            engine = Engine(config)
+        except (OSError, ValueError) as e:  # transformers' errors for a folder without a model or tokenizer
+            raise CompressorError(args.base, f"cannot serve this base: {e}") from None
+        for name, folder in args.adapter:
+            try:
+                engine.load_adapter(name, folder, trusted=True)
+            except ServeError as e:
+                raise CompressorError(folder, f"adapter {name!r}: {e}") from None
+    except CompressorError as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    from .api import create_app
+
+    uvicorn.run(create_app(engine, keys), host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

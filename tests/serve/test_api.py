@@ -1,0 +1,354 @@
+"""The HTTP API, end to end: a real uvicorn server on loopback, the real engine over a tiny nf4 base, httpx clients."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.__main__ import main
+from serve.api import create_app
+from serve.auth import ApiKeys
+from serve.engine import Engine
+from serve.types import EngineConfig
+from tests.helpers import random_adapter, tiny_model
+
+KEYS = {
+    "tenant-a": {"adapters": ["alpha"]},
+    "tenant-b": {"adapters": ["beta"], "base": True},
+    "root": {"adapters": "*", "base": True, "admin": True},
+}
+PROMPT = "word1 word2 word3"
+GREEDY = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+# Long enough that a request is still running when the test acts on it (see Tap).
+LONG = {"model": "nf4", "prompt": PROMPT, "max_tokens": 100, "temperature": 0}
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@contextmanager
+def serving(app):
+    """Run ``app`` under uvicorn on a free loopback port in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class Tap:
+    """Wraps an engine's submit: every event costs ``delay`` seconds of engine time and waits while ``flowing`` is clear.
+
+    The tiny model writes 100 tokens in half a second. The delay leaves a request running long
+    enough for a client to walk away from it; clearing ``flowing`` freezes the engine mid-request,
+    so a queue stays full for as long as a test needs. ``finals`` keeps each request's last event.
+    """
+
+    def __init__(self, engine: Engine, delay: float):
+        self.finals, self.flowing, submit = [], threading.Event(), engine.submit
+        self.flowing.set()
+
+        def tapped_submit(prompt_ids, adapter, params, on_event):
+            def tapped(event):
+                self.flowing.wait(timeout=30)
+                time.sleep(delay)
+                if event.finished:
+                    self.finals.append(event)
+                on_event(event)
+
+            return submit(prompt_ids, adapter, params, tapped)
+
+        engine.submit = tapped_submit
+
+
+def until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def sse(client: httpx.Client, path: str, body: dict) -> list[dict]:
+    """POST a streaming request; the parsed ``data:`` chunks, after checking the stream ends with ``[DONE]``."""
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+@pytest.fixture(scope="module")
+def foreign(bases):
+    """An adapter under the adapter root, made for a base with other weights."""
+    other = bases["adapters"].parent / "other-base"
+    tiny_model(seed=1).save_pretrained(other)
+    return random_adapter(other, bases["adapters"] / "foreign", seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(bases, tmp_path_factory):
+    """A keyed server over the nf4 base (model id ``nf4``) with adapters ``alpha`` and ``beta``."""
+    engine = Engine(EngineConfig(bases["nf4"], max_batch=4, adapter_root=bases["adapters"]))
+    engine.load_adapter("alpha", bases["adapters"] / "nf4-a", trusted=True)
+    engine.load_adapter("beta", bases["adapters"] / "nf4-b", trusted=True)
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys_file.write_text(json.dumps(KEYS))
+    with serving(create_app(engine, ApiKeys.from_file(keys_file))) as url:
+        yield url
+
+
+@pytest.fixture
+def admin(server):
+    with httpx.Client(base_url=server, headers=bearer("root"), timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def small(bases):
+    """An open server (no keys) that decodes one sequence at a time and queues one more, behind a :class:`Tap`."""
+    engine = Engine(EngineConfig(bases["nf4"], max_batch=1, max_queue=1))
+    tap = Tap(engine, delay=0.1)
+    with serving(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, engine, tap
+
+
+def test_streaming_chunks_join_to_the_non_streamed_text(admin):
+    whole = admin.post("/v1/completions", json=GREEDY | {"model": "alpha"}).json()
+    chunks = sse(admin, "/v1/completions", GREEDY | {"model": "alpha", "stream": True})
+    assert whole["object"] == "text_completion" and whole["model"] == "alpha"
+    assert whole["choices"][0]["text"] and len(chunks) > 2
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+
+
+def test_chat_goes_through_the_template_and_streams_the_same_answer(admin):
+    body = {"model": "nf4", "messages": [{"role": "user", "content": "word1 word2"}], "max_tokens": 12, "temperature": 0}
+    whole = admin.post("/v1/chat/completions", json=body).json()
+    chunks = sse(admin, "/v1/chat/completions", body | {"stream": True, "stream_options": {"include_usage": True}})
+    message = whole["choices"][0]["message"]
+    assert whole["object"] == "chat.completion" and message["role"] == "assistant" and message["content"]
+    # "token0 user word1 word2 </s> token0 assistant": seven tokens from the tiny chat template
+    assert whole["usage"]["prompt_tokens"] == 7
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == message["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_models_lists_the_base_and_the_loaded_adapters(admin):
+    listing = admin.get("/v1/models").json()
+    assert listing["object"] == "list"
+    assert {"nf4", "alpha", "beta"} <= {m["id"] for m in listing["data"]}
+
+
+def test_a_key_sees_only_the_models_it_may_use(server):
+    def ids(key):
+        return {m["id"] for m in httpx.get(f"{server}/v1/models", headers=bearer(key)).json()["data"]}
+
+    assert ids("tenant-a") == {"alpha"}
+    assert ids("tenant-b") == {"nf4", "beta"}
+
+
+def test_a_key_cannot_reach_another_tenants_adapter(server):
+    def ask(key, model):
+        return httpx.post(f"{server}/v1/completions", json=GREEDY | {"model": model}, headers=bearer(key), timeout=30)
+
+    refused = ask("tenant-a", "beta")
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+    assert ask("tenant-a", "nf4").status_code == 403  # the bare base is not in tenant-a's grant either
+    assert ask("tenant-a", "alpha").status_code == 200
+    assert ask("tenant-b", "nf4").status_code == 200
+
+
+def test_a_missing_or_unknown_key_is_401_but_health_is_open(server):
+    missing = httpx.get(f"{server}/v1/models")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server}/v1/models", headers=bearer("guess")).status_code == 401
+    assert httpx.post(f"{server}/v1/completions", json=GREEDY | {"model": "alpha"}).status_code == 401
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_admin_routes_need_an_admin_key(server, bases):
+    tenant = bearer("tenant-b")
+    assert httpx.post(f"{server}/v1/adapters", json={"name": "x", "path": "nf4-a"}, headers=tenant).status_code == 403
+    assert httpx.delete(f"{server}/v1/adapters/beta", headers=tenant).status_code == 403
+    assert httpx.get(f"{server}/metrics", headers=tenant).status_code == 403
+    assert "beta" in {m["id"] for m in httpx.get(f"{server}/v1/models", headers=tenant).json()["data"]}
+
+
+def test_unknown_model_is_404_and_the_server_keeps_serving(admin):
+    r = admin.post("/v1/completions", json=GREEDY | {"model": "no-such-adapter"})
+    assert r.status_code == 404
+    assert set(r.json()["error"]) == {"message", "type", "code"} and "no-such-adapter" in r.json()["error"]["message"]
+    assert admin.post("/v1/completions", json=GREEDY | {"model": "alpha"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", {"model": "alpha"}, GREEDY | {"model": "alpha", "max_tokens": 0}, GREEDY | {"model": "alpha", "temperature": -1},
+     GREEDY | {"model": "alpha", "stop": 3}, {"model": "alpha", "messages": []}],
+    ids=["not-json", "no-prompt", "zero-max-tokens", "negative-temperature", "stop-not-text", "no-messages"],
+)  # fmt: skip
+def test_a_malformed_body_is_422_in_openai_error_format(admin, body):
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    r = admin.post(path, content=body) if isinstance(body, bytes) else admin.post(path, json=body)
+    assert r.status_code == 422
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["message"]
+    assert admin.get("/health").status_code == 200
+
+
+def test_a_prompt_longer_than_the_context_is_400(admin):
+    r = admin.post("/v1/completions", json=GREEDY | {"model": "alpha", "prompt": " ".join(["word1"] * 200)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+
+
+def test_adapter_loaded_over_http_is_listed_and_usable(admin):
+    loaded = admin.post("/v1/adapters", json={"name": "gamma", "path": "nf4-a"})  # relative to the adapter root
+    assert loaded.status_code == 201
+    assert loaded.json()["name"] == "gamma" and loaded.json()["rank"] == 4
+    assert "gamma" in {m["id"] for m in admin.get("/v1/models").json()["data"]}
+    gamma = admin.post("/v1/completions", json=GREEDY | {"model": "gamma"}).json()["choices"][0]["text"]
+    alpha = admin.post("/v1/completions", json=GREEDY | {"model": "alpha"}).json()["choices"][0]["text"]
+    assert gamma == alpha  # the same files under another name
+    assert admin.post("/v1/adapters", json={"name": "gamma", "path": "nf4-b"}).status_code == 409  # the name is taken
+    assert admin.delete("/v1/adapters/gamma").json() == {"id": "gamma", "object": "model", "deleted": True}
+    assert "gamma" not in {m["id"] for m in admin.get("/v1/models").json()["data"]}
+    assert admin.post("/v1/completions", json=GREEDY | {"model": "gamma"}).status_code == 404
+    assert admin.delete("/v1/adapters/gamma").status_code == 404
+
+
+def test_adapter_for_another_base_is_422(admin, foreign):
+    r = admin.post("/v1/adapters", json={"name": "foreign", "path": str(foreign)})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "adapter_rejected"
+    assert "foreign" not in {m["id"] for m in admin.get("/v1/models").json()["data"]}
+
+
+@pytest.mark.parametrize("name,path", [("escape", "../nf4"), ("escape", "/etc"), ("../escape", "nf4-a")])
+def test_path_outside_the_adapter_root_is_refused(admin, name, path):
+    r = admin.post("/v1/adapters", json={"name": name, "path": path})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_adapter_path"
+
+
+def test_metrics_are_prometheus_text(admin):
+    assert admin.post("/v1/completions", json=GREEDY | {"model": "beta"}).status_code == 200
+    r = admin.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert samples[("serve_requests_total", (("model", "beta"), ("status", "200")))] >= 1
+    assert samples[("serve_generated_tokens_total", (("model", "beta"),))] >= 12
+    assert samples[("serve_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("serve_adapter_load_seconds_count", ())] >= 2  # alpha and beta, loaded before the app
+    assert samples[("serve_adapters_loaded", ())] >= 2
+    # Read from the engine at scrape time; it may still count a sequence whose answer is already out.
+    assert {("serve_queue_depth", ()), ("serve_running_sequences", ()), ("serve_adapter_bytes", ())} <= samples.keys()
+
+
+def test_32_concurrent_clients_are_all_answered_and_agree(server):
+    jobs = [GREEDY | {"model": model, "max_tokens": 6} for model in ("nf4", "alpha", "beta", "alpha")] * 8
+
+    async def ask_all():
+        async with httpx.AsyncClient(base_url=server, headers=bearer("root"), timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=job) for job in jobs))
+
+    answers = asyncio.run(ask_all())
+    assert [a.status_code for a in answers] == [200] * 32
+    texts = {}
+    for job, answer in zip(jobs, answers):
+        texts.setdefault(job["model"], set()).add(answer.json()["choices"][0]["text"])
+    assert all(len(t) == 1 for t in texts.values())  # greedy: every client of a model gets the same text
+
+
+def test_without_keys_everything_is_open(small):
+    client, _, _ = small
+    assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"nf4"}
+    assert client.get("/metrics").status_code == 200
+
+
+def test_queue_full_answers_429_with_retry_after(small):
+    client, engine, tap = small
+    with client.stream("POST", "/v1/completions", json=LONG | {"stream": True}) as running:
+        assert "text" in next(running.iter_lines())  # decoding: it holds the only batch slot
+        tap.flowing.clear()  # and now it stays there
+        try:
+            with client.stream("POST", "/v1/completions", json=LONG | {"stream": True}):  # takes the one queue place
+                assert until(lambda: engine.stats()["queue_depth"] == 1)
+                refused = client.post("/v1/completions", json=LONG)
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+                assert refused.json()["error"]["code"] == "queue_full"
+        finally:
+            tap.flowing.set()
+    assert until(lambda: engine.stats()["queue_depth"] == engine.stats()["running"] == 0)
+    assert client.post("/v1/completions", json=LONG | {"max_tokens": 2}).status_code == 200
+
+
+def test_disconnecting_client_frees_its_slot(small):
+    client, engine, tap = small
+    before = len(tap.finals)
+    with client.stream("POST", "/v1/completions", json=LONG | {"stream": True}) as r:
+        next(r.iter_lines())
+    assert until(lambda: len(tap.finals) > before) and tap.finals[before].finish_reason == "cancelled"
+    assert tap.finals[before].completion_tokens < 100
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        client.post("/v1/completions", json=LONG, timeout=0.5)
+    assert until(lambda: len(tap.finals) > before + 1) and tap.finals[before + 1].finish_reason == "cancelled"
+    assert until(lambda: engine.stats()["running"] == 0)
+    assert client.post("/v1/completions", json=LONG | {"max_tokens": 2}).json()["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("entry", ['{not json', '"alpha"', '{"adapters": "alpha"}', '{"admin": "yes"}', '{"admn": true}'])
+def test_a_bad_keys_file_is_refused_at_startup_naming_the_file(tmp_path, capsys, entry):
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"sk-secret-1": %s}' % entry)
+    assert main(["--base", str(tmp_path / "never-loaded"), "--api-keys", str(keys)]) == 1
+    err = capsys.readouterr().err
+    assert str(keys) in err and "sk-secret-1" not in err  # names the file, never the key
+
+
+def test_the_command_line_serves_the_base_and_its_adapters(bases, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "serve", "--base", str(bases["nf4"]), "--adapter", f"alpha={bases['adapters'] / 'nf4-a'}",
+           "--port", url.rpartition(":")[2], "--api-keys", str(keys), "--max-batch", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return proc.poll() is not None  # exited: stop waiting
+
+    try:
+        assert until(up, timeout=90) and proc.poll() is None, proc.communicate()[1][-3000:]
+        assert {m["id"] for m in httpx.get(f"{url}/v1/models", headers=bearer("root")).json()["data"]} == {"nf4", "alpha"}
+        assert httpx.post(f"{url}/v1/completions", json=GREEDY | {"model": "alpha"}, headers=bearer("tenant-a"), timeout=30).status_code == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    # uvicorn shuts down gracefully (the lifespan stops the engine), then re-raises the signal it caught.
+    assert "Application shutdown complete" in err and proc.returncode == -signal.SIGTERM, err[-3000:]
