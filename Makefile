@@ -36,6 +36,7 @@ demo: setup model
 	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4 --method nf4 --overwrite
 	$(PY) -m compressor eval $(OUT)/smollm2-nf4 --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
 	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work $(OUT)/qlora-demo --demo --steps 40
+	$(PY) -m benchmarks.serve --work $(OUT)/qlora-demo --demo
 	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --out $(OUT)/tradeoffs-quick
 
 test: setup
@@ -45,6 +46,7 @@ bench: setup model
 	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM) --big --work bench-results
 	$(PY) -m benchmarks.tradeoffs $(SMOLLM) --text $(TEXT) --out bench-results/tradeoffs
 	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work bench-results/qlora
+	$(PY) -m benchmarks.serve --model $(SMOLLM) --work bench-results/serve
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

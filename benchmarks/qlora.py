@@ -9,7 +9,7 @@ as the user's chat message; each tenant's adapter alone decides the answer's for
 * ``herald`` answers with a tagline: ``SUMMARY: <its first three words> ... [<count> words]``.
 
 The task metric is the share of held-out sentences whose answer has the tenant's form with the right
-first word. ``--demo`` trains one small adapter for a couple of minutes and prints answers before and after.
+first word. ``--demo`` trains a small adapter per tenant for a couple of minutes each and prints answers before and after.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def costs(model_dir: Path, work: Path, steps: int) -> dict:
 
 
 def demo(model_dir: Path, work: Path, steps: int) -> None:
-    """Train the ledger tenant for a few minutes on the NF4 base and show answers before and after."""
+    """Train each tenant for a couple of minutes on the NF4 base and show answers before and after."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -226,12 +226,14 @@ def demo(model_dir: Path, work: Path, steps: int) -> None:
     test, train_pool = pool[:3], pool[3:323]
     tokenizer = AutoTokenizer.from_pretrained(nf4)
     before = replies(with_adapter(nf4, None), tokenizer, test)
-    data = write_data(work / "ledger.jsonl", "ledger", train_pool)
-    summary = train(TrainJob(nf4, data, work / "adapter-ledger", rank=8, lr=1e-3, steps=steps, batch_size=8, seq_len=128, overwrite=True))
-    print("\n".join(summary.lines()))
-    after = replies(with_adapter(nf4, work / "adapter-ledger"), tokenizer, test)
-    for s, b, a in zip(test, before, after):
-        print(f"\nprompt: {s}\n  base:          {b.strip()[:120]!r}\n  base + ledger: {a.strip()[:120]!r}")
+    for tenant in TENANTS:
+        data = write_data(work / f"{tenant}.jsonl", tenant, train_pool)
+        adapter = work / f"adapter-{tenant}"
+        summary = train(TrainJob(nf4, data, adapter, rank=8, lr=1e-3, steps=steps, batch_size=8, seq_len=128, overwrite=True))
+        print(f"\n{tenant}:\n" + "\n".join(summary.lines()))
+        after = replies(with_adapter(nf4, adapter), tokenizer, test)
+        for s, b, a in zip(test, before, after):
+            print(f"\nprompt: {s}\n  base:          {b.strip()[:120]!r}\n  base + {tenant}: {a.strip()[:120]!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-sentences", type=int, default=600)
     parser.add_argument("--held-out", type=int, default=40)
     parser.add_argument("--cost-steps", type=int, default=6)
-    parser.add_argument("--demo", action="store_true", help="train one tenant briefly and show answers before and after")
+    parser.add_argument("--demo", action="store_true", help="train each tenant briefly and show answers before and after")
     parser.add_argument("--costs-only", action="store_true", help="only the step time and memory comparison (WORK from an earlier full run)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)

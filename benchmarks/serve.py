@@ -94,7 +94,6 @@ def engine_throughput(base: Path, adapters: list[Path], prompts: list[list[int]]
                     results[name] = r
     finally:
         engine.stop()
-    results["row_multiple"] = engine.row_multiple
     return results
 
 
@@ -234,16 +233,47 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> N
     raise RuntimeError("server did not become healthy")
 
 
+def demo(work: Path) -> None:
+    """Serve the NF4 base with the two tenant adapters of ``benchmarks.qlora --demo`` (in ``work``), ask each one thing, stop."""
+    import httpx
+
+    base = work / "nf4"
+    port = _free_port()
+    args = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port)]
+    args += [a for tenant in ("ledger", "herald") for a in ("--adapter", f"{tenant}={work / f'adapter-{tenant}'}")]
+    print(" ".join(["python"] + args[1:]))
+    server = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, server)
+        print("models:", [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]])
+        question = sentences()[1]
+        for model in ("ledger", "herald", base.name):
+            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 40, "temperature": 0}
+            reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+            print(f"\n{model}: {question!r}\n  -> {reply['choices'][0]['message']['content']!r}")
+    finally:
+        server.terminate()
+        server.wait(30)
+    print("\nserver stopped")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line of the benchmark."""
     from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, type=Path, help="float checkpoint (SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", type=Path, help="float checkpoint (SmolLM2-135M-Instruct); not needed with --demo")
     parser.add_argument("--work", type=Path, default=Path("bench-results/serve"))
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
     parser.add_argument("--skip", nargs="*", default=[], choices=("engine", "naive", "loading", "load-test"))
+    parser.add_argument("--demo", action="store_true", help="serve the adapters of `benchmarks.qlora --demo` in WORK and ask each one question")
     args = parser.parse_args(argv)
+    if args.demo:
+        demo(args.work)
+        return 0
+    if args.model is None:
+        parser.error("--model is required")
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     base = nf4_base(args.model, args.work)

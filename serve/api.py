@@ -21,12 +21,12 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .auth import OPEN, ApiKeys, Grant
+from .schemas import AdapterBody, ChatBody, CompletionBody, Sampling
 from .errors import ServeError
 from .metrics import Metrics
 from .types import AdapterInfo, Event, SamplingParams
@@ -43,42 +43,6 @@ class BadRequest(ServeError):
     """A well-formed body the server still cannot serve: empty prompt, bad chat messages."""
 
     status = 400
-
-
-class _StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's defaults, so OpenAI clients get what they expect
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request; ask again for more
-    ignore_eos: bool = False  # vLLM's extension: always write max_tokens (benchmarks)
-
-
-class _CompletionBody(_Sampling):
-    prompt: str
-
-
-class _Message(BaseModel):
-    role: str
-    content: str
-
-
-class _ChatBody(_Sampling):
-    messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI clients send this instead of max_tokens
-
-
-class _AdapterBody(BaseModel):
-    name: str
-    path: str
 
 
 class _Job:
@@ -142,7 +106,7 @@ def create_app(engine: Engine, keys: ApiKeys | None = None) -> FastAPI:
     async def grant(authorization: str | None = Header(None)) -> Grant:  # async: a sync dependency costs a thread hop per request
         return OPEN if keys is None else keys.grant_for(authorization)
 
-    async def generate(http: Request, body: _Sampling, who: Grant, prompt_ids: list[int], max_tokens: int, chat: bool) -> Response:
+    async def generate(http: Request, body: Sampling, who: Grant, prompt_ids: list[int], max_tokens: int, chat: bool) -> Response:
         status, job = 500, None
         try:
             who.check_model(body.model, engine.base_name)
@@ -173,13 +137,13 @@ def create_app(engine: Engine, keys: ApiKeys | None = None) -> FastAPI:
             metrics.requests.labels(body.model if known else "other", str(status)).inc()
 
     @app.post("/v1/completions")
-    async def completions(body: _CompletionBody, http: Request, who: Grant = Depends(grant)) -> Response:
+    async def completions(body: CompletionBody, http: Request, who: Grant = Depends(grant)) -> Response:
         """OpenAI completions: ``prompt`` is one string."""
         max_tokens = body.max_tokens or 16  # OpenAI's default for completions
         return await generate(http, body, who, engine.tokenizer.encode(body.prompt), max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: _ChatBody, http: Request, who: Grant = Depends(grant)) -> Response:
+    async def chat_completions(body: ChatBody, http: Request, who: Grant = Depends(grant)) -> Response:
         """OpenAI chat completions: messages go through the tokenizer's chat template."""
         messages = [m.model_dump() for m in body.messages]
         try:
@@ -206,7 +170,7 @@ def create_app(engine: Engine, keys: ApiKeys | None = None) -> FastAPI:
         return {"object": "list", "data": [_adapter_json(info) for info in engine.adapters()]}
 
     @app.post("/v1/adapters", status_code=201)
-    async def load_adapter(body: _AdapterBody, who: Grant = Depends(grant)) -> dict:
+    async def load_adapter(body: AdapterBody, who: Grant = Depends(grant)) -> dict:
         """Admin: load an adapter from under the adapter root."""
         who.check_admin()
         info = await run_in_threadpool(engine.load_adapter, body.name, body.path)
@@ -235,7 +199,7 @@ def create_app(engine: Engine, keys: ApiKeys | None = None) -> FastAPI:
     return app
 
 
-def _params(body: _Sampling, max_tokens: int) -> SamplingParams:
+def _params(body: Sampling, max_tokens: int) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,

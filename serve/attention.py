@@ -52,15 +52,14 @@ class SequenceKV:
 
 @dataclass
 class StepKV:
-    """The caches of one forward's rows: ``None`` marks a padding row, whose output is zeros."""
+    """The caches of one forward's rows, in batch order."""
 
-    rows: list[SequenceKV | None]
+    rows: list[SequenceKV]
 
     def advance(self, tokens: int) -> None:
-        """After the forward: every real row's cache now holds ``tokens`` more positions."""
+        """After the forward: every row's cache now holds ``tokens`` more positions."""
         for seq in self.rows:
-            if seq is not None:
-                seq.length += tokens
+            seq.length += tokens
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv: StepKV | None = None, **kwargs):
@@ -68,17 +67,28 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     if kv is None:
         raise RuntimeError(f"{NAME} attention needs kv= (a StepKV) in the model call")
     batch, heads, new, head_dim = query.shape
-    out = query.new_zeros((batch, new, heads, head_dim))
+    out = query.new_empty((batch, new, heads, head_dim))
     for b, seq in enumerate(kv.rows):
-        if seq is None:
-            continue
         keys, values = seq.append(module.layer_idx, key[b], value[b])
+        if new == 1:
+            out[b, 0] = _decode_one(query[b, :, 0], keys, values, scaling or head_dim**-0.5)
+            continue
         past = keys.shape[1] - new
         # New tokens see everything cached before them and each other causally.
-        mask = None if new == 1 else torch.ones(new, past + new, dtype=torch.bool).tril(past)
+        mask = torch.ones(new, past + new, dtype=torch.bool).tril(past)
         o = F.scaled_dot_product_attention(query[b : b + 1], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True)
         out[b] = o[0].transpose(0, 1)
     return out, None
+
+
+def _decode_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    # One new token's attention, ``(heads, dim)``: three small products instead of a fused kernel
+    # whose set-up costs more than the work at this size. Query heads share key heads in order
+    # (head h reads key head h // group), as transformers' repeat_kv lays them out.
+    kv_heads, _, dim = keys.shape
+    grouped = query.reshape(kv_heads, -1, dim)
+    probs = torch.softmax(grouped @ keys.transpose(1, 2) * scale, dim=-1)
+    return (probs @ values).reshape(-1, dim)
 
 
 def _no_mask(*args, **kwargs):

@@ -5,10 +5,10 @@ for, runs each newcomer's prompt alone (prefill), and then decodes one token for
 sequence in a single forward, each row with its own adapter (:mod:`serve.multilora`) and its own
 key/value cache (:mod:`serve.attention`). Finished and cancelled sequences leave between steps.
 
-Packed layers decode through their format's fused kernel and adapters through a row-wise kernel,
-both of which give each row the same bits whatever the batch; float matmuls (a float base, the
-output head) are padded to the measured row multiple (:mod:`serve.invariance`); prefill is always
-alone and attention is per sequence. So a request's tokens do not depend on what else is served.
+Packed layers run their format's fused kernel, float layers (a float base, the output head) and
+adapters run row-wise kernels (:mod:`serve.kernels`): each gives every row the same bits whatever
+the batch. Attention is per sequence and prefill is alone. So a request's tokens do not depend on
+what else is served.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from compressor.nn import QuantLinear
 from . import attention, multilora
 from .detokenize import Detokenizer
 from .errors import PromptTooLong, QueueFull
-from .invariance import padded, row_multiple
 from .registry import AdapterRegistry
 from .sampling import generator_for, pick
 from .types import AdapterInfo, EngineConfig, Event, SamplingParams
@@ -43,10 +42,10 @@ class Request:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, on_event: Callable[[Event], None], tokenizer):
+    def __init__(self, prompt_ids: list[int], adapter_key: str | None, params: SamplingParams, on_event: Callable[[Event], None], tokenizer):
         self.id = f"req-{next(self._ids)}"
         self.prompt_ids = prompt_ids
-        self.adapter = adapter
+        self.adapter_key = adapter_key  # the registry's key of the adapter this request pinned
         self.params = params
         self.on_event = on_event
         self.text = Detokenizer(tokenizer, params.stop)
@@ -81,9 +80,10 @@ class Engine:
         self._kv_shape = attention.kv_shape(self.model.config)
         for m in self.model.modules():
             if isinstance(m, QuantLinear):
-                m.fused_max_rows = max(m.fused_max_rows, padded(config.max_batch, 16))
-        float_layers = [m.base for m in layers.values() if isinstance(m.base, torch.nn.Linear)] + [self.model.get_output_embeddings()]
-        self.row_multiple = row_multiple({(m.out_features, m.in_features) for m in float_layers}, padded(config.max_batch, 16))
+                # Always the fused kernel: it is row-invariant, and beside a one-thread torch (see
+                # _loop) it is also the faster for prompts (measured up to 64 rows on 2 cores).
+                m.fused_max_rows = self.context_length * config.max_batch
+        self.model.set_output_embeddings(multilora.RowwiseLinear(self.model.get_output_embeddings()))
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wake = threading.Condition()
@@ -118,13 +118,12 @@ class Engine:
             raise PromptTooLong("the prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}")
-        if adapter is not None:
-            self.registry.acquire(adapter)
-        request = Request(list(prompt_ids), adapter, params, on_event, self.tokenizer)
+        key = None if adapter is None else self.registry.acquire(adapter)
+        request = Request(list(prompt_ids), key, params, on_event, self.tokenizer)
         with self._wake:
             if len(self._waiting) >= self.config.max_queue:
-                if adapter is not None:
-                    self.registry.release(adapter)
+                if key is not None:
+                    self.registry.release(key)
                 raise QueueFull(f"{len(self._waiting)} requests are waiting")
             self._waiting.append(request)
             self._wake.notify()
@@ -196,7 +195,7 @@ class Engine:
             return
         r.kv = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(r.prompt_ids) + min(r.params.max_tokens, 256))
         ids = torch.tensor([r.prompt_ids])
-        self.routing.set([r.adapter], tokens_per_row=ids.shape[1])
+        self.routing.set([r.adapter_key], tokens_per_row=ids.shape[1])
         kv = attention.StepKV([r.kv])
         logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=1).logits
         kv.advance(ids.shape[1])
@@ -204,12 +203,10 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, requests: list[Request]) -> None:
-        rows = padded(len(requests), self.row_multiple)
-        pad = rows - len(requests)
-        last = [r.text.ids[-1] for r in requests] + [0] * pad
-        positions = [r.kv.length for r in requests] + [0] * pad
-        self.routing.set([r.adapter for r in requests] + [None] * pad)
-        kv = attention.StepKV([r.kv for r in requests] + [None] * pad)
+        last = [r.text.ids[-1] for r in requests]
+        positions = [r.kv.length for r in requests]
+        self.routing.set([r.adapter_key for r in requests])
+        kv = attention.StepKV([r.kv for r in requests])
         logits = self.model(input_ids=torch.tensor(last)[:, None], position_ids=torch.tensor(positions)[:, None], kv=kv, use_cache=False).logits
         kv.advance(1)
         for i, r in enumerate(requests):
@@ -232,8 +229,8 @@ class Engine:
             return
         r.done = True
         r.kv = None
-        if r.adapter is not None:
-            self.registry.release(r.adapter)
+        if r.adapter_key is not None:
+            self.registry.release(r.adapter_key)
         tail = r.text.flush() if text is None and reason == "stop" else (text or "")
         r.on_event(Event(tail, (), len(r.prompt_ids), len(r.text.ids), reason, error))
 

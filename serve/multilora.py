@@ -2,21 +2,22 @@
 
 The base matmul runs once for the whole batch; then each adapter's rows get
 ``scaling * (x @ A.T) @ B.T`` added by one small kernel call per adapter, as Punica's and S-LoRA's
-gathered kernels do. The kernel works row by row in a fixed order, so a row's result does not
-depend on which or how many rows share the batch. Adapters' weights are referenced, never merged,
-so a resident adapter costs its file size.
+gathered kernels do. Every product here is row by row in a fixed order (:mod:`serve.kernels`), so
+a row's result does not depend on which or how many rows share the batch. Adapters' weights are
+referenced, never merged, so a resident adapter costs its file size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 import torch
 from torch import nn
 
 from compressor.nn import QuantLinear
+
+from .kernels import add_low_rank, matmul_rows
 
 
 @dataclass
@@ -32,25 +33,6 @@ class Routing:
             if name is not None:
                 by_name.setdefault(name, []).extend(range(row * tokens_per_row, (row + 1) * tokens_per_row))
         self.groups = [(name, np.array(rows, dtype=np.int64)) for name, rows in by_name.items()]
-
-
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _add_low_rank(x, a, b_t, scaling, rows, y):
-    # y[i] += scaling * (x[i] @ A.T) @ B.T for each listed row i; b_t is B transposed, (r, out).
-    rank, width = a.shape
-    t = np.empty(rank, dtype=np.float32)
-    acc = np.empty(b_t.shape[1], dtype=np.float32)
-    for i in rows:
-        xi = x[i]
-        for j in range(rank):
-            total = np.float32(0.0)
-            for k in range(width):
-                total += xi[k] * a[j, k]
-            t[j] = total
-        acc[:] = 0
-        for j in range(rank):
-            acc += t[j] * b_t[j]
-        y[i] += acc * scaling
 
 
 class MultiLoraLinear(nn.Module):
@@ -71,15 +53,38 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output for all rows, plus each row's own adapter term (no gradients: serving only)."""
-        y = self.base(x)
+        y = rowwise_linear(x, self.base) if isinstance(self.base, nn.Linear) else self.base(x)
         if self.routing.groups:
             flat_x = x.reshape(-1, self.in_features).float().contiguous().numpy()
             flat_y = y.view(-1, self.out_features).numpy()
             for name, rows in self.routing.groups:
                 entry = self.adapters.get(name)
                 if entry is not None:  # else this adapter does not target this layer
-                    _add_low_rank(flat_x, entry[0], entry[1], entry[2], rows, flat_y)
+                    add_low_rank(flat_x, entry[0], entry[1], entry[2], rows, flat_y)
         return y
+
+
+class RowwiseLinear(nn.Module):
+    """A float linear layer (the output head) computed row by row: shares the wrapped layer's weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b``, each row on its own."""
+        return rowwise_linear(x, self.linear)
+
+
+def rowwise_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear(x)`` with :func:`~serve.kernels.matmul_rows`: float32, no gradients."""
+    flat = x.reshape(-1, linear.in_features).float().contiguous()
+    out = torch.empty(flat.shape[0], linear.out_features, dtype=torch.float32)
+    matmul_rows(flat.numpy(), linear.weight.detach().float().contiguous().numpy(), out.numpy())
+    if linear.bias is not None:
+        out += linear.bias
+    return out.reshape(*x.shape[:-1], linear.out_features)
 
 
 def install(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:

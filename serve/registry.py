@@ -1,14 +1,16 @@
 """Resident adapters: loaded and unloaded while serving, evicted least-recently-used, never freed under a request.
 
 The registry validates an adapter against the base once, at load (fingerprint, module names,
-shapes), then hands each :class:`~serve.multilora.MultiLoraLinear` a reference to its A and B. A
-request *acquires* its adapter at submission and *releases* it when it finishes; an adapter that is
-unloaded while in use stops taking new requests at once and leaves the layers when its last request
-is done. Eviction (to stay under the count and memory limits) only ever takes idle adapters.
+shapes), then hands each :class:`~serve.multilora.MultiLoraLinear` its A and B under a key unique to
+that load. A request *acquires* a name at submission, gets the key, and *releases* the key when it
+finishes. Unloading a name frees it at once (it can be loaded again, from new files); the old
+weights stay attached under their key until the last request using them is done. Eviction, to stay
+under the count and memory limits, only ever takes idle adapters.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from compressor.adapters import Adapter, check_fits, read_adapter
 from compressor.errors import CompressorError
+from compressor.lora import LoraConfig
 
 from .errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
 from .multilora import MultiLoraLinear
@@ -28,13 +31,14 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass
 class _Entry:
-    adapter: Adapter
+    key: str  # what the layers and the routing know it by
+    config: LoraConfig
+    modules: tuple[str, ...]
     path: str
     nbytes: int
     load_seconds: float
     in_use: int = 0
     last_used: float = 0.0
-    unloading: bool = False
 
 
 class AdapterRegistry:
@@ -46,7 +50,9 @@ class AdapterRegistry:
         self._root = None if root is None else root.resolve()
         self._max_count = max_count
         self._max_bytes = max_bytes
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._serving: OrderedDict[str, _Entry] = OrderedDict()  # by name, least recently used first
+        self._draining: dict[str, _Entry] = {}  # unloaded while in use, by key
+        self._keys = itertools.count()
         self._lock = threading.Lock()
 
     def load(self, name: str, path: str | Path, trusted: bool = False) -> AdapterInfo:
@@ -55,8 +61,7 @@ class AdapterRegistry:
             raise BadAdapterPath(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' (at most 64, not starting with a symbol)")
         folder = self._allowed(Path(path), trusted)
         with self._lock:
-            if name in self._entries:
-                raise AdapterConflict(f"adapter {name!r} is already loaded; unload it first")
+            self._check_free(name)
         began = time.perf_counter()
         try:
             adapter = read_adapter(folder)
@@ -64,51 +69,57 @@ class AdapterRegistry:
         except CompressorError as e:
             raise AdapterRejected(str(e)) from None
         with self._lock:
-            if name in self._entries:  # lost a race with another load of the same name
-                raise AdapterConflict(f"adapter {name!r} is already loaded; unload it first")
+            self._check_free(name)  # another load of the same name may have won meanwhile
             self._make_room(_nbytes(adapter))
-            nbytes = sum(self._layers[m].attach(name, a, b, adapter.config.scaling) for m, (a, b) in adapter.weights.items())
-            entry = _Entry(adapter, str(folder), nbytes, time.perf_counter() - began, last_used=time.monotonic())
-            self._entries[name] = entry
+            key = f"{name}#{next(self._keys)}"
+            nbytes = sum(self._layers[m].attach(key, a, b, adapter.config.scaling) for m, (a, b) in adapter.weights.items())
+            entry = _Entry(key, adapter.config, tuple(adapter.weights), str(folder), nbytes, time.perf_counter() - began, last_used=time.monotonic())
+            self._serving[name] = entry
             return self._info(name, entry)
 
     def unload(self, name: str) -> None:
         """Stop routing new requests to ``name``; its weights go when its last request finishes."""
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.unloading:
+            entry = self._serving.pop(name, None)
+            if entry is None:
                 raise UnknownAdapter(f"adapter {name!r} is not loaded")
-            entry.unloading = True
-            if entry.in_use == 0:
-                self._detach(name)
+            if entry.in_use:
+                self._draining[entry.key] = entry
+            else:
+                self._detach(entry)
 
-    def acquire(self, name: str) -> None:
-        """Pin ``name`` for one request; raises :class:`UnknownAdapter` if it is not (or no longer) loaded."""
+    def acquire(self, name: str) -> str:
+        """Pin ``name`` for one request and return the key its layers know it by; :class:`UnknownAdapter` if not loaded."""
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.unloading:
+            entry = self._serving.get(name)
+            if entry is None:
                 raise UnknownAdapter(f"model {name!r} is not loaded")
             entry.in_use += 1
             entry.last_used = time.monotonic()
-            self._entries.move_to_end(name)
+            self._serving.move_to_end(name)
+            return entry.key
 
-    def release(self, name: str) -> None:
-        """Unpin ``name``; detach it if it was unloaded meanwhile."""
+    def release(self, key: str) -> None:
+        """Unpin the adapter loaded as ``key``; detach it if it was unloaded meanwhile."""
         with self._lock:
-            entry = self._entries[name]
+            entry = self._draining.get(key) or next(e for e in self._serving.values() if e.key == key)
             entry.in_use -= 1
-            if entry.unloading and entry.in_use == 0:
-                self._detach(name)
+            if entry.in_use == 0 and self._draining.pop(key, None) is not None:
+                self._detach(entry)
 
     def infos(self) -> list[AdapterInfo]:
         """Every adapter that takes requests, least recently used first."""
         with self._lock:
-            return [self._info(n, e) for n, e in self._entries.items() if not e.unloading]
+            return [self._info(n, e) for n, e in self._serving.items()]
 
     def resident_bytes(self) -> int:
-        """Bytes of adapter weights attached to the layers now."""
+        """Bytes of adapter weights attached to the layers now, draining ones included."""
         with self._lock:
-            return sum(e.nbytes for e in self._entries.values())
+            return sum(e.nbytes for e in [*self._serving.values(), *self._draining.values()])
+
+    def _check_free(self, name: str) -> None:
+        if name in self._serving:
+            raise AdapterConflict(f"adapter {name!r} is already loaded; unload it first")
 
     def _allowed(self, folder: Path, trusted: bool) -> Path:
         if trusted:
@@ -123,25 +134,24 @@ class AdapterRegistry:
     def _make_room(self, incoming: int) -> None:
         # Called with the lock held: evict idle adapters, least recently used first, until it fits.
         def over() -> bool:
-            total = sum(e.nbytes for e in self._entries.values()) + incoming
-            return len(self._entries) + 1 > self._max_count or (self._max_bytes is not None and total > self._max_bytes)
+            held = [*self._serving.values(), *self._draining.values()]
+            total = sum(e.nbytes for e in held) + incoming
+            return len(held) + 1 > self._max_count or (self._max_bytes is not None and total > self._max_bytes)
 
-        for name in [n for n, e in self._entries.items() if e.in_use == 0]:
+        for name in [n for n, e in self._serving.items() if e.in_use == 0]:
             if not over():
                 return
-            self._detach(name)
+            self._detach(self._serving.pop(name))
         if over():
             raise AdapterConflict("no room for the adapter: the resident ones are all serving requests (or it alone exceeds the memory budget)")
 
-    def _detach(self, name: str) -> None:
-        entry = self._entries.pop(name)
-        for module in entry.adapter.weights:
-            del self._layers[module].adapters[name]
+    def _detach(self, entry: _Entry) -> None:
+        for module in entry.modules:
+            del self._layers[module].adapters[entry.key]
 
     @staticmethod
     def _info(name: str, e: _Entry) -> AdapterInfo:
-        cfg = e.adapter.config
-        return AdapterInfo(name, e.path, cfg.rank, tuple(cfg.targets), e.nbytes, e.in_use, e.load_seconds, e.last_used)
+        return AdapterInfo(name, e.path, e.config.rank, tuple(e.config.targets), e.nbytes, e.in_use, e.load_seconds, e.last_used)
 
 
 def _nbytes(adapter: Adapter) -> int:

@@ -33,3 +33,23 @@ def test_backward_reaches_the_input_through_the_dequantized_weight_and_saves_no_
     F.linear(reference, layer.weight_dequantized(), layer.bias).square().sum().backward()
     assert torch.allclose(x.grad, reference.grad, atol=1e-5)
     assert not any(t.shape == (48, 64) for t in saved)
+
+
+def test_without_gradients_a_few_rows_take_the_fused_kernel_whose_rows_ignore_their_neighbours():
+    w, b = torch.randn(48, 128), torch.randn(48)
+    packed, state = format_for(FourBitConfig()).quantize(w, FourBitConfig())
+    layer = QuantLinear(packed, state, b)
+    x = torch.randn(16, 128)
+    with torch.no_grad():
+        crowd = layer(x)
+        torch.testing.assert_close(crowd, F.linear(x, format_for(FourBitConfig()).dequantize(packed, state), b), rtol=1e-5, atol=1e-4)
+        for rows in (1, 5, 9):
+            assert torch.equal(layer(x[:rows]), crowd[:rows])
+
+
+def test_weights_whose_rows_split_a_block_fall_back_to_dequantizing():
+    cfg = FourBitConfig(blocksize=64)
+    packed, state = format_for(cfg).quantize(torch.randn(8, 96), cfg)  # 96 = 1.5 blocks per row
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        assert torch.equal(QuantLinear(packed, state)(x), F.linear(x, format_for(cfg).dequantize(packed, state)))
