@@ -242,7 +242,7 @@ def demo(work: Path) -> None:
     args = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port)]
     args += [a for tenant in ("ledger", "herald") for a in ("--adapter", f"{tenant}={work / f'adapter-{tenant}'}")]
     print(" ".join(["python"] + args[1:]))
-    server = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # stdout: uvicorn's access log
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, server)
