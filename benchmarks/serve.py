@@ -155,12 +155,12 @@ def load_test(base: Path, adapters: list[Path], work: Path, clients: int = 32, r
     args = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port), "--adapter-root", str(root), "--max-queue", "256"]
     for i in range(names):
         args += ["--adapter", f"n{i}={adapters[i % len(adapters)]}"]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = _start(args, work / "server.log")
     url = f"http://127.0.0.1:{port}"
     churn = {f"n{names - 2}", f"n{names - 1}"}  # these come and go; 404s for them are intended
     texts = [s[:120] for s in sentences()[:64]]
     try:
-        _wait_healthy(url, server)
+        _wait_healthy(url, server, work / "server.log")
 
         async def main() -> dict:
             statuses: dict[str, int] = {}
@@ -217,13 +217,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    # The server's log goes to a file: a pipe nobody reads would block it once full.
+    with open(log, "w") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"server exited: {server.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited; the end of {log}:\n{log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -242,10 +248,10 @@ def demo(work: Path) -> None:
     args = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port)]
     args += [a for tenant in ("ledger", "herald") for a in ("--adapter", f"{tenant}={work / f'adapter-{tenant}'}")]
     print(" ".join(["python"] + args[1:]))
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # stdout: uvicorn's access log
+    server = _start(args, work / "server.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, server)
+        _wait_healthy(url, server, work / "server.log")
         print("models:", [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]])
         question = sentences()[1]
         for model in ("ledger", "herald", base.name):
