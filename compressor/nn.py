@@ -42,7 +42,6 @@ class QuantLinear(nn.Module):
         self.in_features = state.shape[1]
         self.out_features = state.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.fused_max_rows = FUSED_MAX_ROWS  # a server raises it so every decode batch takes one kernel
 
     def weight_dequantized(self) -> torch.Tensor:
         """The float weight, ``(out_features, in_features)`` in the original dtype."""
@@ -50,7 +49,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with ``W`` dequantized to ``x``'s dtype; gradients flow to ``x`` only."""
-        if not torch.is_grad_enabled() and x.numel() <= self.fused_max_rows * self.in_features:
+        if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_ROWS * self.in_features:
             y = formats.fused_linear(x, self.packed, self.state)
             if y is not None:
                 return y if self.bias is None else y + self.bias.to(y.dtype)

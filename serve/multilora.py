@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor import formats
 from compressor.nn import QuantLinear
 
 from .kernels import add_low_rank, matmul_rows
@@ -53,7 +54,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output for all rows, plus each row's own adapter term (no gradients: serving only)."""
-        y = rowwise_linear(x, self.base) if isinstance(self.base, nn.Linear) else self.base(x)
+        y = base_rows(x, self.base)
         if self.routing.groups:
             flat_x = x.reshape(-1, self.in_features).float().contiguous().numpy()
             flat_y = y.view(-1, self.out_features).numpy()
@@ -74,17 +75,28 @@ class RowwiseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``, each row on its own."""
-        return rowwise_linear(x, self.linear)
+        return base_rows(x, self.linear)
 
 
-def rowwise_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``linear(x)`` with :func:`~serve.kernels.matmul_rows`: float32, no gradients."""
-    flat = x.reshape(-1, linear.in_features).float().contiguous()
-    out = torch.empty(flat.shape[0], linear.out_features, dtype=torch.float32)
-    matmul_rows(flat.numpy(), linear.weight.detach().float().contiguous().numpy(), out.numpy())
-    if linear.bias is not None:
-        out += linear.bias
-    return out.reshape(*x.shape[:-1], linear.out_features)
+def base_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``layer(x)`` for an ``nn.Linear`` or a :class:`QuantLinear`, each row on its own (float32, no gradients).
+
+    Packed weights take their format's fused kernel; formats without one, and float weights, take
+    :func:`~serve.kernels.matmul_rows` over the (dequantized) float weight.
+    """
+    if isinstance(layer, QuantLinear):
+        fused = formats.fused_linear(x.float(), layer.packed, layer.state)
+        if fused is not None:
+            return fused if layer.bias is None else fused + layer.bias
+        weight = layer.weight_dequantized()
+    else:
+        weight = layer.weight.detach()
+    flat = x.reshape(-1, layer.in_features).float().contiguous()
+    out = torch.empty(flat.shape[0], layer.out_features, dtype=torch.float32)
+    matmul_rows(flat.numpy(), weight.float().contiguous().numpy(), out.numpy())
+    if layer.bias is not None:
+        out += layer.bias
+    return out.reshape(*x.shape[:-1], layer.out_features)
 
 
 def install(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:

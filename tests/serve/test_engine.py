@@ -164,3 +164,18 @@ def test_other_architectures_serve_and_sliding_window_ones_are_refused(tmp_path)
         engine.stop()
     with pytest.raises(ValueError, match="sliding-window"):
         Engine(EngineConfig(with_tokenizer(tiny_checkpoint(tmp_path, "mistral"))))
+
+
+def test_a_base_in_a_format_without_a_fused_kernel_is_batch_invariant_too(bases, tmp_path):
+    from compressor.formats import config_for
+    from compressor.quantize import QuantizeJob, quantize_checkpoint
+
+    quantize_checkpoint(QuantizeJob(bases["float"], tmp_path / "int4", config_for("int4"), progress=False))
+    int4 = with_tokenizer(tmp_path / "int4")
+    engine = Engine(EngineConfig(int4, max_batch=8))
+    engine.start()
+    try:
+        jobs = [(p, None) for p in prompts(6, seed=9)]
+        assert [r["text"] for r in generate(engine, jobs)] == [generate(engine, [job])[0]["text"] for job in jobs]
+    finally:
+        engine.stop()
