@@ -138,7 +138,7 @@ class Engine:
 
     def stats(self) -> dict:
         """Queue depth, running sequences, resident adapters and their bytes."""
-        return {"queue_depth": len(self._waiting), "running": len(self._running),
+        return {"queue_depth": len(self._waiting), "running": sum(not r.done for r in self._running),
                 "adapters_loaded": len(self.registry.infos()), "adapter_bytes": self.registry.resident_bytes()}  # fmt: skip
 
     # -- the scheduler ---------------------------------------------------------------------------
