@@ -29,7 +29,7 @@ from compressor.loading import load
 
 from . import attention, multilora
 from .detokenize import Detokenizer
-from .errors import PromptTooLong, QueueFull
+from .errors import AdapterConflict, PromptTooLong, QueueFull
 from .registry import AdapterRegistry
 from .sampling import generator_for, pick
 from .types import AdapterInfo, EngineConfig, Event, SamplingParams
@@ -125,7 +125,9 @@ class Engine:
         return request
 
     def load_adapter(self, name: str, path, trusted: bool = False) -> AdapterInfo:
-        """Load an adapter while serving (see :meth:`AdapterRegistry.load`)."""
+        """Load an adapter while serving (see :meth:`AdapterRegistry.load`); the base's own name is taken."""
+        if name == self.base_name:
+            raise AdapterConflict(f"{name!r} is the base's name")
         return self.registry.load(name, path, trusted)
 
     def unload_adapter(self, name: str) -> None:

@@ -5,7 +5,7 @@ import torch
 
 import compressor
 from serve.engine import Engine
-from serve.errors import PromptTooLong, QueueFull, UnknownAdapter
+from serve.errors import AdapterConflict, PromptTooLong, QueueFull, UnknownAdapter
 from serve.types import EngineConfig, SamplingParams
 from tests.helpers import tiny_checkpoint, with_tokenizer
 
@@ -102,6 +102,11 @@ def test_max_tokens_ends_with_length_and_stop_strings_end_with_stop(engine):
     cut = generate(engine, [(ids, None)], SamplingParams(max_tokens=6, temperature=1.0, seed=0, stop=(stop,)))[0]
     assert cut["reason"] == "stop"
     assert cut["text"] == long["text"][: long["text"].index(stop)]
+
+
+def test_an_adapter_cannot_take_the_bases_name(engine, bases):
+    with pytest.raises(AdapterConflict, match="base's name"):
+        engine.load_adapter(engine.base_name, bases["adapters"] / "nf4-a")
 
 
 def test_bad_requests_are_refused_at_submission(engine, bases):
