@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-memory", type=float, metavar="MB", help="memory budget for resident adapters' weights")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--kv-cache", type=float, metavar="MB", help="memory for key/value caches; requests wait until theirs fits")
     p.add_argument("--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
     return p
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
         config = EngineConfig(
             base_dir=args.base, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
-            max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory,
+            max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory, kv_cache_mb=args.kv_cache,
         )  # fmt: skip
         from .engine import Engine  # imports torch: after the cheap checks
 

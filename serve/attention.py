@@ -21,8 +21,9 @@ NAME = "compressor_ragged"
 class SequenceKV:
     """One sequence's keys and values for every layer, grown in place (capacity doubles)."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64):
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64, limit: int | None = None):
         self.length = 0  # tokens whose keys all layers hold
+        self.limit = limit  # growth never goes past it (the sequence's whole length, when known)
         self._shape = (kv_heads, capacity, head_dim)
         self.keys = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
         self.values = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
@@ -40,6 +41,8 @@ class SequenceKV:
         capacity = self.keys[layer].shape[1]
         while capacity < needed:
             capacity *= 2
+        if self.limit is not None:
+            capacity = max(needed, min(capacity, self.limit))
         for store in (self.keys, self.values):
             bigger = store[layer].new_empty((store[layer].shape[0], capacity, store[layer].shape[2]))
             bigger[:, : self.length] = store[layer][:, : self.length]

@@ -51,6 +51,8 @@ class Request:
         self.text = Detokenizer(tokenizer, params.stop)
         self.generator = generator_for(params)
         self.kv: attention.SequenceKV | None = None
+        self.kv_bytes = 0  # the cache it needs: its whole length, prompt plus max_tokens
+        self.reserved = False  # whether kv_bytes is counted against the engine's budget (from admission)
         self.cancelled = False
         self.done = False
 
@@ -78,6 +80,10 @@ class Engine:
         self.registry = AdapterRegistry(layers, base_fingerprint(config.base_dir), config.adapter_root, config.max_adapters, budget)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._kv_shape = attention.kv_shape(self.model.config)
+        layers_, kv_heads, head_dim = self._kv_shape
+        self._kv_per_token = 2 * layers_ * kv_heads * head_dim * 4  # keys and values, float32
+        self._kv_budget = None if config.kv_cache_mb is None else int(config.kv_cache_mb * 2**20)
+        self._kv_reserved = 0
         self.model.set_output_embeddings(multilora.RowwiseLinear(self.model.get_output_embeddings()))
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -113,8 +119,12 @@ class Engine:
             raise PromptTooLong("the prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}")
+        need = (len(prompt_ids) + params.max_tokens) * self._kv_per_token
+        if self._kv_budget is not None and need > self._kv_budget:
+            raise PromptTooLong(f"prompt plus max_tokens needs {need / 2**20:.1f} MB of key/value cache; the budget is {self._kv_budget / 2**20:.1f} MB")
         key = None if adapter is None else self.registry.acquire(adapter)
         request = Request(list(prompt_ids), key, params, on_event, self.tokenizer)
+        request.kv_bytes = need
         with self._wake:
             if len(self._waiting) >= self.config.max_queue:
                 if key is not None:
@@ -141,7 +151,8 @@ class Engine:
     def stats(self) -> dict:
         """Queue depth, running sequences, resident adapters and their bytes."""
         return {"queue_depth": len(self._waiting), "running": sum(not r.done for r in self._running),
-                "adapters_loaded": len(self.registry.infos()), "adapter_bytes": self.registry.resident_bytes()}  # fmt: skip
+                "adapters_loaded": len(self.registry.infos()), "adapter_bytes": self.registry.resident_bytes(),
+                "kv_cache_bytes": self._kv_reserved}  # fmt: skip
 
     # -- the scheduler ---------------------------------------------------------------------------
 
@@ -158,8 +169,10 @@ class Engine:
                 if self._stopping:
                     return
                 admitted = []
-                while self._waiting and len(self._running) + len(admitted) < self.config.max_batch:
+                while self._waiting and len(self._running) + len(admitted) < self.config.max_batch and self._fits(self._waiting[0]):
                     admitted.append(self._waiting.popleft())
+                    admitted[-1].reserved = True
+                    self._kv_reserved += admitted[-1].kv_bytes
                 cancelled = [r for r in self._waiting if r.cancelled]
                 for r in cancelled:
                     self._waiting.remove(r)
@@ -174,6 +187,10 @@ class Engine:
             if self._running:
                 self._guarded(self._running, self._decode)
                 self._running = [r for r in self._running if not r.done]
+
+    def _fits(self, r: Request) -> bool:
+        # First come, first served: the queue's head waits for room rather than being overtaken.
+        return self._kv_budget is None or self._kv_reserved + r.kv_bytes <= self._kv_budget
 
     def _guarded(self, requests: list[Request], step: Callable[[list[Request]], None]) -> None:
         # A failing forward ends the requests in it, never the server.
@@ -190,7 +207,9 @@ class Engine:
         if r.cancelled:
             self._finish(r, "cancelled")
             return
-        r.kv = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(r.prompt_ids) + min(r.params.max_tokens, 256))
+        # Room for a short answer now, doubling later up to the whole length the budget reserved.
+        whole = len(r.prompt_ids) + r.params.max_tokens
+        r.kv = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
         ids = torch.tensor([r.prompt_ids])
         self.routing.set([r.adapter_key], tokens_per_row=ids.shape[1])
         kv = attention.StepKV([r.kv])
@@ -226,6 +245,8 @@ class Engine:
             return
         r.done = True
         r.kv = None
+        if r.reserved:
+            self._kv_reserved -= r.kv_bytes
         if r.adapter_key is not None:
             self.registry.release(r.adapter_key)
         tail = r.text.flush() if text is None and reason == "stop" else (text or "")

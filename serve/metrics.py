@@ -18,6 +18,7 @@ _GAUGES = {
     "running": ("serve_running_sequences", "Sequences being decoded now."),
     "adapters_loaded": ("serve_adapters_loaded", "Adapters resident in memory."),
     "adapter_bytes": ("serve_adapter_bytes", "Bytes held by resident adapters' weights."),
+    "kv_cache_bytes": ("serve_kv_cache_bytes", "Bytes of key/value cache reserved by running sequences."),
 }
 
 

@@ -17,6 +17,7 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting for a slot in the batch; more are refused
     max_adapters: int = 64  # resident adapters; idle ones are evicted, least recently used first
     adapter_memory_mb: float | None = None  # budget for resident adapters' weights
+    kv_cache_mb: float | None = None  # budget for key/value caches; requests wait until theirs fits
 
 
 @dataclass(frozen=True)

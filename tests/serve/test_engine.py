@@ -184,3 +184,27 @@ def test_a_base_in_a_format_without_a_fused_kernel_is_batch_invariant_too(bases,
         assert [r["text"] for r in generate(engine, jobs)] == [generate(engine, [job])[0]["text"] for job in jobs]
     finally:
         engine.stop()
+
+
+def test_a_key_value_budget_makes_requests_wait_for_room_and_refuses_what_never_fits(bases):
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (keys, values) x kv heads x head dim x float32
+    engine = Engine(EngineConfig(bases["nf4"], max_batch=8, kv_cache_mb=40 * per_token / 2**20))  # 40 tokens of cache
+    with pytest.raises(PromptTooLong, match="key/value cache"):
+        engine.submit([1] * 30, None, SamplingParams(max_tokens=11), lambda e: None)
+    engine.start()
+    try:
+        seen = []
+        original = engine._decode
+
+        def watch(requests):  # what the cache holds at each step
+            seen.append(engine.stats()["kv_cache_bytes"])
+            original(requests)
+
+        engine._decode = watch
+        eight_tokens = [list(range(10 + i, 18 + i)) for i in range(4)]
+        results = generate(engine, [(p, None) for p in eight_tokens], SamplingParams(max_tokens=12, ignore_eos=True))
+        assert all(r["tokens"] == 12 for r in results)
+        assert max(seen) <= 40 * per_token and max(seen) == 2 * 20 * per_token  # two of the 20-token requests at a time
+        assert engine.stats()["kv_cache_bytes"] == 0
+    finally:
+        engine.stop()
