@@ -158,15 +158,25 @@ def test_cancelling_ends_a_request_with_cancelled(engine):
     assert events[-1].finish_reason in ("cancelled", "stop")
 
 
-def test_other_architectures_serve_and_sliding_window_ones_are_refused(tmp_path):
-    qwen = with_tokenizer(tiny_checkpoint(tmp_path, "qwen2"))
-    engine = Engine(EngineConfig(qwen, max_batch=4))
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_other_architectures_match_transformers_alone_and_batched(arch, tmp_path):
+    folder = with_tokenizer(tiny_checkpoint(tmp_path, arch))
+    reference = compressor.load(folder, exact=True)
+    engine = Engine(EngineConfig(folder, max_batch=4))
     engine.start()
     try:
-        results = generate(engine, [(p, None) for p in prompts(3)])
-        assert all(r["reason"] in ("stop", "length") for r in results)
+        jobs = [(p, None) for p in prompts(3)]
+        batched = [r["text"] for r in generate(engine, jobs)]
+        for (ids, _), text in zip(jobs, batched):
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=sorted(engine.eos_ids), pad_token_id=0)
+            new = out[0, len(ids) :].tolist()
+            new = new[: next((i for i, t in enumerate(new) if t in engine.eos_ids), len(new))]  # the engine sends no eos text
+            assert text == engine.tokenizer.decode(new, skip_special_tokens=True)
     finally:
         engine.stop()
+
+
+def test_sliding_window_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match="sliding-window"):
         Engine(EngineConfig(with_tokenizer(tiny_checkpoint(tmp_path, "mistral"))))
 
