@@ -238,7 +238,7 @@ class Engine:
         elif len(r.text.ids) >= r.params.max_tokens:
             self._finish(r, "length", text=delta + r.text.flush())
         elif delta:
-            r.on_event(Event(delta, (token,), len(r.prompt_ids), len(r.text.ids)))
+            self._send(r, Event(delta, (token,), len(r.prompt_ids), len(r.text.ids)))
 
     def _finish(self, r: Request, reason: str, error: str | None = None, text: str | None = None) -> None:
         if r.done:
@@ -250,7 +250,16 @@ class Engine:
         if r.adapter_key is not None:
             self.registry.release(r.adapter_key)
         tail = r.text.flush() if text is None and reason == "stop" else (text or "")
-        r.on_event(Event(tail, (), len(r.prompt_ids), len(r.text.ids), reason, error))
+        self._send(r, Event(tail, (), len(r.prompt_ids), len(r.text.ids), reason, error))
+
+    @staticmethod
+    def _send(r: Request, event: Event) -> None:
+        # A caller's callback that fails ends its own request, not the batch it shares a step with.
+        try:
+            r.on_event(event)
+        except Exception:  # noqa: BLE001 - the caller's code; logged and contained
+            log.exception("on_event of %s failed; cancelling it", r.id)
+            r.cancelled = True
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

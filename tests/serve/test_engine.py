@@ -218,3 +218,12 @@ def test_a_key_value_budget_makes_requests_wait_for_room_and_refuses_what_never_
         assert engine.stats()["kv_cache_bytes"] == 0
     finally:
         engine.stop()
+
+
+def test_a_failing_callback_ends_only_its_own_request(engine):
+    def broken(event):
+        raise RuntimeError("client bug")
+
+    engine.submit(prompts(1, seed=12)[0], None, SamplingParams(max_tokens=8, ignore_eos=True), broken)
+    results = generate(engine, [(p, "a") for p in prompts(3, seed=13)], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert all(r["reason"] == "length" and r["tokens"] == 8 for r in results)
