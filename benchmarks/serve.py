@@ -119,6 +119,35 @@ def naive_peft(base: Path, adapters: list[Path], prompts: list[list[int]], token
     return {"requests": requests, "tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds}
 
 
+def reference_check(model_dir: Path, base: Path, adapter: Path, prompts: list[list[int]]) -> dict:
+    """Largest logit difference of the serving path against PEFT (float base) and against our LoRA layers (NF4 base)."""
+    import torch
+    from peft import PeftModel
+
+    import compressor
+    from compressor.adapters import apply_adapter, read_adapter
+    from serve.engine import Engine
+    from serve.types import EngineConfig
+
+    out = {}
+    for name, folder in (("float32_vs_peft", model_dir), ("nf4_vs_our_lora_layers", base)):
+        engine = Engine(EngineConfig(folder))
+        engine.load_adapter("t", adapter, trusted=True)
+        reference = compressor.load(folder, exact=True)
+        if name.startswith("float32"):
+            reference = PeftModel.from_pretrained(reference, adapter)
+        else:
+            apply_adapter(reference, read_adapter(adapter), folder)
+        diffs, scale = [], []
+        with torch.inference_mode():
+            for ids in prompts:
+                expected = reference(input_ids=torch.tensor([ids])).logits[0]
+                diffs.append((engine.score(ids, "t") - expected).abs().max().item())
+                scale.append(expected.abs().mean().item())
+        out[name] = {"max_abs_logit_diff": max(diffs), "mean_abs_logit": sum(scale) / len(scale), "prompts": len(prompts)}
+    return out
+
+
 def adapter_loading(base: Path, adapters: list[Path], resident: int = 100) -> dict:
     """Load latency of rank-8 adapters from disk, and the memory of ``resident`` of them against their file sizes."""
     from serve.engine import Engine
@@ -297,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch16_over_naive_peft": e["16_streams_8_adapters"]["tokens_per_s"] / results["naive_peft"]["tokens_per_s"],
             "batch16_over_single_stream": e["16_streams_8_adapters"]["tokens_per_s"] / e["single_stream"]["tokens_per_s"],
         }
+    results["reference"] = reference_check(args.model, base, adapters[0], prompts[:4])
     if "loading" not in args.skip:
         results["adapter_loading"] = adapter_loading(base, adapters)
     if "load-test" not in args.skip:

@@ -88,6 +88,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wake = threading.Condition()
+        self._forward = threading.Lock()  # one forward at a time: the scheduler's steps, or a score()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -133,6 +134,20 @@ class Engine:
             self._waiting.append(request)
             self._wake.notify()
         return request
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Logits ``(len(prompt_ids), vocab)`` at every position, through the serving path: for checks against a reference."""
+        key = None if adapter is None else self.registry.acquire(adapter)
+        try:
+            ids = torch.tensor([prompt_ids])
+            kv = attention.StepKV([attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(prompt_ids))])
+            with self._forward:
+                self.routing.set([key], tokens_per_row=ids.shape[1])
+                return self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False).logits[0]
+        finally:
+            if key is not None:
+                self.registry.release(key)
 
     def load_adapter(self, name: str, path, trusted: bool = False) -> AdapterInfo:
         """Load an adapter while serving (see :meth:`AdapterRegistry.load`); the base's own name is taken."""
@@ -195,7 +210,8 @@ class Engine:
     def _guarded(self, requests: list[Request], step: Callable[[list[Request]], None]) -> None:
         # A failing forward ends the requests in it, never the server.
         try:
-            step(requests)
+            with self._forward:
+                step(requests)
         except Exception as e:  # noqa: BLE001 - reported to the requests' clients
             log.exception("generation step failed")
             for r in requests:

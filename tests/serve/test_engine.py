@@ -78,6 +78,7 @@ def test_served_adapter_matches_peft_on_the_float_base(bases):
         peft = PeftModel.from_pretrained(compressor.load(bases["float"], exact=True), bases["adapters"] / "float-a").eval()
         tok = engine.tokenizer
         for ids in prompts(4, seed=7):
+            torch.testing.assert_close(engine.score(ids, "a"), peft(input_ids=torch.tensor([ids])).logits[0], rtol=0, atol=5e-4)
             out = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
             assert generate(engine, [(ids, "a")])[0]["text"] == tok.decode(out[0, len(ids) :], skip_special_tokens=True)
     finally:
