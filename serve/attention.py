@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
+
+from .kernels import attend_one
 
 NAME = "compressor_ragged"
 
@@ -74,7 +77,9 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     for b, seq in enumerate(kv.rows):
         keys, values = seq.append(module.layer_idx, key[b], value[b])
         if new == 1:
-            out[b, 0] = _decode_one(query[b, :, 0], keys, values, scaling or head_dim**-0.5)
+            # A kernel call per sequence: the fused attention's set-up costs more than the work here.
+            attend_one(query[b, :, 0].contiguous().numpy(), seq.keys[module.layer_idx].numpy(), seq.values[module.layer_idx].numpy(),
+                       keys.shape[1], np.float32(scaling or head_dim**-0.5), out[b, 0].numpy())  # fmt: skip
             continue
         past = keys.shape[1] - new
         # New tokens see everything cached before them and each other causally.
@@ -82,16 +87,6 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
         o = F.scaled_dot_product_attention(query[b : b + 1], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True)
         out[b] = o[0].transpose(0, 1)
     return out, None
-
-
-def _decode_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    # One new token's attention, ``(heads, dim)``: three small products instead of a fused kernel
-    # whose set-up costs more than the work at this size. Query heads share key heads in order
-    # (head h reads key head h // group), as transformers' repeat_kv lays them out.
-    kv_heads, _, dim = keys.shape
-    grouped = query.reshape(kv_heads, -1, dim)
-    probs = torch.softmax(grouped @ keys.transpose(1, 2) * scale, dim=-1)
-    return (probs @ values).reshape(-1, dim)
 
 
 def _no_mask(*args, **kwargs):

@@ -34,8 +34,9 @@ def matmul_rows(x, w, out):
 def add_low_rank(x, a, b_t, scaling, rows, y):
     """``y[i] += scaling * (x[i] @ A.T) @ B.T`` for each listed row ``i``; ``b_t`` is B transposed, ``(r, out)``."""
     rank, width = a.shape
+    outputs = b_t.shape[1]
     t = np.empty(rank, dtype=np.float32)
-    acc = np.empty(b_t.shape[1], dtype=np.float32)
+    acc = np.empty(outputs, dtype=np.float32)
     for i in rows:
         xi = x[i]
         for j in range(rank):
@@ -43,7 +44,46 @@ def add_low_rank(x, a, b_t, scaling, rows, y):
             for k in range(width):
                 total += xi[k] * a[j, k]
             t[j] = total
-        acc[:] = 0
+        # Written as loops: numba's array expressions would allocate a temporary for every term.
+        for n in range(outputs):
+            acc[n] = 0
         for j in range(rank):
-            acc += t[j] * b_t[j]
-        y[i] += acc * scaling
+            tj = t[j]
+            bj = b_t[j]
+            for n in range(outputs):
+                acc[n] += tj * bj[n]
+        yi = y[i]
+        for n in range(outputs):
+            yi[n] += acc[n] * scaling
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def attend_one(query, keys, values, length, scale, out):
+    """One new token's attention over the first ``length`` cached positions: ``query`` and ``out`` ``(heads, dim)``, caches ``(kv_heads, capacity, dim)``.
+
+    Query head ``h`` reads key head ``h // (heads // kv_heads)``, as transformers' repeat_kv lays them out.
+    """
+    heads, dim = query.shape
+    group = heads // keys.shape[0]
+    scores = np.empty(length, dtype=np.float32)
+    for h in range(heads):
+        k, v, q = keys[h // group], values[h // group], query[h]
+        best = -np.inf
+        for t in range(length):
+            total = np.float32(0.0)
+            for d in range(dim):
+                total += q[d] * k[t, d]
+            scores[t] = total * scale
+            best = max(best, scores[t])
+        norm = np.float32(0.0)
+        for t in range(length):
+            scores[t] = np.exp(scores[t] - best)
+            norm += scores[t]
+        o = out[h]
+        for d in range(dim):
+            o[d] = 0
+        for t in range(length):
+            p = scores[t] / norm
+            vt = v[t]
+            for d in range(dim):
+                o[d] += p * vt[d]
