@@ -86,10 +86,8 @@ def _load_quant_linear(root: Path, layout) -> PreTrainedModel:
         for key in layout.tensors_for(weight_name, packed, state):
             del tensors[key]
         module_name = weight_name.removesuffix(".weight")
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         bias = tensors.pop(f"{module_name}.bias", None)
-        setattr(parent, child, QuantLinear(packed, state, bias))
+        model.set_submodule(module_name, QuantLinear(packed, state, bias))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise CompressorError(root, f"tensors the model does not have: {', '.join(unexpected[:5])}")

@@ -94,8 +94,6 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, LoraLinear]:
         raise ValueError(f"no linear module named {', '.join(cfg.targets)} in the model")
     wrapped = {}
     for name in wanted:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        wrapped[name] = LoraLinear(getattr(parent, child), cfg)
-        setattr(parent, child, wrapped[name])
+        wrapped[name] = LoraLinear(model.get_submodule(name), cfg)
+        model.set_submodule(name, wrapped[name])
     return wrapped

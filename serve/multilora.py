@@ -103,12 +103,8 @@ def install(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:
     """Wrap every linear layer inside the decoder (not the output head) in a :class:`MultiLoraLinear`; returns them by name."""
     decoder = model.get_decoder()
     prefix = next(name for name, m in model.named_modules() if m is decoder)
-    names = [n for n, m in decoder.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
-    wrapped = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = decoder.get_submodule(parent_name) if parent_name else decoder
-        module = MultiLoraLinear(getattr(parent, child), routing)
-        setattr(parent, child, module)
-        wrapped[f"{prefix}.{name}" if prefix else name] = module
+    names = [f"{prefix}.{n}" if prefix else n for n, m in decoder.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    wrapped = {name: MultiLoraLinear(model.get_submodule(name), routing) for name in names}
+    for name, module in wrapped.items():
+        model.set_submodule(name, module)
     return wrapped
