@@ -47,12 +47,17 @@ class QuantLinear(nn.Module):
         """The float weight, ``(out_features, in_features)`` in the original dtype."""
         return formats.dequantize(self.packed, self.state)
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x @ W.T + b`` by the format's fused kernel, never materializing ``W`` (no gradients); None if it has none for this case."""
+        y = formats.fused_linear(x, self.packed, self.state)
+        return y if y is None or self.bias is None else y + self.bias.to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with ``W`` dequantized to ``x``'s dtype; gradients flow to ``x`` only."""
         if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_ROWS * self.in_features:
-            y = formats.fused_linear(x, self.packed, self.state)
+            y = self.fused(x)
             if y is not None:
-                return y if self.bias is None else y + self.bias.to(y.dtype)
+                return y
         return _DequantizedLinear.apply(x, self)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import formats
 from compressor.nn import QuantLinear
 
 from .kernels import add_low_rank, matmul_rows
@@ -85,9 +84,9 @@ def base_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     :func:`~serve.kernels.matmul_rows` over the (dequantized) float weight.
     """
     if isinstance(layer, QuantLinear):
-        fused = formats.fused_linear(x.float(), layer.packed, layer.state)
+        fused = layer.fused(x.float())
         if fused is not None:
-            return fused if layer.bias is None else fused + layer.bias
+            return fused
         weight = layer.weight_dequantized()
     else:
         weight = layer.weight.detach()
