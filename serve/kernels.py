@@ -11,39 +11,30 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from compressor.formats.kernels import dot, dot_rows
+
 _ROWS_PER_TASK = 64  # weight rows one thread takes at a time
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def matmul_rows(x, w, out):
     """``out = x @ w.T`` for float32 ``x (m, k)`` and ``w (n, k)``."""
-    rows, width = x.shape
     outputs = w.shape[0]
     for t in numba.prange((outputs + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         for n in range(t * _ROWS_PER_TASK, min((t + 1) * _ROWS_PER_TASK, outputs)):
-            wn = w[n]
-            for m in range(rows):
-                xm = x[m]
-                total = np.float32(0.0)
-                for k in range(width):
-                    total += xm[k] * wn[k]
-                out[m, n] = total
+            dot_rows(x, w[n], out, n)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def add_low_rank(x, a, b_t, scaling, rows, y):
     """``y[i] += scaling * (x[i] @ A.T) @ B.T`` for each listed row ``i``; ``b_t`` is B transposed, ``(r, out)``."""
-    rank, width = a.shape
+    rank = a.shape[0]
     outputs = b_t.shape[1]
     t = np.empty(rank, dtype=np.float32)
     acc = np.empty(outputs, dtype=np.float32)
     for i in rows:
-        xi = x[i]
         for j in range(rank):
-            total = np.float32(0.0)
-            for k in range(width):
-                total += xi[k] * a[j, k]
-            t[j] = total
+            t[j] = dot(x[i], a[j])
         # Written as loops: numba's array expressions would allocate a temporary for every term.
         for n in range(outputs):
             acc[n] = 0
@@ -70,10 +61,7 @@ def attend_one(query, keys, values, length, scale, out):
         k, v, q = keys[h // group], values[h // group], query[h]
         best = -np.inf
         for t in range(length):
-            total = np.float32(0.0)
-            for d in range(dim):
-                total += q[d] * k[t, d]
-            scores[t] = total * scale
+            scores[t] = dot(q, k[t]) * scale
             best = max(best, scores[t])
         norm = np.float32(0.0)
         for t in range(length):

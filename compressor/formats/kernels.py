@@ -223,7 +223,7 @@ def matmul_4bit(x, packed, absmax, blocksize, lut, out):
     vectorise), so a row's result does not depend on how many rows ``x`` has: decoding one sequence
     or sixteen gives that sequence the same bits.
     """
-    rows, width = x.shape
+    width = x.shape[1]
     outputs = out.shape[1]
     per_row = width // blocksize
     tasks = (outputs + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
@@ -234,12 +234,23 @@ def matmul_4bit(x, packed, absmax, blocksize, lut, out):
                 block = n * per_row + b
                 start = block * blocksize
                 _decode(packed[start >> 1 : (start + blocksize) >> 1], absmax[block], lut, w[b * blocksize : (b + 1) * blocksize])
-            for m in range(rows):
-                xm = x[m]
-                total = np.float32(0.0)
-                for k in range(width):
-                    total += xm[k] * w[k]
-                out[m, n] = total
+            dot_rows(x, w, out, n)
+
+
+@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+def dot(a, b):
+    """``sum(a * b)`` of two float32 vectors, in one fixed order (reassociated when compiled, to vectorise)."""
+    total = np.float32(0.0)
+    for k in range(a.size):
+        total += a[k] * b[k]
+    return total
+
+
+@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+def dot_rows(x, w, out, n):
+    """``out[m, n] = dot(x[m], w)`` for every row ``m``: each row on its own, whatever the others."""
+    for m in range(x.shape[0]):
+        out[m, n] = dot(x[m], w)
 
 
 @numba.njit(cache=True, nogil=True)
