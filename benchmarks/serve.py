@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from benchmarks.qlora import nf4_base, sentences
 
 STREAMS = 16
@@ -154,7 +156,7 @@ def adapter_loading(base: Path, adapters: list[Path], resident: int = 100) -> di
     from serve.types import EngineConfig
 
     engine = Engine(EngineConfig(base, max_adapters=resident))
-    before = _rss()
+    before = psutil.Process().memory_info().rss
     seconds, files = [], 0
     for i in range(resident):
         folder = adapters[i % len(adapters)]
@@ -162,17 +164,10 @@ def adapter_loading(base: Path, adapters: list[Path], resident: int = 100) -> di
         engine.load_adapter(f"r{i}", folder, trusted=True)
         seconds.append(time.perf_counter() - began)
         files += (folder / "adapter_model.safetensors").stat().st_size
-    grown = _rss() - before
+    grown = psutil.Process().memory_info().rss - before
     ms = sorted(s * 1000 for s in seconds)
     return {"loads": resident, "p50_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * len(ms))], "max_ms": ms[-1],
             "resident_bytes": grown, "file_bytes": files, "memory_over_files": grown / files}  # fmt: skip
-
-
-def _rss(pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def load_test(base: Path, adapters: list[Path], work: Path, clients: int = 32, requests: int = 320, names: int = 10) -> dict:
@@ -227,7 +222,7 @@ def load_test(base: Path, adapters: list[Path], work: Path, clients: int = 32, r
                 for _ in range(2):  # two equal rounds: memory after the second should not exceed the first
                     queue[:] = range(requests // 2)
                     await asyncio.gather(*(client() for _ in range(clients)))
-                    rss.append(_rss(server.pid))
+                    rss.append(psutil.Process(server.pid).memory_info().rss)
                 stop.set()
                 cycles = await admin_task
             return {"statuses": statuses, "failures": failures, "reload_cycles": cycles, "rss_after_round": rss}

@@ -228,9 +228,9 @@ async def _collect(http: Request, job: _Job, chat: bool) -> tuple[int, Response]
             if event.finished:
                 break
     if event.finish_reason == "error":
-        return 500, _error(500, f"generation failed: {event.error}", "generation_error")
+        return 500, _error(500, _failure(event), "generation_error")
     if event.finish_reason == "cancelled":
-        return 503, _error(503, "the server is shutting down", "cancelled")
+        return 503, _error(503, _failure(event), "cancelled")
     choice = {"index": 0, "logprobs": None, "finish_reason": event.finish_reason}
     choice |= {"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)}
     body = _envelope(job, chat, stream=False) | {"choices": [choice], "usage": _usage(event)}
@@ -244,8 +244,7 @@ async def _sse(job: _Job, chat: bool, include_usage: bool) -> AsyncIterator[str]
         while True:
             event = await job.next()
             if event.finish_reason in ("error", "cancelled"):
-                message = f"generation failed: {event.error}" if event.finish_reason == "error" else "the server is shutting down"
-                yield _data({"error": {"message": message, "type": "server_error", "code": event.finish_reason}})
+                yield _data({"error": {"message": _failure(event), "type": "server_error", "code": event.finish_reason}})
                 break
             if event.text or event.finished or (chat and first):
                 if chat:
@@ -262,6 +261,11 @@ async def _sse(job: _Job, chat: bool, include_usage: bool) -> AsyncIterator[str]
         yield "data: [DONE]\n\n"
     finally:
         job.close()
+
+
+def _failure(event: Event) -> str:
+    # Requests end "cancelled" without a client asking only when the server shuts down.
+    return f"generation failed: {event.error}" if event.finish_reason == "error" else "the server is shutting down"
 
 
 def _envelope(job: _Job, chat: bool, stream: bool) -> dict:

@@ -51,10 +51,6 @@ class SequenceKV:
             bigger[:, : self.length] = store[layer][:, : self.length]
             store[layer] = bigger
 
-    def nbytes(self) -> int:
-        """Bytes the cache holds now, capacity included."""
-        return sum(t.nbytes for t in self.keys + self.values)
-
 
 @dataclass
 class StepKV:

@@ -15,6 +15,7 @@ what else is served.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import threading
 import time
@@ -80,8 +81,7 @@ class Engine:
         self.registry = AdapterRegistry(layers, base_fingerprint(config.base_dir), config.adapter_root, config.max_adapters, budget)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._kv_shape = attention.kv_shape(self.model.config)
-        layers_, kv_heads, head_dim = self._kv_shape
-        self._kv_per_token = 2 * layers_ * kv_heads * head_dim * 4  # keys and values, float32
+        self._kv_per_token = 2 * math.prod(self._kv_shape) * 4  # keys and values of every layer, float32
         self._kv_budget = None if config.kv_cache_mb is None else int(config.kv_cache_mb * 2**20)
         self._kv_reserved = 0
         self.model.set_output_embeddings(multilora.RowwiseLinear(self.model.get_output_embeddings()))
@@ -140,11 +140,9 @@ class Engine:
         """Logits ``(len(prompt_ids), vocab)`` at every position, through the serving path: for checks against a reference."""
         key = None if adapter is None else self.registry.acquire(adapter)
         try:
-            ids = torch.tensor([prompt_ids])
-            kv = attention.StepKV([attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(prompt_ids))])
+            cache = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(prompt_ids))
             with self._forward:
-                self.routing.set([key], tokens_per_row=ids.shape[1])
-                return self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False).logits[0]
+                return self._prompt_forward(prompt_ids, key, cache, logits_to_keep=0)
         finally:
             if key is not None:
                 self.registry.release(key)
@@ -195,10 +193,10 @@ class Engine:
                 self._finish(r, "cancelled")
             for r in admitted:
                 self._guarded([r], self._prefill)
+            for r in self._running:
+                if r.cancelled:
+                    self._finish(r, "cancelled")
             self._running = [r for r in self._running + admitted if not r.done]
-            for r in [r for r in self._running if r.cancelled]:
-                self._finish(r, "cancelled")
-            self._running = [r for r in self._running if not r.done]
             if self._running:
                 self._guarded(self._running, self._decode)
                 self._running = [r for r in self._running if not r.done]
@@ -226,12 +224,17 @@ class Engine:
         # Room for a short answer now, doubling later up to the whole length the budget reserved.
         whole = len(r.prompt_ids) + r.params.max_tokens
         r.kv = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
-        ids = torch.tensor([r.prompt_ids])
-        self.routing.set([r.adapter_key], tokens_per_row=ids.shape[1])
-        kv = attention.StepKV([r.kv])
-        logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=1).logits
+        logits = self._prompt_forward(r.prompt_ids, r.adapter_key, r.kv, logits_to_keep=1)
+        self._emit(r, pick(logits[-1], r.params, r.generator))
+
+    def _prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: attention.SequenceKV, logits_to_keep: int) -> torch.Tensor:
+        # One prompt alone, filling ``cache``: logits (positions, vocab) of the last logits_to_keep (0: all).
+        ids = torch.tensor([prompt_ids])
+        self.routing.set([adapter_key], tokens_per_row=ids.shape[1])
+        kv = attention.StepKV([cache])
+        logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=logits_to_keep).logits
         kv.advance(ids.shape[1])
-        self._emit(r, pick(logits[0, -1], r.params, r.generator))
+        return logits[0]
 
     @torch.inference_mode()
     def _decode(self, requests: list[Request]) -> None:
