@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from .errors import CompressorError
 from .lora import LoraConfig, LoraLinear, add_lora
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# What a tenant may call an adapter: safe as a file name and in a URL, whatever the operating system.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "use letters, digits, '.', '_' and '-' (at most 64, not starting with a symbol)"
 _PREFIX = "base_model.model."
 _METADATA_KEY = "compressor"
 

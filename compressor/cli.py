@@ -126,6 +126,38 @@ def _merge(args) -> int:
     return 0
 
 
+def _export_onnx(args) -> int:
+    with paused_gc():
+        from .export.exporter import OnnxExportJob, export_onnx
+
+    _quiet_transformers()
+    job = OnnxExportJob(
+        base_dir=Path(args.base_dir), out_dir=Path(args.out_dir), adapters=tuple((name, Path(path)) for name, path in args.adapter),
+        merge=Path(args.merge) if args.merge else None, activations=args.activations,
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t), overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    summary = export_onnx(job)
+    print(f"wrote {args.out_dir}")
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _generate(args) -> int:
+    # onnxruntime only: this path never imports torch.
+    from .export.runtime import Sampling, generate_text
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(generate_text(Path(args.model_dir), args.prompt, sampling, args.adapter))
+    return 0
+
+
+def _named_path(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError("expected NAME=DIR")
+    return name, path
+
+
 def _rank(value: str) -> str:
     if value != "auto" and not (value.isdigit() and int(value) > 0):
         raise argparse.ArgumentTypeError("a positive integer or 'auto'")
@@ -204,6 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (only if you trust it)")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(run=_merge)
+
+    x = sub.add_parser("export", help="export for other runtimes").add_subparsers(dest="export", required=True)
+    o = x.add_parser("onnx", help="an onnxruntime folder whose weights stay packed, with run-time swappable adapters")
+    o.add_argument("base_dir", help="a compressor output folder (nf4, fp4, int4, int8, int8-sym) or a float checkpoint")
+    o.add_argument("out_dir")
+    o.add_argument("--adapter", action="append", type=_named_path, default=[], metavar="NAME=DIR",
+                   help="write this PEFT adapter as adapters/NAME.onnx_adapter (repeatable)")
+    o.add_argument("--merge", metavar="ADAPTER_DIR", help="fold this adapter into the base and export one merged model")
+    o.add_argument("--activations", choices=("fp32", "int8"), default="fp32",
+                   help="int4/int8 layers: float32 activations (default, matches PyTorch) or int8 (faster, approximate)")
+    o.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated modules that take adapter inputs ('' for none)")
+    o.add_argument("--overwrite", action="store_true")
+    o.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (only if you trust it)")
+    o.set_defaults(run=_export_onnx)
+
+    n = sub.add_parser("generate", help="generate text with an exported ONNX folder (onnxruntime, no torch)")
+    n.add_argument("model_dir", help="a folder written by 'compressor export onnx'")
+    n.add_argument("--prompt", required=True)
+    n.add_argument("--adapter", help="an adapter of the export, by name")
+    n.add_argument("--max-new-tokens", type=int, default=64)
+    n.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    n.add_argument("--top-p", type=float, default=1.0)
+    n.add_argument("--seed", type=int)
+    n.set_defaults(run=_generate)
 
     b = sub.add_parser("bench", help="measurements").add_subparsers(dest="bench", required=True)
     t = b.add_parser("tradeoffs", help="memory against accuracy and speed of every method, side by side")

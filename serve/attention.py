@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
 
+from compressor.architecture import attention_problems
+
 from .kernels import attend_one
 
 NAME = "compressor_ragged"
@@ -100,19 +102,6 @@ def install(model) -> None:
 
 def check_supported(config: PretrainedConfig) -> None:
     """Raise ValueError for attention that is not plain causal softmax attention (sliding windows, soft-capping)."""
-    problems = []
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        problems.append("sliding-window attention")
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        problems.append(f"layer types {sorted(set(config.layer_types))}")
-    if getattr(config, "attn_logit_softcapping", None):
-        problems.append("attention logit soft-capping")
+    problems = attention_problems(config)
     if problems:
         raise ValueError(f"{config.model_type}: the server does not support {', '.join(problems)}")
-
-
-def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a decoder config."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim

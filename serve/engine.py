@@ -26,6 +26,7 @@ import torch
 from transformers import AutoTokenizer
 
 from compressor.adapters import base_fingerprint
+from compressor.architecture import kv_shape
 from compressor.loading import load
 
 from . import attention, multilora
@@ -80,7 +81,7 @@ class Engine:
         budget = None if config.adapter_memory_mb is None else int(config.adapter_memory_mb * 2**20)
         self.registry = AdapterRegistry(layers, base_fingerprint(config.base_dir), config.adapter_root, config.max_adapters, budget)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        self._kv_shape = attention.kv_shape(self.model.config)
+        self._kv_shape = kv_shape(self.model.config)
         self._kv_per_token = 2 * math.prod(self._kv_shape) * 4  # keys and values of every layer, float32
         self._kv_budget = None if config.kv_cache_mb is None else int(config.kv_cache_mb * 2**20)
         self._kv_reserved = 0

@@ -11,23 +11,19 @@ under the count and memory limits, only ever takes idle adapters.
 from __future__ import annotations
 
 import itertools
-import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.adapters import Adapter, check_fits, read_adapter
+from compressor.adapters import NAME, NAME_RULE, Adapter, check_fits, read_adapter
 from compressor.errors import CompressorError
 from compressor.lora import LoraConfig
 
 from .errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
 from .multilora import MultiLoraLinear
 from .types import AdapterInfo
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
 
 @dataclass
 class _Entry:
@@ -58,7 +54,7 @@ class AdapterRegistry:
     def load(self, name: str, path: str | Path, trusted: bool = False) -> AdapterInfo:
         """Read, check and attach the adapter at ``path`` as ``name``; ``trusted`` skips the adapter-root check."""
         if not NAME.fullmatch(name):
-            raise BadAdapterPath(f"adapter name {name!r}: use letters, digits, '.', '_' and '-' (at most 64, not starting with a symbol)")
+            raise BadAdapterPath(f"adapter name {name!r}: {NAME_RULE}")
         folder = self._allowed(Path(path), trusted)
         with self._lock:
             self._check_free(name)

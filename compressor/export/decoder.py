@@ -1,0 +1,167 @@
+"""The decoder graph of a Llama-family model: embedding, blocks, norm and head, with a KV cache and LoRA inputs.
+
+Inputs are ``input_ids`` and ``attention_mask`` (batch, positions so far) plus each layer's past keys
+and values ``(batch, kv_heads, past, head_dim)``; outputs are ``logits`` for every new position and
+each layer's present keys and values. Attention is onnxruntime's ``GroupQueryAttention`` with the
+rotary embedding applied inside it from cos/sin tables that transformers' own rotary module
+computed, so any static RoPE scaling comes out as the model defines it. Positions follow from the
+mask (``seqlens_k``), which assumes sequences without left padding, as our runtime feeds them.
+
+Each adapted linear layer also takes ``<module>.lora_A`` ``(in, r)`` and ``<module>.lora_B``
+``(r, out)`` as inputs, the scaling folded into B: ``y = base(x) + (x @ A) @ B``. Their defaults are
+rank 0, so a run without an adapter computes the bare base; onnxruntime's ``LoraAdapter`` files
+(see :mod:`.adapters`) override them per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..architecture import attention_problems, kv_shape
+from ..errors import CompressorError
+from .graph import FLOAT, INT32, INT64, MS_DOMAIN, Graph
+from .linear import emit_linear
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the runtime needs to know about an exported decoder."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    lora_modules: tuple[str, ...]  # module names with LoRA inputs, in graph order
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """Input names of one layer's cached keys and values."""
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """Output names of one layer's keys and values after this run."""
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def lora_names(module: str) -> tuple[str, str]:
+    """Input names of one module's adapter matrices, A transposed ``(in, r)`` and scaling * B transposed ``(r, out)``."""
+    return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def check_exportable(model: PreTrainedModel) -> None:
+    """Raise CompressorError unless the exporter builds a faithful graph for ``model``."""
+    config = model.config
+    if config.model_type not in SUPPORTED:
+        raise CompressorError(None, f"model type {config.model_type!r} cannot be exported; supported: {', '.join(SUPPORTED)}")
+    problems = attention_problems(config)
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"activation {config.hidden_act!r}")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in _STATIC_ROPE:
+        problems.append(f"rope type {rope['rope_type']!r} (its tables depend on the sequence length)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append("partial rotary embedding")
+    if problems:
+        raise CompressorError(None, f"{config.model_type}: cannot export {', '.join(problems)}")
+
+
+def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accuracy_level: int) -> tuple[onnx.ModelProto, DecoderSpec]:
+    """The ONNX decoder of ``model``, with LoRA inputs on the linear layers whose short name is in ``lora_targets``."""
+    check_exportable(model)
+    config = model.config
+    layers, kv_heads, head_dim = kv_shape(config)
+    g = Graph(config.model_type)
+    lora_modules: list[str] = []
+
+    def linear(x: str, module: nn.Module, name: str) -> str:
+        y = emit_linear(g, x, module, name, accuracy_level)
+        if name.rsplit(".", 1)[-1] not in lora_targets:
+            return y
+        lora_modules.append(name)
+        a_name, b_name = lora_names(name)
+        a = g.input(a_name, FLOAT, [module.in_features, f"{name}.rank"], np.zeros((module.in_features, 0), np.float32))
+        b = g.input(b_name, FLOAT, [f"{name}.rank", module.out_features], np.zeros((0, module.out_features), np.float32))
+        low = g.op("MatMul", [g.op("MatMul", [x, a], hint=f"{name}.lora"), b], hint=f"{name}.lora")
+        return g.op("Add", [y, low], hint=name)
+
+    ids = g.input("input_ids", INT64, ["batch", "sequence"])
+    mask = g.input("attention_mask", INT64, ["batch", "total"])
+    body = model.model
+    embedding = g.constant("model.embed_tokens.weight", body.embed_tokens.weight.detach().float().numpy())
+    h = g.op("Gather", [embedding, ids], hint="embed")
+    # GroupQueryAttention wants each sequence's last position (seqlens_k) and the longest total length.
+    one = g.constant("one", np.array([1], np.int64))
+    seqlens = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [mask, one], keepdims=0), one])], to=INT32, hint="seqlens_k")
+    total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), g.constant("axis_one", np.array(1, np.int64))])], to=INT32, hint="total")
+    cos, sin = _rotary_tables(model, head_dim)
+    cos, sin = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
+
+    for i, block in enumerate(body.layers):
+        prefix = f"model.layers.{i}"
+        attn, mlp = block.self_attn, block.mlp
+        x = _rms_norm(g, h, block.input_layernorm, f"{prefix}.input_layernorm")
+        q = linear(x, attn.q_proj, f"{prefix}.self_attn.q_proj")
+        k = linear(x, attn.k_proj, f"{prefix}.self_attn.k_proj")
+        v = linear(x, attn.v_proj, f"{prefix}.self_attn.v_proj")
+        past_k, past_v = (g.input(n, FLOAT, ["batch", kv_heads, "past", head_dim]) for n in past_names(i))
+        out_k, out_v = present_names(i)
+        a, _, _ = g.op(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin], outputs=[g.fresh(f"{prefix}.attn"), out_k, out_v],
+            domain=MS_DOMAIN, num_heads=config.num_attention_heads, kv_num_heads=kv_heads, scale=float(attn.scaling),
+            do_rotary=1, rotary_interleaved=0,
+        )  # fmt: skip
+        g.output(out_k, FLOAT, ["batch", kv_heads, "total", head_dim])
+        g.output(out_v, FLOAT, ["batch", kv_heads, "total", head_dim])
+        h = g.op("Add", [h, linear(a, attn.o_proj, f"{prefix}.self_attn.o_proj")], hint=f"{prefix}.residual")
+        x = _rms_norm(g, h, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
+        gate = linear(x, mlp.gate_proj, f"{prefix}.mlp.gate_proj")
+        up = linear(x, mlp.up_proj, f"{prefix}.mlp.up_proj")
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], hint=f"{prefix}.mlp.act")
+        h = g.op("Add", [h, linear(act, mlp.down_proj, f"{prefix}.mlp.down_proj")], hint=f"{prefix}.residual")
+
+    h = _rms_norm(g, h, body.norm, "model.norm")
+    _head(g, h, model, embedding, accuracy_level)
+    g.output("logits", FLOAT, ["batch", "sequence", config.vocab_size])
+    spec = DecoderSpec(layers, kv_heads, head_dim, config.vocab_size, config.max_position_embeddings, tuple(lora_modules))
+    return g.model("compressor"), spec
+
+
+def _rms_norm(g: Graph, x: str, norm: nn.Module, name: str) -> str:
+    weight = g.constant(f"{name}.weight", norm.weight.detach().float().numpy())
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+    return g.op("RMSNormalization", [x, weight], hint=name, axis=-1, epsilon=float(eps), stash_type=1)
+
+
+def _head(g: Graph, h: str, model: PreTrainedModel, embedding: str, accuracy_level: int) -> None:
+    head = model.lm_head
+    if head.weight is model.model.embed_tokens.weight:
+        # Tied: Gemm reads the embedding transposed in place, so the file holds it once.
+        hidden = head.in_features
+        flat = g.op("Reshape", [h, g.constant("head.flat", np.array([-1, hidden], np.int64))], hint="head")
+        logits = g.op("Gemm", [flat, embedding], hint="head", transB=1)
+        shape = g.op("Concat", [g.op("Shape", [h], end=2), g.constant("head.vocab", np.array([head.out_features], np.int64))], axis=0)
+        g.op("Reshape", [logits, shape], outputs=["logits"])
+        return
+    g.op("Identity", [emit_linear(g, h, head, "lm_head", accuracy_level)], outputs=["logits"])
+
+
+def _rotary_tables(model: PreTrainedModel, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    # transformers' own rotary module, so scaled RoPE variants give the tables the model uses;
+    # cos and sin repeat their first half (rotate_half layout), GroupQueryAttention takes that half.
+    positions = torch.arange(model.config.max_position_embeddings)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(probe, positions)
+    half = head_dim // 2
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()

@@ -1,0 +1,116 @@
+"""``compressor export onnx``: write a compressed model (and its tenants' adapters) as an onnxruntime folder.
+
+The folder holds ``model.onnx`` with its weights in ``model.onnx.data``, the tokenizer files,
+``export.json`` (what :mod:`.runtime` needs to drive the graph) and ``adapters/<name>.onnx_adapter``.
+It is written beside its final place and renamed into it, so it is there whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from ..adapters import NAME, NAME_RULE, base_fingerprint, check_fits, read_adapter
+from ..checkpoint.atomic import atomic_folder
+from ..checkpoint.reader import folder_bytes
+from ..errors import CompressorError
+from ..loading import load, quant_method
+from ..methods import DEFAULT_TARGETS
+from ..merge import MergeJob, merge
+from ..quantize import copy_side_files
+from .adapters import SUFFIX, adapter_arrays, write_adapter_file
+from .decoder import build_decoder
+
+MODEL, DATA, META, ADAPTERS = "model.onnx", "model.onnx.data", "export.json", "adapters"
+ACCURACY_LEVELS = {"fp32": 0, "int8": 4}  # MatMulNBits' activation precision: float32, or int8 (faster, approximate)
+
+
+@dataclass(frozen=True)
+class OnnxExportJob:
+    """One ``compressor export onnx`` run."""
+
+    base_dir: Path
+    out_dir: Path
+    adapters: tuple[tuple[str, Path], ...] = ()  # (name, PEFT adapter folder)
+    merge: Path | None = None  # fold this adapter into the base and export the one merged model
+    activations: str = "fp32"  # a key of ACCURACY_LEVELS
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # modules that take adapter inputs; () for none
+    overwrite: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class ExportSummary:
+    """What was written and how big it is against the checkpoint it came from."""
+
+    onnx_bytes: int
+    checkpoint_bytes: int
+    lora_modules: int
+    adapters: list[str]
+
+    def lines(self) -> list[str]:
+        """Human-readable report."""
+        ratio = self.onnx_bytes / self.checkpoint_bytes
+        return [
+            f"graph + weights: {self.onnx_bytes / 2**20:.1f} MiB, {ratio:.3f}x the checkpoint's safetensors ({self.checkpoint_bytes / 2**20:.1f} MiB)",
+            f"LoRA inputs on {self.lora_modules} modules; adapters: {', '.join(self.adapters) or 'none'}",
+        ]
+
+
+def export_onnx(job: OnnxExportJob) -> ExportSummary:
+    """Run ``job``; raises CompressorError (writing nothing) on a model, format or adapter it cannot export faithfully."""
+    if job.activations not in ACCURACY_LEVELS:
+        raise CompressorError(None, f"activations must be one of {', '.join(ACCURACY_LEVELS)}, got {job.activations!r}")
+    if job.merge is not None and job.adapters:
+        raise CompressorError(None, "--merge exports one merged model without adapter inputs; it cannot take --adapter too")
+    for name, _ in job.adapters:
+        if not NAME.fullmatch(name):
+            raise CompressorError(None, f"adapter name {name!r}: {NAME_RULE}")
+    # Adapters are read (and refused) before the slow part.
+    adapters = [(name, path, read_adapter(path, job.allow_pickle)) for name, path in job.adapters]
+    with atomic_folder(job.out_dir, job.overwrite) as out, tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        base = job.base_dir
+        if job.merge is not None:
+            base = Path(scratch) / "merged"
+            merge(MergeJob(base_dir=job.base_dir, adapter_dir=job.merge, out_dir=base, allow_pickle=job.allow_pickle, progress=False))
+        model = load(base, exact=True)
+        fingerprint = base_fingerprint(job.base_dir)
+        layers = dict(model.named_modules())
+        for name, path, adapter in adapters:
+            try:
+                check_fits(layers, adapter, fingerprint)
+            except CompressorError as e:
+                raise CompressorError(path, e.problem) from None
+        proto, spec = build_decoder(model, () if job.merge else job.lora_targets, ACCURACY_LEVELS[job.activations])
+        onnx.save_model(proto, out / MODEL, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA)
+        del proto
+        (out / DATA).chmod(0o644)  # onnx writes it private; the folder is meant to be shared like any checkpoint
+        onnx.checker.check_model(str(out / MODEL), full_check=True)
+        for name, path, adapter in adapters:
+            try:
+                arrays = adapter_arrays(adapter, spec.lora_modules)
+            except CompressorError as e:
+                raise CompressorError(path, e.problem) from None
+            write_adapter_file(arrays, out / ADAPTERS / f"{name}{SUFFIX}")
+        copy_side_files(job.base_dir, out)
+        (out / "config.json").write_text((job.base_dir / "config.json").read_text())
+        meta = {
+            **asdict(spec), "source": str(job.base_dir), "source_method": quant_method(job.base_dir),
+            "merged_adapter": None if job.merge is None else str(job.merge), "activations": job.activations,
+            "eos_token_ids": _eos_ids(model), "adapters": [name for name, _, _ in adapters], "onnxruntime": ort.__version__,
+        }  # fmt: skip
+        (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+        onnx_bytes = (out / MODEL).stat().st_size + (out / DATA).stat().st_size
+    return ExportSummary(onnx_bytes, folder_bytes(job.base_dir), len(spec.lora_modules), [name for name, _, _ in adapters])
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]

@@ -1,0 +1,121 @@
+"""Run an exported folder with onnxruntime alone: numpy, onnxruntime and tokenizers, never torch.
+
+:class:`OnnxDecoder` drives the graph one sequence at a time (batch 1, no padding, as the graph's
+positions assume); adapters are onnxruntime adapter files, bound per run, so one session serves
+every tenant. :func:`generate` is the loop behind ``compressor generate``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import CompressorError
+
+MODEL, META, ADAPTERS, SUFFIX = "model.onnx", "export.json", "adapters", ".onnx_adapter"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token: greedy at temperature 0, else softmax sampling with nucleus ``top_p``."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class OnnxDecoder:
+    """One onnxruntime session over an exported folder, and the adapters loaded for it by name."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        self.folder = Path(folder)
+        try:
+            self.meta = json.loads((self.folder / META).read_text())
+        except (OSError, ValueError) as e:
+            raise CompressorError(self.folder / META, f"not an exported model ({e})") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # LoRA inputs are overridable initializers, which onnxruntime warns about
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.folder / MODEL), options, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.adapters: dict[str, ort.LoraAdapter] = {}
+        for path in sorted((self.folder / ADAPTERS).glob(f"*{SUFFIX}")):
+            self.load_adapter(path.name.removesuffix(SUFFIX), path)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Memory-map the adapter file at ``path`` under ``name``."""
+        adapter = ort.LoraAdapter()
+        try:
+            adapter.Load(str(path))
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise CompressorError(path, f"not an onnxruntime adapter file ({e})") from None
+        self.adapters[name] = adapter
+
+    def empty_cache(self) -> list[np.ndarray]:
+        """Keys and values of every layer for a sequence with no positions yet."""
+        shape = (1, self.meta["kv_heads"], 0, self.meta["head_dim"])
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.meta["layers"])]
+
+    def forward(self, ids: list[int] | np.ndarray, cache: list[np.ndarray], adapter: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits ``(len(ids), vocab)`` for ``ids`` following the positions in ``cache``, and the cache extended by them."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        total = cache[0].shape[2] + ids.shape[1]
+        if total > self.meta["max_positions"]:
+            raise CompressorError(None, f"{total} positions exceed the model's {self.meta['max_positions']}")
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}
+        for layer in range(self.meta["layers"]):
+            feeds[f"past_key_values.{layer}.key"] = cache[2 * layer]
+            feeds[f"past_key_values.{layer}.value"] = cache[2 * layer + 1]
+        options = ort.RunOptions()
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise CompressorError(None, f"unknown adapter {adapter!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
+            options.add_active_adapter(self.adapters[adapter])
+        values = dict(zip(self.outputs, self.session.run(None, feeds, options)))
+        present = []
+        for layer in range(self.meta["layers"]):
+            present += [values[f"present.{layer}.key"], values[f"present.{layer}.value"]]
+        return values["logits"][0], present
+
+    def generate(self, prompt_ids: list[int], sampling: Sampling = Sampling(), adapter: str | None = None) -> Iterator[int]:
+        """Yield new token ids after ``prompt_ids`` until an end-of-sequence token or ``max_new_tokens``."""
+        rng = np.random.default_rng(sampling.seed)
+        eos = set(self.meta["eos_token_ids"])
+        logits, cache = self.forward(prompt_ids, self.empty_cache(), adapter)
+        for _ in range(sampling.max_new_tokens):
+            token = pick(logits[-1], sampling, rng)
+            yield token
+            if token in eos:
+                return
+            logits, cache = self.forward([token], cache, adapter)
+
+
+def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """The next token from one position's logits: argmax, or a draw from the tempered nucleus."""
+    if sampling.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / sampling.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.searchsorted(np.cumsum(p[order]), sampling.top_p) + 1  # smallest prefix reaching top_p
+    chosen = order[:keep]
+    return int(rng.choice(chosen, p=p[chosen] / p[chosen].sum()))
+
+
+def generate_text(folder: str | Path, prompt: str, sampling: Sampling = Sampling(), adapter: str | None = None) -> str:
+    """Tokenize ``prompt`` with the folder's tokenizer, generate, and decode the new tokens."""
+    from tokenizers import Tokenizer
+
+    decoder = OnnxDecoder(folder)
+    tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    ids = tokenizer.encode(prompt).ids
+    new = list(decoder.generate(ids, sampling, adapter))
+    return tokenizer.decode(new, skip_special_tokens=True)
