@@ -102,7 +102,7 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
         meta = {
             **asdict(spec), "source": str(job.base_dir), "source_method": quant_method(job.base_dir),
             "merged_adapter": None if job.merge is None else str(job.merge), "activations": job.activations,
-            "eos_token_ids": _eos_ids(model), "adapters": [name for name, _, _ in adapters], "onnxruntime": ort.__version__,
+            "base_fingerprint": fingerprint, "eos_token_ids": _eos_ids(model), "adapters": [name for name, _, _ in adapters], "onnxruntime": ort.__version__,
         }  # fmt: skip
         (out / META).write_text(json.dumps(meta, indent=2) + "\n")
         onnx_bytes = (out / MODEL).stat().st_size + (out / DATA).stat().st_size

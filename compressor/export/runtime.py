@@ -63,8 +63,14 @@ class OnnxDecoder:
         shape = (1, self.meta["kv_heads"], 0, self.meta["head_dim"])
         return [np.zeros(shape, np.float32) for _ in range(2 * self.meta["layers"])]
 
-    def forward(self, ids: list[int] | np.ndarray, cache: list[np.ndarray], adapter: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits ``(len(ids), vocab)`` for ``ids`` following the positions in ``cache``, and the cache extended by them."""
+    def forward(
+        self, ids: list[int] | np.ndarray, cache: list[np.ndarray], adapter: str | None = None, lora: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits ``(len(ids), vocab)`` for ``ids`` following the positions in ``cache``, and the cache extended by them.
+
+        The adapter is one loaded by name, or ``lora``: LoRA input arrays fed directly (see
+        :func:`compressor.export.adapters.adapter_arrays`), for a caller that holds adapters itself.
+        """
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         total = cache[0].shape[2] + ids.shape[1]
         if total > self.meta["max_positions"]:
@@ -73,6 +79,7 @@ class OnnxDecoder:
         for layer in range(self.meta["layers"]):
             feeds[f"past_key_values.{layer}.key"] = cache[2 * layer]
             feeds[f"past_key_values.{layer}.value"] = cache[2 * layer + 1]
+        feeds.update(lora or {})
         options = ort.RunOptions()
         if adapter is not None:
             if adapter not in self.adapters:
