@@ -147,7 +147,7 @@ def _generate(args) -> int:
     from .export.runtime import Sampling, generate_text
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(generate_text(Path(args.model_dir), args.prompt, sampling, args.adapter))
+    print(generate_text(Path(args.model_dir), args.prompt, sampling, args.adapter, chat=args.chat))
     return 0
 
 
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("model_dir", help="a folder written by 'compressor export onnx'")
     n.add_argument("--prompt", required=True)
     n.add_argument("--adapter", help="an adapter of the export, by name")
+    n.add_argument("--chat", action="store_true", help="send the prompt as a user message through the model's chat template")
     n.add_argument("--max-new-tokens", type=int, default=64)
     n.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
     n.add_argument("--top-p", type=float, default=1.0)

@@ -10,7 +10,7 @@ from compressor.errors import CompressorError
 
 from .auth import ApiKeys
 from .errors import ServeError
-from .types import EngineConfig
+from .types import BACKENDS, EngineConfig
 
 
 def _adapter(text: str) -> tuple[str, Path]:
@@ -23,7 +23,9 @@ def _adapter(text: str) -> tuple[str, Path]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every engine limit maps to one :class:`EngineConfig` field."""
     p = argparse.ArgumentParser(prog="python -m serve", description="Serve one base model and many LoRA adapters over HTTP.")
-    p.add_argument("--base", required=True, type=Path, help="base model folder (a compressor output or a float checkpoint)")
+    p.add_argument("--base", required=True, type=Path, help="base model folder (a compressor output or a float checkpoint; for --backend onnx, an export)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch: run the checkpoint with torch; onnx: run a folder written by 'compressor export onnx' with onnxruntime")  # fmt: skip
     p.add_argument("--adapter", action="append", default=[], type=_adapter, metavar="NAME=DIR", help="adapter to load at start-up (repeatable)")
     p.add_argument("--adapter-root", type=Path, help="folder that adapters loaded over HTTP must lie under; without it, none can be")
     p.add_argument("--host", default="127.0.0.1")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # The keys file first: a typo in it should not cost a model load.
         keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
         config = EngineConfig(
-            base_dir=args.base, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
+            base_dir=args.base, backend=args.backend, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
             max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory, kv_cache_mb=args.kv_cache,
         )  # fmt: skip
         from .engine import Engine  # imports torch: after the cheap checks

@@ -1,35 +1,29 @@
-"""The serving engine: one packed base, many adapters, continuous batching on one scheduler thread.
+"""The serving engine: one base, many adapters, continuous batching on one scheduler thread.
 
 Requests wait in a queue; between decode steps the scheduler admits as many as the batch has room
 for, runs each newcomer's prompt alone (prefill), and then decodes one token for every running
-sequence in a single forward, each row with its own adapter (:mod:`serve.multilora`) and its own
-key/value cache (:mod:`serve.attention`). Finished and cancelled sequences leave between steps.
+sequence, each with its own adapter and its own key/value cache. Finished and cancelled sequences
+leave between steps.
 
-Packed layers run their format's fused kernel (for prompts too: beside a one-thread torch, see
-``_loop``, it is also the faster, measured up to 64 rows on 2 cores); float layers (a float base,
-the output head, formats without a fused kernel) and adapters run row-wise kernels
-(:mod:`serve.kernels`): each gives every row the same bits whatever the batch. Attention is per sequence and prefill is alone. So a request's tokens do not depend on
-what else is served.
+The model itself is a backend (:mod:`serve.backend`): :mod:`serve.torch_backend` decodes the whole
+batch in one forward with row-wise kernels, so a row's bits do not depend on its neighbours;
+:mod:`serve.onnx_backend` runs each sequence alone through an ONNX export. Either way a request's
+tokens do not depend on what else is served.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 import torch
-from transformers import AutoTokenizer
 
-from compressor.adapters import base_fingerprint
-from compressor.architecture import kv_shape
-from compressor.loading import load
-
-from . import attention, multilora
+from .backend import Cache, open_backend
 from .detokenize import Detokenizer
 from .errors import AdapterConflict, PromptTooLong, QueueFull
 from .registry import AdapterRegistry
@@ -52,7 +46,7 @@ class Request:
         self.on_event = on_event
         self.text = Detokenizer(tokenizer, params.stop)
         self.generator = generator_for(params)
-        self.kv: attention.SequenceKV | None = None
+        self.kv: Cache | None = None
         self.kv_bytes = 0  # the cache it needs: its whole length, prompt plus max_tokens
         self.reserved = False  # whether kv_bytes is counted against the engine's budget (from admission)
         self.cancelled = False
@@ -64,28 +58,20 @@ class Request:
 
 
 class Engine:
-    """Holds the base and its adapters, and generates for submitted requests on a background thread."""
+    """Holds the base (through its backend) and its adapters, and generates for submitted requests on a background thread."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.model = load(config.base_dir, exact=True)
-        try:
-            attention.install(self.model)
-        except ValueError as e:
-            raise ValueError(f"{config.base_dir}: {e}") from None
-        self.routing = multilora.Routing()
-        layers = multilora.install(self.model, self.routing)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.base_dir)
+        self.backend = open_backend(config)
+        self.tokenizer = self.backend.tokenizer
         self.base_name = config.base_name or config.base_dir.name
-        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.context_length = self.backend.context_length
+        self.eos_ids = self.backend.eos_ids
         budget = None if config.adapter_memory_mb is None else int(config.adapter_memory_mb * 2**20)
-        self.registry = AdapterRegistry(layers, base_fingerprint(config.base_dir), config.adapter_root, config.max_adapters, budget)
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        self._kv_shape = kv_shape(self.model.config)
-        self._kv_per_token = 2 * math.prod(self._kv_shape) * 4  # keys and values of every layer, float32
+        self.registry = AdapterRegistry(self.backend.layers, self.backend.fingerprint, config.adapter_root, config.max_adapters, budget)
+        self._kv_per_token = 2 * math.prod(self.backend.kv_shape) * 4  # keys and values of every layer, float32
         self._kv_budget = None if config.kv_cache_mb is None else int(config.kv_cache_mb * 2**20)
         self._kv_reserved = 0
-        self.model.set_output_embeddings(multilora.RowwiseLinear(self.model.get_output_embeddings()))
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wake = threading.Condition()
@@ -136,14 +122,13 @@ class Engine:
             self._wake.notify()
         return request
 
-    @torch.inference_mode()
     def score(self, prompt_ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits ``(len(prompt_ids), vocab)`` at every position, through the serving path: for checks against a reference."""
         key = None if adapter is None else self.registry.acquire(adapter)
         try:
-            cache = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=len(prompt_ids))
+            cache = self.backend.new_cache(capacity=len(prompt_ids))
             with self._forward:
-                return self._prompt_forward(prompt_ids, key, cache, logits_to_keep=0)
+                return self.backend.prompt_forward(prompt_ids, key, cache, logits_to_keep=0)
         finally:
             if key is not None:
                 self.registry.release(key)
@@ -171,11 +156,7 @@ class Engine:
     # -- the scheduler ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        # The packed layers' kernels (numba) use every core; torch's own worker pool, idling in a spin
-        # between the many small ops of a decode step, would fight them for the cores (a 1-stream step
-        # took 6 s instead of 0.1 s on 2 cores). This thread's torch ops therefore run on one core;
-        # the setting is per thread, so the rest of the process keeps its pool.
-        torch.set_num_threads(1)
+        self.backend.setup_thread()
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._running:
@@ -216,7 +197,6 @@ class Engine:
             for r in requests:
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
 
-    @torch.inference_mode()
     def _prefill(self, requests: list[Request]) -> None:
         (r,) = requests
         if r.cancelled:
@@ -224,29 +204,14 @@ class Engine:
             return
         # Room for a short answer now, doubling later up to the whole length the budget reserved.
         whole = len(r.prompt_ids) + r.params.max_tokens
-        r.kv = attention.SequenceKV(*self._kv_shape, dtype=torch.float32, capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
-        logits = self._prompt_forward(r.prompt_ids, r.adapter_key, r.kv, logits_to_keep=1)
+        r.kv = self.backend.new_cache(capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
+        logits = self.backend.prompt_forward(r.prompt_ids, r.adapter_key, r.kv, logits_to_keep=1)
         self._emit(r, pick(logits[-1], r.params, r.generator))
 
-    def _prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: attention.SequenceKV, logits_to_keep: int) -> torch.Tensor:
-        # One prompt alone, filling ``cache``: logits (positions, vocab) of the last logits_to_keep (0: all).
-        ids = torch.tensor([prompt_ids])
-        self.routing.set([adapter_key], tokens_per_row=ids.shape[1])
-        kv = attention.StepKV([cache])
-        logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=logits_to_keep).logits
-        kv.advance(ids.shape[1])
-        return logits[0]
-
-    @torch.inference_mode()
     def _decode(self, requests: list[Request]) -> None:
-        last = [r.text.ids[-1] for r in requests]
-        positions = [r.kv.length for r in requests]
-        self.routing.set([r.adapter_key for r in requests])
-        kv = attention.StepKV([r.kv for r in requests])
-        logits = self.model(input_ids=torch.tensor(last)[:, None], position_ids=torch.tensor(positions)[:, None], kv=kv, use_cache=False).logits
-        kv.advance(1)
+        logits = self.backend.decode([r.text.ids[-1] for r in requests], [r.adapter_key for r in requests], [r.kv for r in requests])
         for i, r in enumerate(requests):
-            self._emit(r, pick(logits[i, -1], r.params, r.generator))
+            self._emit(r, pick(logits[i], r.params, r.generator))
 
     def _emit(self, r: Request, token: int) -> None:
         if token in self.eos_ids and not r.params.ignore_eos:
@@ -280,11 +245,3 @@ class Engine:
         except Exception:  # noqa: BLE001 - the caller's code; logged and contained
             log.exception("on_event of %s failed; cancelling it", r.id)
             r.cancelled = True
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

@@ -1,11 +1,12 @@
 """Resident adapters: loaded and unloaded while serving, evicted least-recently-used, never freed under a request.
 
 The registry validates an adapter against the base once, at load (fingerprint, module names,
-shapes), then hands each :class:`~serve.multilora.MultiLoraLinear` its A and B under a key unique to
-that load. A request *acquires* a name at submission, gets the key, and *releases* the key when it
-finishes. Unloading a name frees it at once (it can be loaded again, from new files); the old
-weights stay attached under their key until the last request using them is done. Eviction, to stay
-under the count and memory limits, only ever takes idle adapters.
+shapes), then hands each of the backend's adapter layers (:class:`~serve.backend.AdapterLayer`: a
+:class:`~serve.multilora.MultiLoraLinear`, or an ONNX export's LoRA inputs) its A and B under a key
+unique to that load. A request *acquires* a name at submission, gets the key, and *releases* the
+key when it finishes. Unloading a name frees it at once (it can be loaded again, from new files);
+the old weights stay attached under their key until the last request using them is done. Eviction,
+to stay under the count and memory limits, only ever takes idle adapters.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from compressor.adapters import NAME, NAME_RULE, Adapter, check_fits, read_adapt
 from compressor.errors import CompressorError
 from compressor.lora import LoraConfig
 
+from .backend import AdapterLayer
 from .errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
-from .multilora import MultiLoraLinear
 from .types import AdapterInfo
 
 @dataclass
@@ -38,9 +40,9 @@ class _Entry:
 
 
 class AdapterRegistry:
-    """Thread-safe table of resident adapters over one base's :class:`MultiLoraLinear` layers."""
+    """Thread-safe table of resident adapters over one base's adapter layers."""
 
-    def __init__(self, layers: dict[str, MultiLoraLinear], fingerprint: str, root: Path | None, max_count: int, max_bytes: int | None):
+    def __init__(self, layers: Mapping[str, AdapterLayer], fingerprint: str, root: Path | None, max_count: int, max_bytes: int | None):
         self._layers = layers
         self._fingerprint = fingerprint
         self._root = None if root is None else root.resolve()

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+BACKENDS = ("torch", "onnx")  # see serve.backend.open_backend
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     """One serving process: the base it holds, and its limits."""
 
     base_dir: Path
+    backend: str = "torch"  # "torch": a compressor output or float checkpoint; "onnx": a ``compressor export onnx`` folder
     base_name: str | None = None  # the ``model`` id of the bare base; default: the folder's name
     adapter_root: Path | None = None  # adapters loaded at run time must lie under it; None: no run-time loads
     max_batch: int = 16  # sequences decoded together
@@ -18,6 +21,10 @@ class EngineConfig:
     max_adapters: int = 64  # resident adapters; idle ones are evicted, least recently used first
     adapter_memory_mb: float | None = None  # budget for resident adapters' weights
     kv_cache_mb: float | None = None  # budget for key/value caches; requests wait until theirs fits
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass(frozen=True)

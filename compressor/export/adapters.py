@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from ..adapters import Adapter
 from ..checkpoint.atomic import atomic_file
@@ -26,13 +27,15 @@ def adapter_arrays(adapter: Adapter, lora_modules: tuple[str, ...]) -> dict[str,
     if missing:
         raise CompressorError(None, f"the export has no LoRA inputs for {', '.join(missing[:3])}; export with --lora-targets covering them")
     arrays = {}
-    scaling = adapter.config.scaling
     for module, (a, b) in adapter.weights.items():
-        a_name, b_name = lora_names(module)
-        arrays[a_name] = np.ascontiguousarray(a.float().numpy().T)
-        arrays[b_name] = np.ascontiguousarray((b.float() * scaling).numpy().T)
+        arrays.update(module_arrays(module, a, b, adapter.config.scaling))
     return arrays
 
+
+def module_arrays(module: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> dict[str, np.ndarray]:
+    """One module's two inputs from A ``(r, in)`` and B ``(out, r)``: A transposed and ``scaling * B`` transposed, float32."""
+    a_name, b_name = lora_names(module)
+    return {a_name: np.ascontiguousarray(a.float().numpy().T), b_name: np.ascontiguousarray((b.float() * scaling).numpy().T)}
 
 def write_adapter_file(arrays: dict[str, np.ndarray], path: Path) -> Path:
     """Write ``arrays`` as an onnxruntime adapter file at ``path``, atomically."""

@@ -117,12 +117,34 @@ def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> in
     return int(rng.choice(chosen, p=p[chosen] / p[chosen].sum()))
 
 
-def generate_text(folder: str | Path, prompt: str, sampling: Sampling = Sampling(), adapter: str | None = None) -> str:
-    """Tokenize ``prompt`` with the folder's tokenizer, generate, and decode the new tokens."""
+def generate_text(folder: str | Path, prompt: str, sampling: Sampling = Sampling(), adapter: str | None = None, chat: bool = False) -> str:
+    """Tokenize ``prompt`` (as one user message of the chat template, with ``chat``) with the folder's tokenizer, generate, and decode the new tokens."""
     from tokenizers import Tokenizer
 
-    decoder = OnnxDecoder(folder)
-    tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    ids = tokenizer.encode(prompt).ids
+    root = Path(folder)
+    decoder = OnnxDecoder(root)
+    try:
+        tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises its own exception type
+        raise CompressorError(root / "tokenizer.json", f"cannot read the tokenizer ({e})") from None
+    if chat:
+        ids = tokenizer.encode(chat_prompt(root, prompt), add_special_tokens=False).ids
+    else:
+        ids = tokenizer.encode(prompt).ids
     new = list(decoder.generate(ids, sampling, adapter))
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def chat_prompt(folder: Path, user: str) -> str:
+    """``user`` as one user turn of the folder's chat template, ending where the assistant's answer starts."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template_file = folder / "chat_template.jinja"
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+    if not isinstance(template, str):
+        raise CompressorError(folder, "no chat template (chat_template.jinja or tokenizer_config.json's chat_template)")
+    # The settings transformers renders chat templates with, so the prompt is the one it would build.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    special = {k: config[k] for k in ("bos_token", "eos_token") if isinstance(config.get(k), str)}
+    return env.from_string(template).render(messages=[{"role": "user", "content": user}], add_generation_prompt=True, **special)

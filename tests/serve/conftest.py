@@ -1,10 +1,11 @@
-"""A tiny float base, its nf4 twin and a few adapters, built once per test module."""
+"""A tiny float base, its nf4 twin, that twin exported to ONNX, and a few adapters, built once per test module."""
 
 import pytest
 
+from compressor.export.exporter import OnnxExportJob, export_onnx
 from compressor.formats import config_for
 from compressor.quantize import QuantizeJob, quantize_checkpoint
-from tests.helpers import random_adapter, tiny_checkpoint, with_tokenizer
+from tests.helpers import random_adapter, tiny_checkpoint, tiny_model, with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,3 +20,19 @@ def bases(tmp_path_factory):
         random_adapter(folders[kind], root / "adapters" / f"{kind}-a", rank=4, seed=1)
         random_adapter(folders[kind], root / "adapters" / f"{kind}-b", rank=8, targets=("q_proj", "v_proj", "o_proj"), seed=2)
     return folders
+
+
+@pytest.fixture(scope="module")
+def onnx_base(bases):
+    """The nf4 base as ``compressor export onnx`` writes it (LoRA inputs on every projection): what ``--backend onnx`` serves."""
+    out = bases["adapters"].parent / "nf4-onnx"
+    export_onnx(OnnxExportJob(base_dir=bases["nf4"], out_dir=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def foreign(bases):
+    """An adapter under the adapter root, made for a base with other weights."""
+    other = bases["adapters"].parent / "other-base"
+    tiny_model(seed=1).save_pretrained(other)
+    return random_adapter(other, bases["adapters"] / "foreign", seed=3)

@@ -21,7 +21,6 @@ from serve.api import create_app
 from serve.auth import ApiKeys
 from serve.engine import Engine
 from serve.types import EngineConfig
-from tests.helpers import random_adapter, tiny_model
 
 KEYS = {
     "tenant-a": {"adapters": ["alpha"]},
@@ -97,14 +96,6 @@ def sse(client: httpx.Client, path: str, body: dict) -> list[dict]:
         data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     return [json.loads(d) for d in data[:-1]]
-
-
-@pytest.fixture(scope="module")
-def foreign(bases):
-    """An adapter under the adapter root, made for a base with other weights."""
-    other = bases["adapters"].parent / "other-base"
-    tiny_model(seed=1).save_pretrained(other)
-    return random_adapter(other, bases["adapters"] / "foreign", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -327,14 +318,13 @@ def test_a_bad_keys_file_is_refused_at_startup_naming_the_file(tmp_path, capsys,
     assert str(keys) in err and "sk-secret-1" not in err  # names the file, never the key
 
 
-def test_the_command_line_serves_the_base_and_its_adapters(bases, tmp_path):
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps(KEYS))
+@contextmanager
+def command_line(args: list[str]):
+    """Run ``python -m serve ARGS`` on a free port; yields its base URL once it answers, then checks it stops gracefully on SIGTERM."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "serve", "--base", str(bases["nf4"]), "--adapter", f"alpha={bases['adapters'] / 'nf4-a'}",
-           "--port", url.rpartition(":")[2], "--api-keys", str(keys), "--max-batch", "2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "serve", *args, "--port", url.rpartition(":")[2]]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def up() -> bool:
@@ -345,10 +335,37 @@ def test_the_command_line_serves_the_base_and_its_adapters(bases, tmp_path):
 
     try:
         assert until(up, timeout=90) and proc.poll() is None, proc.communicate()[1][-3000:]
-        assert {m["id"] for m in httpx.get(f"{url}/v1/models", headers=bearer("root")).json()["data"]} == {"nf4", "alpha"}
-        assert httpx.post(f"{url}/v1/completions", json=GREEDY | {"model": "alpha"}, headers=bearer("tenant-a"), timeout=30).status_code == 200
+        yield url
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     # uvicorn shuts down gracefully (the lifespan stops the engine), then re-raises the signal it caught.
     assert "Application shutdown complete" in err and proc.returncode == -signal.SIGTERM, err[-3000:]
+
+
+def test_the_command_line_serves_the_base_and_its_adapters(bases, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    args = ["--base", str(bases["nf4"]), "--adapter", f"alpha={bases['adapters'] / 'nf4-a'}", "--api-keys", str(keys), "--max-batch", "2"]
+    with command_line(args) as url:
+        assert {m["id"] for m in httpx.get(f"{url}/v1/models", headers=bearer("root")).json()["data"]} == {"nf4", "alpha"}
+        assert httpx.post(f"{url}/v1/completions", json=GREEDY | {"model": "alpha"}, headers=bearer("tenant-a"), timeout=30).status_code == 200
+
+
+def test_the_onnx_backend_serves_an_export_and_its_adapters_with_the_torch_backends_answers(admin, onnx_base, bases):
+    args = ["--backend", "onnx", "--base", str(onnx_base), "--adapter-root", str(bases["adapters"]), "--max-batch", "2"]
+    with command_line(args) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/v1/adapters", json={"name": "alpha", "path": "nf4-a"}).status_code == 201
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {onnx_base.name, "alpha"}
+        for served, model in ((onnx_base.name, "nf4"), ("alpha", "alpha")):
+            answer = client.post("/v1/completions", json=GREEDY | {"model": served})
+            assert answer.status_code == 200
+            assert answer.json()["choices"][0]["text"] == admin.post("/v1/completions", json=GREEDY | {"model": model}).json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("backend,folder", [("onnx", "nf4"), ("torch", "onnx")])
+def test_a_folder_the_backend_cannot_serve_fails_at_startup_in_one_line_naming_it(backend, folder, bases, onnx_base, capsys):
+    base = onnx_base if folder == "onnx" else bases[folder]
+    assert main(["--backend", backend, "--base", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"serve: error: {base}: ") and err.count("\n") == 1 and "--backend onnx" in err

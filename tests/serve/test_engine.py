@@ -5,7 +5,7 @@ import torch
 
 import compressor
 from serve.engine import Engine
-from serve.errors import AdapterConflict, PromptTooLong, QueueFull, UnknownAdapter
+from serve.errors import AdapterConflict, AdapterRejected, PromptTooLong, QueueFull, UnknownAdapter
 from serve.types import EngineConfig, SamplingParams
 from tests.helpers import tiny_checkpoint, with_tokenizer
 
@@ -42,6 +42,17 @@ def engine(bases):
     engine.load_adapter("a", bases["adapters"] / "nf4-a")
     engine.load_adapter("b", bases["adapters"] / "nf4-b")
     engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(onnx_base, bases):
+    """The nf4 base's ONNX export, serving; adapters a and b loaded while it runs, from under the adapter root."""
+    engine = Engine(EngineConfig(onnx_base, backend="onnx", max_batch=8, adapter_root=bases["adapters"]))
+    engine.start()
+    engine.load_adapter("a", "nf4-a")
+    engine.load_adapter("b", "nf4-b")
     yield engine
     engine.stop()
 
@@ -228,3 +239,28 @@ def test_a_failing_callback_ends_only_its_own_request(engine):
     engine.submit(prompts(1, seed=12)[0], None, SamplingParams(max_tokens=8, ignore_eos=True), broken)
     results = generate(engine, [(p, "a") for p in prompts(3, seed=13)], SamplingParams(max_tokens=8, ignore_eos=True))
     assert all(r["reason"] == "length" and r["tokens"] == 8 for r in results)
+
+
+def test_the_onnx_backend_gives_the_torch_backends_greedy_tokens_for_the_base_and_run_time_adapters(engine, onnx_engine):
+    jobs = list(zip(prompts(12, seed=21), [None, "a", "b"] * 4))
+    torch_results, onnx_results = generate(engine, jobs), generate(onnx_engine, jobs)
+    assert [(r["text"], r["tokens"]) for r in onnx_results] == [(r["text"], r["tokens"]) for r in torch_results]
+    assert len({r["text"] for r in onnx_results[:3]}) == 3  # the adapters do change the output
+    for name in (None, "a", "b"):
+        ids = jobs[0][0]
+        torch.testing.assert_close(onnx_engine.score(ids, name), engine.score(ids, name), rtol=0, atol=1e-4)
+
+
+def test_adapters_load_and_unload_at_run_time_on_the_onnx_backend(onnx_engine, foreign):
+    ids = prompts(1, seed=22)[0]
+    assert onnx_engine.load_adapter("c", "nf4-b").rank == 8
+    assert generate(onnx_engine, [(ids, "c")])[0]["text"] == generate(onnx_engine, [(ids, "b")])[0]["text"]
+    onnx_engine.unload_adapter("c")
+    with pytest.raises(UnknownAdapter):
+        onnx_engine.submit(ids, "c", GREEDY, lambda e: None)
+    assert not any(key.startswith("c#") for layer in onnx_engine.registry._layers.values() for key in layer.adapters)
+    with pytest.raises(UnknownAdapter):
+        onnx_engine.unload_adapter("c")
+    with pytest.raises(AdapterRejected, match="fingerprints differ"):
+        onnx_engine.load_adapter("foreign", foreign)
+    assert "foreign" not in {info.name for info in onnx_engine.adapters()}

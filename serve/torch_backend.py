@@ -1,0 +1,77 @@
+"""The torch backend: a compressor checkpoint (packed or float) run by transformers, batched, with per-row adapters.
+
+A decode step is one forward for every running sequence, each row with its own adapter
+(:mod:`serve.multilora`) and its own key/value cache (:mod:`serve.attention`); a prompt runs alone.
+
+Packed layers run their format's fused kernel (for prompts too: beside a one-thread torch, see
+:meth:`TorchBackend.setup_thread`, it is also the faster, measured up to 64 rows on 2 cores); float
+layers (a float base, the output head, formats without a fused kernel) and adapters run row-wise
+kernels (:mod:`serve.kernels`): each gives every row the same bits whatever the batch. Attention is
+per sequence and prefill is alone. So a request's tokens do not depend on what else is served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from compressor.adapters import base_fingerprint
+from compressor.architecture import kv_shape
+from compressor.loading import load
+
+from . import attention, multilora
+from .backend import eos_set
+
+
+class TorchBackend:
+    """A base loaded with :func:`compressor.loading.load`, its linear layers wrapped for per-row adapters."""
+
+    def __init__(self, base_dir: Path):
+        self.model = load(base_dir, exact=True)
+        try:
+            attention.install(self.model)
+        except ValueError as e:
+            raise ValueError(f"{base_dir}: {e}") from None
+        self.routing = multilora.Routing()
+        self.layers = multilora.install(self.model, self.routing)
+        self.model.set_output_embeddings(multilora.RowwiseLinear(self.model.get_output_embeddings()))
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        generation = self.model.generation_config
+        self.eos_ids = eos_set(None if generation is None else generation.eos_token_id, self.tokenizer)
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.kv_shape = kv_shape(self.model.config)
+        self.fingerprint = base_fingerprint(base_dir)
+
+    def setup_thread(self) -> None:
+        """Run this thread's torch ops on one core."""
+        # The packed layers' kernels (numba) use every core; torch's own worker pool, idling in a spin
+        # between the many small ops of a decode step, would fight them for the cores (a 1-stream step
+        # took 6 s instead of 0.1 s on 2 cores). The setting is per thread, so the rest of the process
+        # keeps its pool.
+        torch.set_num_threads(1)
+
+    def new_cache(self, capacity: int, limit: int | None = None) -> attention.SequenceKV:
+        """An empty float32 :class:`~serve.attention.SequenceKV`."""
+        return attention.SequenceKV(*self.kv_shape, dtype=torch.float32, capacity=capacity, limit=limit)
+
+    @torch.inference_mode()
+    def prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: attention.SequenceKV, logits_to_keep: int) -> torch.Tensor:
+        """One prompt alone, filling ``cache``: logits ``(positions, vocab)`` of the last ``logits_to_keep`` (0: all)."""
+        ids = torch.tensor([prompt_ids])
+        self.routing.set([adapter_key], tokens_per_row=ids.shape[1])
+        kv = attention.StepKV([cache])
+        logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=logits_to_keep).logits
+        kv.advance(ids.shape[1])
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[attention.SequenceKV]) -> torch.Tensor:
+        """One token for every sequence in a single forward: logits ``(len(tokens), vocab)``."""
+        positions = [cache.length for cache in caches]
+        self.routing.set(adapter_keys)
+        kv = attention.StepKV(caches)
+        logits = self.model(input_ids=torch.tensor(tokens)[:, None], position_ids=torch.tensor(positions)[:, None], kv=kv, use_cache=False).logits
+        kv.advance(1)
+        return logits[:, -1]
