@@ -37,6 +37,12 @@ demo: setup model
 	$(PY) -m compressor eval $(OUT)/smollm2-nf4 --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
 	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work $(OUT)/qlora-demo --demo --steps 40
 	$(PY) -m benchmarks.serve --work $(OUT)/qlora-demo --demo
+	$(PY) -m compressor export onnx $(OUT)/qlora-demo/nf4 $(OUT)/smollm2-nf4-onnx --overwrite \
+		--adapter ledger=$(OUT)/qlora-demo/adapter-ledger --adapter herald=$(OUT)/qlora-demo/adapter-herald
+	$(PY) -m compressor generate $(OUT)/smollm2-nf4-onnx --chat --adapter ledger --max-new-tokens 32 \
+		--prompt "You may convey verbatim copies of the Program's source code as you receive it."
+	$(PY) -m compressor generate $(OUT)/smollm2-nf4-onnx --chat --adapter herald --max-new-tokens 32 \
+		--prompt "You may convey verbatim copies of the Program's source code as you receive it."
 	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --out $(OUT)/tradeoffs-quick
 
 test: setup
@@ -47,6 +53,7 @@ bench: setup model
 	$(PY) -m benchmarks.tradeoffs $(SMOLLM) --text $(TEXT) --out bench-results/tradeoffs
 	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work bench-results/qlora
 	$(PY) -m benchmarks.serve --model $(SMOLLM) --work bench-results/serve
+	$(PY) -m benchmarks.onnx --model $(SMOLLM) --work bench-results/onnx
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compressor.errors import CompressorError
-from compressor.export.runtime import OnnxDecoder, Sampling, generate_text, pick
+from compressor.export.runtime import OnnxDecoder, Sampling, chat_prompt, generate_text, pick
 
 NO_TORCH = "import sys; sys.modules['torch'] = None  # any import of torch now fails\n"
 
@@ -55,3 +55,16 @@ def test_greedy_takes_the_argmax_and_sampling_is_seeded():
     draws = [[pick(logits, Sampling(temperature=1.0), np.random.default_rng(7)) for _ in range(5)] for _ in range(2)]
     assert draws[0] == draws[1]
     assert set(pick(logits, Sampling(temperature=5.0), rng) for _ in range(200)) == {0, 1, 2, 3}
+
+
+def test_the_chat_prompt_is_the_one_transformers_builds(exported):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "word3 word4"}]
+    expected = AutoTokenizer.from_pretrained(exported["onnx"]).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat_prompt(exported["onnx"], "word3 word4") == expected
+
+
+def test_chat_without_a_template_is_a_clear_error(tmp_path):
+    with pytest.raises(CompressorError, match="no chat template"):
+        chat_prompt(tmp_path, "hello")
