@@ -10,7 +10,9 @@ One run, side by side:
   without LoRA inputs) against transformers + bitsandbytes NF4 and transformers float32;
 - each speed against its memory-bandwidth bound: the bytes of weights one token reads, over the
   bandwidth of a large memory copy measured in the same run;
-- onnxruntime's per-operator profile of a decode step, for the NF4 and the fastest int4 export.
+- onnxruntime's per-operator profile of a decode step, for the NF4 and the fastest int4 export;
+- the choice of operator for int4 weights: ``MatMulNBits`` against opset 21's blocked
+  ``DequantizeLinear`` + ``MatMul`` (and float32 ``MatMul``) on single products.
 """
 
 from __future__ import annotations
@@ -209,6 +211,48 @@ def profile(folder: Path, prompt: list[int], tokens: int) -> dict:
     return {"step_ms": step_us / 1e3, "operators_ms": {op: us / len(runs) / 1e3 for op, us in top}, "operator_share": {op: us / total for op, us in top}}
 
 
+def operator_choice(shapes=((576, 1536), (1536, 576), (4096, 4096)), repeats: int = 300) -> dict:
+    """ms of one matrix-vector product ``(1, K) @ (K, N)`` for each way of holding an int4 weight (block 64) in a graph."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def session(nodes, initializers, k, n):
+        graph = helper.make_graph(nodes, "product", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], initializer=initializers)  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def ms(s, k):
+        x = np.random.randn(1, k).astype(np.float32)
+        for _ in range(20):
+            s.run(None, {"x": x})
+        return min(_timed(lambda: s.run(None, {"x": x})) for _ in range(repeats)) * 1e3
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for k, n in shapes:
+        blocks = k // 64
+        q = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
+        packed = (q[:, 0::2] | q[:, 1::2] << 4).reshape(n, blocks, 32)
+        scales = rng.random((n, blocks), dtype=np.float32)
+        zero_points = np.full((n, (blocks + 1) // 2), 0x88, np.uint8)
+        row = {}
+        for level in (0, 4):
+            node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=64, accuracy_level=level)
+            inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.reshape(-1), "s"), numpy_helper.from_array(zero_points.reshape(-1), "z")]
+            row[f"MatMulNBits accuracy_level {level}"] = ms(session([node], inits, k, n), k)
+        dq = [helper.make_node("DequantizeLinear", ["Wq", "sc", "zp"], ["W"], axis=0, block_size=64), helper.make_node("MatMul", ["x", "W"], ["y"])]
+        inits = [helper.make_tensor("Wq", TensorProto.UINT4, [k, n], q.T.reshape(-1).tolist()), numpy_helper.from_array(np.ascontiguousarray(scales.T), "sc"),
+                 helper.make_tensor("zp", TensorProto.UINT4, [blocks, n], [8] * (blocks * n))]  # fmt: skip
+        row["DequantizeLinear (blocked) + MatMul"] = ms(session(dq, inits, k, n), k)
+        w = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "W")
+        row["float32 MatMul"] = ms(session([helper.make_node("MatMul", ["x", "W"], ["y"])], [w], k, n), k)
+        out[f"{k}x{n}"] = row
+    return out
+
+
 def speed(paths: dict, model_dir: Path, prompt: list[int], tokens: int, rounds: int) -> dict:
     """Median ms a token for every candidate, interleaved over ``rounds``, each against its bandwidth bound."""
     candidates = {f"onnx {name}": (OnnxRunner, folder) for name, folder in paths["onnx"].items()}
@@ -270,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, p in results["profile"].items():
             ops = ", ".join(f"{op} {ms:.2f} ms ({p['operator_share'][op]:.0%})" for op, ms in p["operators_ms"].items())
             print(f"profile onnx {name}: step {p['step_ms']:.2f} ms; {ops}")
+    results["operator_choice"] = operator_choice()
+    for shape, row in results["operator_choice"].items():
+        print(f"int4 weight {shape}, one row: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in row.items()))
     (args.work / "onnx.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.work / 'onnx.json'}")
     return 0
