@@ -21,6 +21,7 @@ def _quantize(args) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with paused_gc():
         from .formats import config_for
+        from .optimize import OptimizeConfig
         from .quantize import QuantizeJob, quantize_checkpoint
 
     try:
@@ -28,12 +29,16 @@ def _quantize(args) -> int:
             args.method, args.blocksize, double_quant=not args.no_double_quant, per_tensor=args.per_tensor,
             absmax_rounding=args.absmax_rounding,
         )  # fmt: skip
+        optimize = OptimizeConfig(
+            method=args.optimize, calibration=Path(args.calibration) if args.calibration else None,
+            calibration_tokens=args.calibration_tokens,
+        )  # fmt: skip
     except ValueError as e:
         raise CompressorError(None, str(e)) from None
     job = QuantizeJob(
         model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), config=cfg, skip=tuple(args.skip),
         quantize_head=args.quantize_head, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-        progress=not args.quiet,
+        progress=not args.quiet, optimize=optimize,
     )  # fmt: skip
     summary = quantize_checkpoint(job)
     print(f"wrote {args.out_dir}")
@@ -180,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-tensor", action="store_true", help="int8: one scale for the whole tensor instead of per row")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module names or patterns to keep in float")
     q.add_argument("--quantize-head", action="store_true", help="also quantize the output head (kept in float by default)")
+    q.add_argument("--optimize", choices=("none", "scales", "gptq"), default="none",
+                   help="nf4/fp4: round to nearest (default, bitsandbytes' result), search each block's scale, or GPTQ codes (both need --calibration)")
+    q.add_argument("--calibration", metavar="FILE", help="text whose activations weigh the error (never the evaluation text)")
+    q.add_argument("--calibration-tokens", type=int, default=32768, help="tokens of the calibration text to use (default 32768)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     q.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (only if you trust it)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -24,6 +24,7 @@ from .errors import CompressorError
 from .formats import FORMATS, NonFiniteError, config_for, format_for, method_of, payload_nbytes
 from .formats.common import FLOAT_DTYPES
 from .gc_pause import paused_gc
+from .optimize import OptimizeConfig
 
 MANIFEST = "manifest.json"
 # Files of a source folder that are weights or rewritten by us; everything else (tokenizer,
@@ -46,6 +47,7 @@ class QuantizeJob:
     overwrite: bool = False
     allow_pickle: bool = False
     progress: bool = True
+    optimize: OptimizeConfig = OptimizeConfig()  # how scales and codes are chosen (nf4/fp4); default: round to nearest
 
     def __post_init__(self):
         if type(self.config) not in FORMATS:
@@ -118,7 +120,9 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
                 from .checkpoint.model_info import load_config, meta_model, plan_linears
 
                 plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
-            run = _Run(job, plan.quantize)
+            from .optimize.quantizer import weight_quantizer
+
+            run = _Run(job, plan.quantize, weight_quantizer(job.model_dir, job.config, job.optimize, plan.quantize))
             destinations = {s: tmp / (s.with_suffix(".safetensors").name if ckpt.sharded else SINGLE) for s in ckpt.shards}
             with tqdm(total=sum(map(len, names.values())), desc="quantize", unit="tensor", disable=not job.progress) as bar:
                 run.all_shards(reads, destinations, names, bar)
@@ -146,7 +150,8 @@ def _write_manifest(path: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str],
         "compressor_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": summary.method,
-        "options": {**options, "skip": list(job.skip), "quantize_head": job.quantize_head},
+        "options": {**options, "skip": list(job.skip), "quantize_head": job.quantize_head,
+                    "optimize": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job.optimize).items()}},
         "source": {"path": str(ckpt.root.resolve()),
                    "files": {p.name: {"sha256": hashes[p], "bytes": p.stat().st_size} for p in ckpt.shards}},
         "summary": {**asdict(summary), "bits_per_param": summary.bits_per_param},
@@ -167,10 +172,11 @@ def options_from_manifest(manifest: dict) -> tuple[object, tuple[str, ...], bool
 
 class _Run:
     # The state one run accumulates over its shards.
-    def __init__(self, job: QuantizeJob, targets: frozenset[str]):
+    def __init__(self, job: QuantizeJob, targets: frozenset[str], quantizer=None):
         self.job = job
         self.targets = targets
         self.format = format_for(job.config)
+        self.quantizer = quantizer or (lambda name, tensor: self.format.quantize(tensor, job.config))
         self.layout = bnb_layout if isinstance(job.config, bnb_layout.CONFIGS) else native_layout
         self.summary = QuantizeSummary(method=method_of(job.config))
         self.tensor_report: dict[str, dict] = {}
@@ -235,7 +241,7 @@ class _Run:
             raise CompressorError(src, f"tensor {name!r}: cannot quantize {tensor.dtype} of shape {tuple(tensor.shape)}")
         try:
             started = time.perf_counter()
-            packed, state = self.format.quantize(tensor, self.job.config)
+            packed, state = self.quantizer(name, tensor)
         except NonFiniteError:
             raise CompressorError(src, f"tensor {name!r} contains NaN or Inf") from None
         measured = time.perf_counter()

@@ -123,12 +123,17 @@ def quantize(w: torch.Tensor, cfg: FourBitConfig = FourBitConfig()) -> tuple[tor
     bounds, order = _rounding_tables(cfg.codebook)
     if n and not kernels.quantize_4bit(kernels.as_bits(flat), cfg.blocksize, bounds, order, packed.numpy(), absmax.numpy()):
         raise NonFiniteError("weight contains NaN or Inf")
-    common = dict(codebook=cfg.codebook, blocksize=cfg.blocksize, shape=tuple(w.shape), dtype=w.dtype)
+    return packed, state_for(absmax, cfg, tuple(w.shape), w.dtype)
+
+
+def state_for(absmax: torch.Tensor, cfg: FourBitConfig, shape: tuple[int, ...], dtype: torch.dtype) -> FourBitState:
+    """The state of a weight with these float32 block absmaxes: stored as they are, or double-quantized as ``cfg`` says."""
+    common = dict(codebook=cfg.codebook, blocksize=cfg.blocksize, shape=shape, dtype=dtype)
     if not cfg.double_quant:
-        return packed, FourBitState(absmax=absmax, **common)
+        return FourBitState(absmax=absmax, **common)
     offset = absmax.mean()
     codes, absmax_state = dynamic8.quantize(absmax - offset, ABSMAX_BLOCKSIZE, cfg.absmax_rounding)
-    return packed, FourBitState(absmax=codes, absmax_state=absmax_state, absmax_offset=offset.item(), **common)
+    return FourBitState(absmax=codes, absmax_state=absmax_state, absmax_offset=offset.item(), **common)
 
 
 def dequantize(packed: torch.Tensor, state: FourBitState) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""Nearest code of a 4-bit codebook for already-scaled values, as torch ops over whole tensors."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..formats.nf4 import codebook
+
+
+@lru_cache(maxsize=None)
+def _tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values = codebook(name)
+    order = torch.argsort(values, stable=True)
+    ordered = values[order]
+    return ordered, (ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8)
+
+
+def nearest(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, values)``: each element of ``x`` (in units of its block's scale) rounded to the nearest code value."""
+    ordered, bounds, order = _tables(name)
+    index = torch.bucketize(x, bounds)
+    return order[index], ordered[index]
+
+
+def safe(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` with zeros replaced by 1: an all-zero block divides by something and still decodes to 0."""
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
