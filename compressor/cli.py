@@ -86,7 +86,7 @@ def _bench_tradeoffs(args) -> int:
     job = TradeoffJob(
         model_dir=Path(args.model_dir), text=Path(args.text), out_dir=Path(args.out), methods=tuple(args.methods) or None,
         quick=args.quick, windows=args.windows, seq_len=args.seq, new_tokens=args.new_tokens,
-        keep_checkpoints=args.keep_checkpoints, progress=not args.quiet,
+        keep_checkpoints=args.keep_checkpoints, progress=not args.quiet, calibration=Path(args.calibration) if args.calibration else None,
     )  # fmt: skip
     report = run_tradeoffs(job)
     print(report.markdown, end="")
@@ -108,6 +108,7 @@ def _train(args) -> int:
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         eval_split=args.eval_split, eval_every=args.eval_every, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, overwrite=args.overwrite, progress=not args.quiet,
+        init=args.init, float_dir=Path(args.float_dir) if args.float_dir else None,
     )  # fmt: skip
     summary = train(job)
     print(f"wrote {args.out}")
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--gradient-checkpointing", action="store_true")
+    r.add_argument("--init", choices=("default", "loftq"), default="default",
+                   help="default: B = 0 (PEFT's); loftq: start from the base's quantization error (needs the float weights)")
+    r.add_argument("--float", dest="float_dir", metavar="DIR", help="loftq: the float checkpoint of the base (default: the one its manifest names)")
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(run=_train)
@@ -282,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq", type=int, help="tokens per window (default 512, quick 256)")
     t.add_argument("--new-tokens", type=int, help="tokens decoded for the speed figure (default 64, quick 32)")
     t.add_argument("--keep-checkpoints", action="store_true", help="keep the quantized folders in OUT/checkpoints")
+    t.add_argument("--calibration", metavar="FILE", help="text for the --optimize rows (not the --text); without it they are left out")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(run=_bench_tradeoffs)
     return parser

@@ -25,6 +25,7 @@ from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
 from .errors import CompressorError
 from .loading import load
+from .loftq import float_source, loftq_init
 from .lora import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 
 
@@ -51,6 +52,15 @@ class TrainJob:
     gradient_checkpointing: bool = False
     overwrite: bool = False
     progress: bool = True
+    init: str = "default"  # "default": B = 0, as PEFT; "loftq": from the base's quantization error
+    float_dir: Path | None = None  # loftq: the float checkpoint of the base; default: the one its manifest names
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+
+INITS = ("default", "loftq")
 
 
 @dataclass
@@ -114,6 +124,8 @@ def train(job: TrainJob) -> TrainSummary:
         modules = add_lora(model, cfg)
     except ValueError as e:
         raise CompressorError(job.base_dir, str(e)) from None
+    if job.init == "loftq":
+        loftq_init(modules, job.float_dir or float_source(job.base_dir))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)

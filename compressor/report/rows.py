@@ -23,6 +23,7 @@ class Row:
     double_quant: bool = True
     per_tensor: bool = False
     dtype: str = "float32"  # float rows: the dtype the model is loaded and run in
+    optimize: str = "none"  # our nf4/fp4 rows: how scales and codes are chosen (needs the report's calibration text)
 
 
 REFERENCE = Row("float32", FLOAT)
@@ -36,6 +37,8 @@ ALL_ROWS: tuple[Row, ...] = (
     Row("nf4 b32", OURS, "nf4", blocksize=32),
     Row("nf4 b64", OURS, "nf4", blocksize=64),
     Row("nf4 b64 no-dq", OURS, "nf4", blocksize=64, double_quant=False),
+    Row("nf4 b64 scales", OURS, "nf4", blocksize=64, optimize="scales"),
+    Row("nf4 b64 gptq", OURS, "nf4", blocksize=64, optimize="gptq"),
     Row("nf4 b128", OURS, "nf4", blocksize=128),
     Row("fp4 b64", OURS, "fp4", blocksize=64),
     Row("int4 b32", OURS, "int4", blocksize=32),
@@ -49,12 +52,15 @@ ALL_ROWS: tuple[Row, ...] = (
 )
 
 # The quick report: one row per kind of format, and bitsandbytes' NF4 to check ours against.
-QUICK_ROWS: tuple[str, ...] = ("float32", "int8 per row", "int8-sym", "nf4 b64", "fp4 b64", "int4 b64", "int2 b64", "bnb nf4")
+QUICK_ROWS: tuple[str, ...] = ("float32", "int8 per row", "int8-sym", "nf4 b64", "nf4 b64 gptq", "fp4 b64", "int4 b64", "int2 b64", "bnb nf4")
 
 
-def select(methods: tuple[str, ...] | None, quick: bool) -> tuple[Row, ...]:
-    """The rows to measure: those of the given methods (or all, or the quick set), always with the float32 reference."""
-    rows = ALL_ROWS
+def select(methods: tuple[str, ...] | None, quick: bool, calibrated: bool = False) -> tuple[Row, ...]:
+    """The rows to measure: those of the given methods (or all, or the quick set), always with the float32 reference.
+
+    Rows that optimize against calibration text are left out when the report has none.
+    """
+    rows = ALL_ROWS if calibrated else tuple(r for r in ALL_ROWS if r.optimize == "none")
     if quick:
         rows = tuple(r for r in rows if r.name in QUICK_ROWS)
     if methods:

@@ -26,6 +26,7 @@ from ..checkpoint.atomic import atomic_file
 from ..checkpoint.reader import find_checkpoint
 from ..errors import CompressorError
 from ..formats import config_for
+from ..optimize import OptimizeConfig
 from ..quantize import QuantizeJob, quantize_checkpoint
 from .render import markdown_table, plot
 from .rows import OURS, Row, select
@@ -46,6 +47,7 @@ class TradeoffJob:
     new_tokens: int | None = None
     keep_checkpoints: bool = False
     progress: bool = True
+    calibration: Path | None = None  # text for the --optimize rows (never the evaluation text); without it they are left out
 
     def sizes(self) -> tuple[int, int, int]:
         """(windows, tokens per window, new tokens to decode)."""
@@ -79,7 +81,7 @@ def run_tradeoffs(job: TradeoffJob) -> TradeoffReport:
     if not job.text.is_file():
         raise CompressorError(job.text, "no such text file")
     try:
-        rows = select(job.methods, job.quick)
+        rows = select(job.methods, job.quick, calibrated=job.calibration is not None)
     except ValueError as e:
         raise CompressorError(None, str(e)) from None
     windows, seq_len, new_tokens = job.sizes()
@@ -95,7 +97,8 @@ def run_tradeoffs(job: TradeoffJob) -> TradeoffReport:
     if not job.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     settings = {
-        "model_dir": str(job.model_dir), "text": str(job.text), "windows": windows, "seq_len": seq_len,
+        "model_dir": str(job.model_dir), "text": str(job.text), "calibration": None if job.calibration is None else str(job.calibration),
+        "windows": windows, "seq_len": seq_len,
         "new_tokens": new_tokens, "quick": job.quick, "seconds": time.perf_counter() - start,
         "machine": {"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version(),
                     "packages": _versions()},
@@ -111,7 +114,8 @@ def _measure_row(row: Row, job: TradeoffJob, windows: int, seq_len: int, new_tok
         if row.source == OURS:
             model_dir = out / "checkpoints" / slug
             cfg = config_for(row.method, row.blocksize, double_quant=row.double_quant, per_tensor=row.per_tensor)
-            quantize_checkpoint(QuantizeJob(job.model_dir, model_dir, cfg, overwrite=True, progress=False))
+            optimize = OptimizeConfig(row.optimize, job.calibration) if row.optimize != "none" else OptimizeConfig()
+            quantize_checkpoint(QuantizeJob(job.model_dir, model_dir, cfg, overwrite=True, progress=False, optimize=optimize))
         measure = MeasureJob(
             row=row, model_dir=model_dir, reference_dir=job.model_dir, text=job.text, windows=windows,
             seq_len=seq_len, new_tokens=new_tokens,

@@ -27,3 +27,9 @@ def test_quick_and_methods_combine():
 def test_an_unknown_method_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown method int7"):
         select(("int7",), quick=False)
+
+
+def test_optimized_rows_need_calibration_text():
+    assert [r.name for r in select(("nf4",), quick=True)] == ["float32", "nf4 b64", "bnb nf4"]
+    assert [r.name for r in select(("nf4",), quick=True, calibrated=True)] == ["float32", "nf4 b64", "nf4 b64 gptq", "bnb nf4"]
+    assert {"nf4 b64 scales", "nf4 b64 gptq"} <= {r.name for r in select(None, quick=False, calibrated=True)}

@@ -1,0 +1,56 @@
+"""LoftQ initialization: an adapter that starts from the quantization error it sits beside.
+
+A fresh adapter (B = 0) leaves the quantized base as it is. LoftQ (Li et al., 2023) instead sets
+``scaling * B @ A`` to the best rank-r approximation of ``W - dequantize(Q)``, the part of the float
+weight the 4-bit codes lost, so base + fresh adapter is already closer to the float model. The
+codes stay as they are (one LoftQ step on a fixed base): the base folder is shared by every tenant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint.reader import find_checkpoint, open_shard
+from .errors import CompressorError
+from .lora import LoraLinear
+from .nn import QuantLinear
+
+
+def float_source(base_dir: Path) -> Path:
+    """The float checkpoint a quantized folder was made from, as its manifest records it."""
+    manifest = base_dir / "manifest.json"
+    try:
+        return Path(json.loads(manifest.read_text())["source"]["path"])
+    except (OSError, ValueError, KeyError) as e:
+        raise CompressorError(manifest, f"cannot tell which float checkpoint the base came from ({e}); pass it explicitly") from None
+
+
+@torch.no_grad()
+def loftq_init(modules: dict[str, LoraLinear], float_dir: Path) -> None:
+    """Set each module's A and B so that ``scaling * B @ A`` is the rank-r SVD of its float weight minus its dequantized weight."""
+    weights = _float_weights(float_dir, {f"{name}.weight" for name in modules})
+    for name, module in modules.items():
+        if not isinstance(module.base, QuantLinear):
+            raise CompressorError(None, f"{name} is not quantized: LoftQ starts from a quantized base's error")
+        residual = weights[f"{name}.weight"].float() - module.base.weight_dequantized().float()
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        rank = module.lora_A.out_features
+        # Split the singular values evenly between the factors, so neither starts much larger.
+        root = (s[:rank] / module.scaling).sqrt()
+        module.lora_B.weight.copy_(u[:, :rank] * root)
+        module.lora_A.weight.copy_(root[:, None] * vh[:rank])
+
+
+def _float_weights(float_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for shard in find_checkpoint(float_dir).shards:
+        with open_shard(shard) as reader:
+            found.update({name: reader.get(name) for name in reader.keys() if name in names})
+    missing = sorted(names - set(found))
+    if missing:
+        raise CompressorError(float_dir, f"no float weight for {', '.join(missing[:3])}: is this the checkpoint the base came from?")
+    return found
+

@@ -1,0 +1,80 @@
+"""LoftQ starts an adapter at the best rank-r fix of the base's quantization error."""
+
+import json
+
+import pytest
+import torch
+
+from compressor.errors import CompressorError
+from compressor.formats import config_for
+from compressor.loading import load
+from compressor.loftq import float_source, loftq_init
+from compressor.lora import LoraConfig, add_lora
+from compressor.quantize import QuantizeJob, quantize_checkpoint
+from compressor.train import TrainJob, train
+from tests.helpers import tiny_checkpoint, with_tokenizer
+
+RECORDS = [{"prompt": f"word{i} word{i + 1}", "completion": "token3 token5 token7"} for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loftq")
+    src = with_tokenizer(tiny_checkpoint(root))
+    quantize_checkpoint(QuantizeJob(src, root / "nf4", config_for("nf4"), progress=False))
+    with_tokenizer(root / "nf4")
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return {"float": src, "nf4": root / "nf4", "data": root / "data.jsonl"}
+
+
+def test_base_plus_adapter_is_the_best_rank_r_approximation_of_the_float_weight(base):
+    model = load(base["nf4"], exact=True)
+    modules = add_lora(model, LoraConfig(rank=4, alpha=8))
+    loftq_init(modules, base["float"])
+    float_model = load(base["float"])
+    for name, m in modules.items():
+        w = float_model.get_submodule(name).weight.detach()
+        before = w - m.base.weight_dequantized()
+        after = before - m.delta()
+        singular = torch.linalg.svdvals(before)
+        assert torch.linalg.matrix_norm(after) < torch.linalg.matrix_norm(before)
+        torch.testing.assert_close(torch.linalg.matrix_norm(after), singular[4:].square().sum().sqrt(), rtol=1e-3, atol=1e-4)
+
+
+def test_the_float_checkpoint_comes_from_the_manifest(base, tmp_path):
+    assert float_source(base["nf4"]).resolve() == base["float"].resolve()
+    with pytest.raises(CompressorError, match="cannot tell which float checkpoint"):
+        float_source(tmp_path)
+
+
+def test_a_float_base_has_no_quantization_error_to_start_from(base):
+    modules = add_lora(load(base["float"], exact=True), LoraConfig(rank=4))
+    with pytest.raises(CompressorError, match="is not quantized"):
+        loftq_init(modules, base["float"])
+
+
+def test_base_plus_the_fresh_adapter_computes_closer_to_the_float_model(base):
+    ids = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        reference = load(base["float"])(ids).logits
+        model = load(base["nf4"], exact=True)
+        bare = (model(ids).logits - reference).norm()
+        loftq_init(add_lora(model, LoraConfig(rank=16, alpha=32)), base["float"])  # random weights: a flat spectrum
+        assert (model(ids).logits - reference).norm() < 0.8 * bare
+
+
+def test_training_with_loftq_starts_from_that_adapter(base, tmp_path):
+    from safetensors.torch import load_file
+
+    options = dict(rank=4, alpha=8, dropout=0.0, lr=0.0, steps=1, batch_size=4, seq_len=32, eval_split=0.2, progress=False)
+    train(TrainJob(base["nf4"], base["data"], tmp_path / "loftq", init="loftq", **options))
+    saved = load_file(tmp_path / "loftq" / "adapter_model.safetensors")
+    modules = add_lora(load(base["nf4"], exact=True), LoraConfig(rank=4, alpha=8))
+    loftq_init(modules, base["float"])
+    for name, m in modules.items():
+        torch.testing.assert_close(saved[f"base_model.model.{name}.lora_B.weight"], m.lora_B.weight)
+
+
+def test_an_unknown_init_is_refused(base, tmp_path):
+    with pytest.raises(ValueError, match="init must be one of default, loftq"):
+        TrainJob(base["nf4"], base["data"], tmp_path / "x", init="pissa")
