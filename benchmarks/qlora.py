@@ -236,6 +236,25 @@ def demo(model_dir: Path, work: Path, steps: int) -> None:
             print(f"\nprompt: {s}\n  base:          {b.strip()[:120]!r}\n  base + {tenant}: {a.strip()[:120]!r}")
 
 
+def loftq_curves(model_dir: Path, work: Path, steps: int, every: int) -> dict:
+    """Held-out loss curves of zero-initialized and LoftQ-initialized adapters on the NF4 base, language modelling of licence sentences."""
+    from compressor.train import TrainJob, train
+
+    nf4 = nf4_base(model_dir, work)
+    data = work / "sentences.jsonl"
+    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences()[:480]))
+    curves = {}
+    for init in ("default", "loftq"):
+        job = TrainJob(nf4, data, work / f"adapter-sentences-{init}", rank=8, alpha=16, dropout=0.05, lr=5e-4, steps=steps, batch_size=8,
+                       seq_len=128, eval_split=1 / 6, eval_every=every, overwrite=True, init=init, float_dir=model_dir)  # fmt: skip
+        curves[init] = train(job).eval_losses
+        print(f"{init:8s} held-out loss by step: " + ", ".join(f"{step}: {loss:.4f}" for step, loss in curves[init]), flush=True)
+    target = curves["default"][-1][1]
+    reached = next((step for step, loss in curves["loftq"] if loss <= target), None)
+    print(f"zero init reaches {target:.4f} at step {curves['default'][-1][0]}; LoftQ reaches it at step {reached}")
+    return {"curves": curves, "target": target, "loftq_reaches_target_at": reached}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line of the benchmark."""
     if argv is None:
@@ -252,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-steps", type=int, default=6)
     parser.add_argument("--demo", action="store_true", help="train each tenant briefly and show answers before and after")
     parser.add_argument("--costs-only", action="store_true", help="only the step time and memory comparison (WORK from an earlier full run)")
+    parser.add_argument("--loftq", action="store_true", help="only the held-out loss curves of zero and LoftQ initialization (--steps, eval every 5)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.demo:
         demo(args.model, args.work, args.steps)
+        return 0
+    if args.loftq:
+        results = loftq_curves(args.model, args.work, args.steps, every=5)
+        (args.work / "loftq.json").write_text(json.dumps(results, indent=2) + "\n")
         return 0
     if args.costs_only:
         print(json.dumps(costs(args.model, args.work, args.cost_steps), indent=2))

@@ -31,7 +31,7 @@ def _quantize(args) -> int:
         )  # fmt: skip
         optimize = OptimizeConfig(
             method=args.optimize, calibration=Path(args.calibration) if args.calibration else None,
-            calibration_tokens=args.calibration_tokens,
+            calibration_tokens=args.calibration_tokens, budget_bits=args.budget_bits,
         )  # fmt: skip
     except ValueError as e:
         raise CompressorError(None, str(e)) from None
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nf4/fp4: round to nearest (default, bitsandbytes' result), search each block's scale, or GPTQ codes (both need --calibration)")
     q.add_argument("--calibration", metavar="FILE", help="text whose activations weigh the error (never the evaluation text)")
     q.add_argument("--calibration-tokens", type=int, default=32768, help="tokens of the calibration text to use (default 32768)")
+    q.add_argument("--budget-bits", type=float, metavar="B",
+                   help="keep the layers whose quantization hurts most (measured on the calibration text) unquantized, "
+                        "all linear layers averaging at most B bits per parameter")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     q.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (only if you trust it)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

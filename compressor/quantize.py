@@ -7,7 +7,7 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -73,11 +73,19 @@ class QuantizeSummary:
     seconds_waiting_on_writes: float = 0.0
     worst_tensor: str = ""
     worst_rms_error: float = 0.0
+    params_kept: int = 0  # in layers a size budget kept in float
+    kept_bytes: int = 0
+    layers_kept: list[str] = field(default_factory=list)
 
     @property
     def bits_per_param(self) -> float:
         """Bits per parameter of the quantized layers (codes plus scales)."""
         return 8 * self.quantized_payload_bytes / max(self.params_quantized, 1)
+
+    @property
+    def linear_bits_per_param(self) -> float:
+        """Bits per parameter over the quantized and the budget-kept layers: what ``--budget-bits`` bounds."""
+        return 8 * (self.quantized_payload_bytes + self.kept_bytes) / max(self.params_quantized + self.params_kept, 1)
 
     def lines(self) -> list[str]:
         """Human-readable report."""
@@ -86,6 +94,9 @@ class QuantizeSummary:
             f"method                 {self.method}",
             f"parameters quantized   {self.params_quantized:,} of {self.params_total:,} in {self.tensors_quantized} tensors",
             f"bits/param (quantized) {self.bits_per_param:.3f}",
+            *([f"kept in float         {len(self.layers_kept)} layers ({self.params_kept:,} parameters); all linear layers "
+               f"{self.linear_bits_per_param:.3f} bits/param: {', '.join(self.layers_kept[:6])}{' ...' if len(self.layers_kept) > 6 else ''}"]
+              if self.layers_kept else []),
             f"size                   {self.bytes_before / mb:,.1f} MB -> {self.bytes_after / mb:,.1f} MB "
             f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)",
             f"largest RMS error      {self.worst_rms_error:.3g} ({self.worst_tensor})",
@@ -120,9 +131,11 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
                 from .checkpoint.model_info import load_config, meta_model, plan_linears
 
                 plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
-            from .optimize.quantizer import weight_quantizer
+            from .optimize.quantizer import prepare
 
-            run = _Run(job, plan.quantize, weight_quantizer(job.model_dir, job.config, job.optimize, plan.quantize))
+            prepared = prepare(job.model_dir, job.config, job.optimize, plan.quantize)
+            kept = frozenset(c.name for c in prepared.kept)
+            run = _Run(job, plan.quantize - kept, prepared.quantize, kept)
             destinations = {s: tmp / (s.with_suffix(".safetensors").name if ckpt.sharded else SINGLE) for s in ckpt.shards}
             with tqdm(total=sum(map(len, names.values())), desc="quantize", unit="tensor", disable=not job.progress) as bar:
                 run.all_shards(reads, destinations, names, bar)
@@ -133,17 +146,17 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         summary = run.summary
         summary.bytes_before = source_bytes
         summary.bytes_after = folder_bytes(tmp)  # the shards are complete; what follows is not weights
-        _write_config(ckpt.config_path, tmp, job.config, plan.skip)
+        _write_config(ckpt.config_path, tmp, job.config, plan.skip + tuple(sorted(kept)))
         if ckpt.sharded:
             index = {"metadata": {"total_size": summary.bytes_after}, "weight_map": run.weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         copy_side_files(ckpt.root, tmp)
         summary.seconds = time.perf_counter() - start
-        _write_manifest(tmp / MANIFEST, job, ckpt, reads.hashes, summary, run.tensor_report)
+        _write_manifest(tmp / MANIFEST, job, ckpt, reads.hashes, summary, run.tensor_report, prepared)
     return summary
 
 
-def _write_manifest(path: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str], summary: QuantizeSummary, tensors: dict) -> None:
+def _write_manifest(path: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str], summary: QuantizeSummary, tensors: dict, prepared) -> None:
     options = {k: type(v).__name__ if is_dataclass(v) else v for k, v in vars(job.config).items()}
     manifest = {
         "manifest_version": 1,
@@ -154,9 +167,14 @@ def _write_manifest(path: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str],
                     "optimize": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job.optimize).items()}},
         "source": {"path": str(ckpt.root.resolve()),
                    "files": {p.name: {"sha256": hashes[p], "bytes": p.stat().st_size} for p in ckpt.shards}},
-        "summary": {**asdict(summary), "bits_per_param": summary.bits_per_param},
+        "summary": {**asdict(summary), "bits_per_param": summary.bits_per_param, "linear_bits_per_param": summary.linear_bits_per_param},
         "tensors": tensors,
     }  # fmt: skip
+    if job.optimize.budget_bits is not None:
+        # Which layers the budget kept in float, and why: each layer's measured damage and size.
+        kept = {c.name for c in prepared.kept}
+        manifest["budget"] = {"bits": job.optimize.budget_bits, "kept": sorted(kept),
+                              "layers": [{**asdict(c), "kept": c.name in kept} for c in sorted(prepared.measured, key=lambda c: -c.kl)]}  # fmt: skip
     path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -172,9 +190,10 @@ def options_from_manifest(manifest: dict) -> tuple[object, tuple[str, ...], bool
 
 class _Run:
     # The state one run accumulates over its shards.
-    def __init__(self, job: QuantizeJob, targets: frozenset[str], quantizer=None):
+    def __init__(self, job: QuantizeJob, targets: frozenset[str], quantizer=None, kept: frozenset[str] = frozenset()):
         self.job = job
         self.targets = targets
+        self.kept = kept
         self.format = format_for(job.config)
         self.quantizer = quantizer or (lambda name, tensor: self.format.quantize(tensor, job.config))
         self.layout = bnb_layout if isinstance(job.config, bnb_layout.CONFIGS) else native_layout
@@ -200,6 +219,10 @@ class _Run:
                         if self.layout is native_layout:
                             header_entries[src][name] = native_layout.header_entry(state)
                         outputs = self.layout.tensors_for(name, packed, state)
+                        reads.release(tensor)
+                        tensor = None
+                    elif name.endswith(".weight") and name.removesuffix(".weight") in self.kept:
+                        outputs = {name: self.keep(name, tensor)}
                         reads.release(tensor)
                         tensor = None
                     else:
@@ -235,6 +258,15 @@ class _Run:
             if item is None:
                 return
             yield item
+
+    def keep(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        # A layer the size budget keeps, as stored; a copy, since the read buffer is recycled.
+        kept = tensor.clone()
+        s = self.summary
+        s.params_kept += kept.numel()
+        s.kept_bytes += kept.nbytes
+        s.layers_kept.append(name.removesuffix(".weight"))
+        return kept
 
     def quantize(self, src: Path, name: str, tensor: torch.Tensor):
         if tensor.dtype not in FLOAT_DTYPES or tensor.dim() != 2:
