@@ -237,22 +237,28 @@ def demo(model_dir: Path, work: Path, steps: int) -> None:
 
 
 def loftq_curves(model_dir: Path, work: Path, steps: int, every: int) -> dict:
-    """Held-out loss curves of zero-initialized and LoftQ-initialized adapters on the NF4 base, language modelling of licence sentences."""
+    """Held-out loss curves of zero-initialized and LoftQ-initialized adapters (plain, and weighted by activations) on the NF4 base.
+
+    The task is language modelling of licence sentences; the weighted LoftQ calibrates on other
+    sentences than the ones trained and held out.
+    """
     from compressor.train import TrainJob, train
 
     nf4 = nf4_base(model_dir, work)
-    data = work / "sentences.jsonl"
-    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences()[:480]))
+    pool = sentences()
+    data, calibration = work / "sentences.jsonl", work / "sentences-calibration.txt"
+    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in pool[:480]))
+    calibration.write_text("\n".join(pool[480:]) + "\n")
     curves = {}
-    for init in ("default", "loftq"):
-        job = TrainJob(nf4, data, work / f"adapter-sentences-{init}", rank=8, alpha=16, dropout=0.05, lr=5e-4, steps=steps, batch_size=8,
-                       seq_len=128, eval_split=1 / 6, eval_every=every, overwrite=True, init=init, float_dir=model_dir)  # fmt: skip
-        curves[init] = train(job).eval_losses
-        print(f"{init:8s} held-out loss by step: " + ", ".join(f"{step}: {loss:.4f}" for step, loss in curves[init]), flush=True)
-    target = curves["default"][-1][1]
-    reached = next((step for step, loss in curves["loftq"] if loss <= target), None)
-    print(f"zero init reaches {target:.4f} at step {curves['default'][-1][0]}; LoftQ reaches it at step {reached}")
-    return {"curves": curves, "target": target, "loftq_reaches_target_at": reached}
+    for name, init, text in (("B = 0", "default", None), ("LoftQ", "loftq", None), ("LoftQ, activation-weighted", "loftq", calibration)):
+        job = TrainJob(nf4, data, work / f"adapter-sentences-{len(curves)}", rank=8, alpha=16, dropout=0.05, lr=5e-4, steps=steps, batch_size=8,
+                       seq_len=128, eval_split=1 / 6, eval_every=every, overwrite=True, init=init, float_dir=model_dir, calibration=text)  # fmt: skip
+        curves[name] = train(job).eval_losses
+        print(f"{name}: held-out loss by step: " + ", ".join(f"{step}: {loss:.4f}" for step, loss in curves[name]), flush=True)
+    target = curves["B = 0"][-1][1]
+    reached = {name: next((step for step, loss in curve if loss <= target), None) for name, curve in curves.items()}
+    print(f"steps to reach B = 0's final held-out loss {target:.4f}: {reached}")
+    return {"curves": curves, "target": target, "steps_to_target": reached}
 
 
 def main(argv: list[str] | None = None) -> int:

