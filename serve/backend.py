@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from compressor.errors import CompressorError
-from compressor.export.runtime import META
+from compressor.export.names import META
 
 from .types import EngineConfig
 

@@ -19,8 +19,8 @@ from transformers import AutoTokenizer
 
 from compressor.errors import CompressorError
 from compressor.export.adapters import module_arrays
-from compressor.export.decoder import lora_names
-from compressor.export.runtime import META, MODEL, OnnxDecoder
+from compressor.export.names import META, MODEL, lora_names
+from compressor.export.runtime import OnnxDecoder
 
 from .backend import eos_set
 

@@ -16,9 +16,7 @@ import torch
 from ..adapters import Adapter
 from ..checkpoint.atomic import atomic_file
 from ..errors import CompressorError
-from .decoder import lora_names
-
-SUFFIX = ".onnx_adapter"
+from .names import lora_names
 
 
 def adapter_arrays(adapter: Adapter, lora_modules: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -36,6 +34,7 @@ def module_arrays(module: str, a: torch.Tensor, b: torch.Tensor, scaling: float)
     """One module's two inputs from A ``(r, in)`` and B ``(out, r)``: A transposed and ``scaling * B`` transposed, float32."""
     a_name, b_name = lora_names(module)
     return {a_name: np.ascontiguousarray(a.float().numpy().T), b_name: np.ascontiguousarray((b.float() * scaling).numpy().T)}
+
 
 def write_adapter_file(arrays: dict[str, np.ndarray], path: Path) -> Path:
     """Write ``arrays`` as an onnxruntime adapter file at ``path``, atomically."""

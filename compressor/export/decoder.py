@@ -27,6 +27,7 @@ from ..architecture import attention_problems, kv_shape
 from ..errors import CompressorError
 from .graph import FLOAT, INT32, INT64, MS_DOMAIN, Graph
 from .linear import emit_linear
+from .names import lora_names, past_names, present_names
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length
@@ -42,21 +43,6 @@ class DecoderSpec:
     vocab_size: int
     max_positions: int
     lora_modules: tuple[str, ...]  # module names with LoRA inputs, in graph order
-
-
-def past_names(layer: int) -> tuple[str, str]:
-    """Input names of one layer's cached keys and values."""
-    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
-
-
-def present_names(layer: int) -> tuple[str, str]:
-    """Output names of one layer's keys and values after this run."""
-    return f"present.{layer}.key", f"present.{layer}.value"
-
-
-def lora_names(module: str) -> tuple[str, str]:
-    """Input names of one module's adapter matrices, A transposed ``(in, r)`` and scaling * B transposed ``(r, out)``."""
-    return f"{module}.lora_A", f"{module}.lora_B"
 
 
 def check_exportable(model: PreTrainedModel) -> None:

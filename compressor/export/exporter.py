@@ -23,10 +23,9 @@ from ..loading import load, quant_method
 from ..methods import DEFAULT_TARGETS
 from ..merge import MergeJob, merge
 from ..quantize import copy_side_files
-from .adapters import SUFFIX, adapter_arrays, write_adapter_file
+from .adapters import adapter_arrays, write_adapter_file
 from .decoder import build_decoder
-
-MODEL, DATA, META, ADAPTERS = "model.onnx", "model.onnx.data", "export.json", "adapters"
+from .names import ADAPTERS, DATA, META, MODEL, SUFFIX
 ACCURACY_LEVELS = {"fp32": 0, "int8": 4}  # MatMulNBits' activation precision: float32, or int8 (faster, approximate)
 
 

@@ -16,8 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import CompressorError
-
-MODEL, META, ADAPTERS, SUFFIX = "model.onnx", "export.json", "adapters", ".onnx_adapter"
+from .names import ADAPTERS, META, MODEL, SUFFIX, past_names, present_names
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,8 @@ class OnnxDecoder:
             raise CompressorError(None, f"{total} positions exceed the model's {self.meta['max_positions']}")
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}
         for layer in range(self.meta["layers"]):
-            feeds[f"past_key_values.{layer}.key"] = cache[2 * layer]
-            feeds[f"past_key_values.{layer}.value"] = cache[2 * layer + 1]
+            key, value = past_names(layer)
+            feeds[key], feeds[value] = cache[2 * layer], cache[2 * layer + 1]
         feeds.update(lora or {})
         options = ort.RunOptions()
         if adapter is not None:
@@ -88,7 +87,7 @@ class OnnxDecoder:
         values = dict(zip(self.outputs, self.session.run(None, feeds, options)))
         present = []
         for layer in range(self.meta["layers"]):
-            present += [values[f"present.{layer}.key"], values[f"present.{layer}.value"]]
+            present += [values[name] for name in present_names(layer)]
         return values["logits"][0], present
 
     def generate(self, prompt_ids: list[int], sampling: Sampling = Sampling(), adapter: str | None = None) -> Iterator[int]:

@@ -7,7 +7,7 @@ import pytest
 from compressor.adapters import read_adapter
 from compressor.errors import CompressorError
 from compressor.export.adapters import adapter_arrays, write_adapter_file
-from compressor.export.decoder import lora_names
+from compressor.export.names import lora_names
 
 
 def test_arrays_are_a_transposed_and_scaled_b_transposed(exported):

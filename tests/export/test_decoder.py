@@ -8,7 +8,8 @@ import torch
 from compressor.adapters import apply_adapter, read_adapter
 from compressor.errors import CompressorError
 from compressor.export.adapters import adapter_arrays
-from compressor.export.decoder import build_decoder, check_exportable, past_names
+from compressor.export.decoder import build_decoder, check_exportable
+from compressor.export.names import past_names
 from compressor.loading import load
 from compressor.methods import DEFAULT_TARGETS
 from tests.helpers import CONFIGS, tiny_model

@@ -10,7 +10,8 @@ import torch
 from compressor.adapters import apply_adapter, read_adapter
 from compressor.checkpoint.reader import folder_bytes
 from compressor.errors import CompressorError
-from compressor.export.exporter import DATA, MODEL, OnnxExportJob, export_onnx
+from compressor.export.exporter import OnnxExportJob, export_onnx
+from compressor.export.names import DATA, MODEL
 from compressor.export.runtime import OnnxDecoder, Sampling
 from compressor.formats import config_for
 from compressor.loading import load
