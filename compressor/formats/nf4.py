@@ -95,13 +95,12 @@ def codebook(name: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _rounding_tables(name: str):
-    # Midpoints between consecutive sorted code values, and the code of each sorted position.
+def rounding_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sorted code values, midpoints between neighbours, code of each sorted position)`` of a codebook."""
     values = codebook(name)
     order = torch.argsort(values, stable=True)
     ordered = values[order]
-    bounds = (ordered[:-1] + ordered[1:]) / 2
-    return bounds.numpy(), order.to(torch.uint8).numpy()
+    return ordered, (ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8)
 
 
 def quantize(w: torch.Tensor, cfg: FourBitConfig = FourBitConfig()) -> tuple[torch.Tensor, FourBitState]:
@@ -120,8 +119,8 @@ def quantize(w: torch.Tensor, cfg: FourBitConfig = FourBitConfig()) -> tuple[tor
     n = flat.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // cfg.blocksize), dtype=torch.float32)
-    bounds, order = _rounding_tables(cfg.codebook)
-    if n and not kernels.quantize_4bit(kernels.as_bits(flat), cfg.blocksize, bounds, order, packed.numpy(), absmax.numpy()):
+    _, bounds, order = rounding_tables(cfg.codebook)
+    if n and not kernels.quantize_4bit(kernels.as_bits(flat), cfg.blocksize, bounds.numpy(), order.numpy(), packed.numpy(), absmax.numpy()):
         raise NonFiniteError("weight contains NaN or Inf")
     return packed, state_for(absmax, cfg, tuple(w.shape), w.dtype)
 

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from ..formats.nf4 import codebook
-
-
-@lru_cache(maxsize=None)
-def _tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    values = codebook(name)
-    order = torch.argsort(values, stable=True)
-    ordered = values[order]
-    return ordered, (ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8)
+from ..formats.nf4 import rounding_tables
 
 
 def nearest(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, values)``: each element of ``x`` (in units of its block's scale) rounded to the nearest code value."""
-    ordered, bounds, order = _tables(name)
+    ordered, bounds, order = rounding_tables(name)
     index = torch.bucketize(x, bounds)
     return order[index], ordered[index]
 
