@@ -108,6 +108,10 @@ class ShardReader:
         """The file's bytes before the first tensor (length and JSON header); None for a pickle."""
         return self._handle.raw_header()
 
+    def nbytes(self, name: str) -> int:
+        """Bytes of one stored tensor, without reading it."""
+        return self._handle.nbytes(name)
+
     def get(self, name: str, allocate=torch.empty) -> torch.Tensor:
         """Read one tensor; ``allocate(shape, dtype=...)`` provides its memory (a fresh tensor by default)."""
         try:
@@ -143,6 +147,10 @@ class _SafetensorsHandle:
 
     def raw_header(self):
         return os.pread(self._fd, self._data_start, 0)
+
+    def nbytes(self, name):
+        begin, end = self._entries[name]["data_offsets"]
+        return end - begin
 
     def get_tensor(self, name, allocate):
         entry = self._entries[name]
@@ -181,6 +189,9 @@ class _PickleHandle:
 
     def raw_header(self):
         return None
+
+    def nbytes(self, name):
+        return self._tensors[name].nbytes
 
     def get_tensor(self, name, allocate):
         return self._tensors[name].contiguous()

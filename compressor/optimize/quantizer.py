@@ -75,7 +75,6 @@ def _stored_bits(model_dir: Path, layers: frozenset[str]) -> dict[str, int]:
     for shard in find_checkpoint(model_dir).shards:
         with open_shard(shard) as reader:
             for key in reader.keys():
-                if key.removesuffix(".weight") in layers and key.endswith(".weight"):
-                    tensor = reader.get(key)
-                    bits[key.removesuffix(".weight")] = 8 * tensor.nbytes
+                if key.endswith(".weight") and key.removesuffix(".weight") in layers:
+                    bits[key.removesuffix(".weight")] = 8 * reader.nbytes(key)
     return bits

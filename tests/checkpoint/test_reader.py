@@ -20,6 +20,13 @@ def test_reads_tensors_one_at_a_time(tmp_path):
     assert t.shape == (320, 64) and t.dtype == torch.float32
 
 
+def test_a_tensors_size_comes_from_the_header(tmp_path):
+    ckpt = find_checkpoint(tiny_checkpoint(tmp_path, dtype=torch.bfloat16))
+    with open_shard(ckpt.shards[0]) as reader:
+        assert all(reader.nbytes(name) == reader.get(name).nbytes for name in reader.keys())
+        assert reader.nbytes("model.embed_tokens.weight") == 320 * 64 * 2
+
+
 def test_missing_folder_and_config_are_named(tmp_path):
     with pytest.raises(CompressorError, match="no such folder"):
         find_checkpoint(tmp_path / "nope")
