@@ -14,6 +14,7 @@ from 5.618 (bare base) to 5.331 (float model: 5.256), against 5.568 unweighted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from .checkpoint.reader import find_checkpoint, open_shard
 from .errors import CompressorError
 from .lora import LoraLinear
 from .nn import QuantLinear
+from .optimize.calibration import float_model_and_windows, input_moments
 
 # Expected row norm of A under PEFT's Kaiming-uniform init (a = sqrt(5)): each of the n entries has
 # variance 1 / (3n).
@@ -37,18 +39,27 @@ def float_source(base_dir: Path) -> Path:
         raise CompressorError(manifest, f"cannot tell which float checkpoint the base came from ({e}); pass it explicitly") from None
 
 
+def initialize(modules: dict[str, LoraLinear], float_dir: Path, calibration: Path | None = None, tokens: int = 16384, seq_len: int = 512) -> None:
+    """LoftQ for ``modules`` from the float checkpoint at ``float_dir``, weighted by the inputs over ``calibration`` text when given."""
+    if calibration is None:
+        loftq_init(modules, float_weights(float_dir, modules))
+        return
+    # The float model that reads the text also holds the float weights: no second read of them.
+    model, windows = float_model_and_windows(float_dir, calibration, tokens, seq_len)
+    loftq_init(modules, {name: model.get_submodule(name).weight for name in modules}, input_moments(model, windows, set(modules)))
+
+
 @torch.no_grad()
-def loftq_init(modules: dict[str, LoraLinear], float_dir: Path, moments: dict[str, torch.Tensor] | None = None, damp: float = 0.01) -> None:
-    """Set each module's A and B to the rank-r approximation of its float weight minus its dequantized weight.
+def loftq_init(modules: dict[str, LoraLinear], weights: Mapping[str, torch.Tensor], moments: dict[str, torch.Tensor] | None = None, damp: float = 0.01) -> None:
+    """Set each module's A and B to the rank-r approximation of its float weight (``weights``, by module) minus its dequantized weight.
 
     ``moments`` (``X^T X / n`` per module, from calibration text) weights the approximation by the
     module's inputs; ``damp`` keeps directions the text never excited from dominating the inverse.
     """
-    weights = _float_weights(float_dir, {f"{name}.weight" for name in modules})
     for name, module in modules.items():
         if not isinstance(module.base, QuantLinear):
             raise CompressorError(None, f"{name} is not quantized: LoftQ starts from a quantized base's error")
-        residual = (weights[f"{name}.weight"].float() - module.base.weight_dequantized().float()).double()
+        residual = (weights[name].float() - module.base.weight_dequantized().float()).double()
         rank = module.lora_A.out_features
         hessian = None if moments is None else moments.get(name)
         if hessian is None:
@@ -65,12 +76,15 @@ def loftq_init(modules: dict[str, LoraLinear], float_dir: Path, moments: dict[st
         module.lora_A.weight.copy_(A_ROW_NORM * directions / norms[:, None])
         module.lora_B.weight.copy_(u[:, :rank] * (s[:rank] * norms / (A_ROW_NORM * module.scaling)))
 
-def _float_weights(float_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
+
+def float_weights(float_dir: Path, modules: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The float weight of each named module, read from the checkpoint at ``float_dir``."""
+    wanted = {f"{name}.weight": name for name in modules}
     found: dict[str, torch.Tensor] = {}
     for shard in find_checkpoint(float_dir).shards:
         with open_shard(shard) as reader:
-            found.update({name: reader.get(name) for name in reader.keys() if name in names})
-    missing = sorted(names - set(found))
+            found.update({wanted[key]: reader.get(key) for key in reader.keys() if key in wanted})
+    missing = sorted(set(wanted.values()) - set(found))
     if missing:
         raise CompressorError(float_dir, f"no float weight for {', '.join(missing[:3])}: is this the checkpoint the base came from?")
     return found

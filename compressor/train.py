@@ -25,8 +25,7 @@ from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
 from .errors import CompressorError
 from .loading import load
-from .loftq import float_source, loftq_init
-from .optimize.calibration import float_model_and_windows, input_moments
+from .loftq import float_source, initialize
 from .lora import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 
 
@@ -128,13 +127,7 @@ def train(job: TrainJob) -> TrainSummary:
     except ValueError as e:
         raise CompressorError(job.base_dir, str(e)) from None
     if job.init == "loftq":
-        float_dir = job.float_dir or float_source(job.base_dir)
-        moments = None
-        if job.calibration is not None:
-            float_model, windows = float_model_and_windows(float_dir, job.calibration, job.calibration_tokens, job.seq_len)
-            moments = input_moments(float_model, windows, set(modules))
-            del float_model
-        loftq_init(modules, float_dir, moments)
+        initialize(modules, job.float_dir or float_source(job.base_dir), job.calibration, job.calibration_tokens, job.seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)

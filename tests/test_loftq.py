@@ -8,7 +8,7 @@ import torch
 from compressor.errors import CompressorError
 from compressor.formats import config_for
 from compressor.loading import load
-from compressor.loftq import float_source, loftq_init
+from compressor.loftq import float_source, float_weights, loftq_init
 from compressor.lora import LoraConfig, add_lora
 from compressor.quantize import QuantizeJob, quantize_checkpoint
 from compressor.train import TrainJob, train
@@ -30,7 +30,7 @@ def base(tmp_path_factory):
 def test_base_plus_adapter_is_the_best_rank_r_approximation_of_the_float_weight(base):
     model = load(base["nf4"], exact=True)
     modules = add_lora(model, LoraConfig(rank=4, alpha=8))
-    loftq_init(modules, base["float"])
+    loftq_init(modules, float_weights(base["float"], modules))
     float_model = load(base["float"])
     for name, m in modules.items():
         w = float_model.get_submodule(name).weight.detach()
@@ -50,7 +50,7 @@ def test_the_float_checkpoint_comes_from_the_manifest(base, tmp_path):
 def test_a_float_base_has_no_quantization_error_to_start_from(base):
     modules = add_lora(load(base["float"], exact=True), LoraConfig(rank=4))
     with pytest.raises(CompressorError, match="is not quantized"):
-        loftq_init(modules, base["float"])
+        loftq_init(modules, float_weights(base["float"], modules))
 
 
 def test_base_plus_the_fresh_adapter_computes_closer_to_the_float_model(base):
@@ -59,7 +59,8 @@ def test_base_plus_the_fresh_adapter_computes_closer_to_the_float_model(base):
         reference = load(base["float"])(ids).logits
         model = load(base["nf4"], exact=True)
         bare = (model(ids).logits - reference).norm()
-        loftq_init(add_lora(model, LoraConfig(rank=16, alpha=32)), base["float"])  # random weights: a flat spectrum
+        modules = add_lora(model, LoraConfig(rank=16, alpha=32))
+        loftq_init(modules, float_weights(base["float"], modules))  # random weights: a flat spectrum
         assert (model(ids).logits - reference).norm() < 0.8 * bare
 
 
@@ -70,7 +71,7 @@ def test_training_with_loftq_starts_from_that_adapter(base, tmp_path):
     train(TrainJob(base["nf4"], base["data"], tmp_path / "loftq", init="loftq", **options))
     saved = load_file(tmp_path / "loftq" / "adapter_model.safetensors")
     modules = add_lora(load(base["nf4"], exact=True), LoraConfig(rank=4, alpha=8))
-    loftq_init(modules, base["float"])
+    loftq_init(modules, float_weights(base["float"], modules))
     for name, m in modules.items():
         torch.testing.assert_close(saved[f"base_model.model.{name}.lora_B.weight"], m.lora_B.weight)
 
@@ -94,9 +95,9 @@ def test_with_input_moments_it_is_the_best_rank_r_fix_where_the_inputs_are(base)
     def output_error(delta):
         return float((x @ (residual - delta).T).norm())
 
-    loftq_init(modules, base["float"])
+    loftq_init(modules, float_weights(base["float"], modules))
     plain = output_error(modules[name].delta())
-    loftq_init(modules, base["float"], moments, damp=0.0)
+    loftq_init(modules, float_weights(base["float"], modules), moments, damp=0.0)
     weighted = output_error(modules[name].delta())
     singular = torch.linalg.svdvals(x @ residual.T)
     assert weighted < plain
