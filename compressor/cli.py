@@ -139,7 +139,7 @@ def _export_onnx(args) -> int:
 
     _quiet_transformers()
     job = OnnxExportJob(
-        base_dir=Path(args.base_dir), out_dir=Path(args.out_dir), adapters=tuple((name, Path(path)) for name, path in args.adapter),
+        base_dir=Path(args.base_dir), out_dir=Path(args.out_dir), adapters=tuple(args.adapter),
         merge=Path(args.merge) if args.merge else None, activations=args.activations,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), overwrite=args.overwrite, allow_pickle=args.allow_pickle,
     )  # fmt: skip
@@ -158,11 +158,12 @@ def _generate(args) -> int:
     return 0
 
 
-def _named_path(value: str) -> tuple[str, str]:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError("expected NAME=DIR")
-    return name, path
+def named_path(text: str) -> tuple[str, Path]:
+    """An argparse type for ``NAME=DIR`` (adapters named on a command line)."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, Path(folder)
 
 
 def _rank(value: str) -> str:
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = x.add_parser("onnx", help="an onnxruntime folder whose weights stay packed, with run-time swappable adapters")
     o.add_argument("base_dir", help="a compressor output folder (nf4, fp4, int4, int8, int8-sym) or a float checkpoint")
     o.add_argument("out_dir")
-    o.add_argument("--adapter", action="append", type=_named_path, default=[], metavar="NAME=DIR",
+    o.add_argument("--adapter", action="append", type=named_path, default=[], metavar="NAME=DIR",
                    help="write this PEFT adapter as adapters/NAME.onnx_adapter (repeatable)")
     o.add_argument("--merge", metavar="ADAPTER_DIR", help="fold this adapter into the base and export one merged model")
     o.add_argument("--activations", choices=("fp32", "int8"), default="fp32",

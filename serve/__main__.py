@@ -6,18 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from compressor.cli import named_path
 from compressor.errors import CompressorError
 
 from .auth import ApiKeys
 from .errors import ServeError
 from .types import BACKENDS, EngineConfig
-
-
-def _adapter(text: str) -> tuple[str, Path]:
-    name, sep, folder = text.partition("=")
-    if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
-    return name, Path(folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, type=Path, help="base model folder (a compressor output or a float checkpoint; for --backend onnx, an export)")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch: run the checkpoint with torch; onnx: run a folder written by 'compressor export onnx' with onnxruntime")  # fmt: skip
-    p.add_argument("--adapter", action="append", default=[], type=_adapter, metavar="NAME=DIR", help="adapter to load at start-up (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], type=named_path, metavar="NAME=DIR", help="adapter to load at start-up (repeatable)")
     p.add_argument("--adapter-root", type=Path, help="folder that adapters loaded over HTTP must lie under; without it, none can be")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
