@@ -122,6 +122,20 @@ def with_tokenizer(folder):
 
 
 
+def nf4_twin(root: Path) -> tuple[Path, Path]:
+    """:func:`tiny_checkpoint` with :func:`tiny_tokenizer` under ``root``, and its nf4 quantization at ``root / "nf4"`` (which copies the tokenizer)."""
+    from compressor.formats import config_for
+    from compressor.quantize import QuantizeJob, quantize_checkpoint
+
+    src = with_tokenizer(tiny_checkpoint(root))
+    quantize_checkpoint(QuantizeJob(src, root / "nf4", config_for("nf4"), progress=False))
+    return src, root / "nf4"
+
+
+# A fixed answer format a tiny model learns in a few dozen steps, held-out prompts included.
+ANSWER_FORMAT = [{"prompt": f"word{i} word{i + 1}", "completion": "token3 token5 token7"} for i in range(40)]
+
+
 def random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, targets: tuple[str, ...] | None = None, seed: int = 0) -> Path:
     """A rank-``rank`` adapter with random B for ``base_dir`` (alpha = 2 x rank)."""
     from compressor.adapters import random_adapter as make

@@ -6,25 +6,18 @@ import pytest
 import torch
 
 from compressor.errors import CompressorError
-from compressor.formats import config_for
 from compressor.loading import load
 from compressor.loftq import float_source, float_weights, loftq_init
 from compressor.lora import LoraConfig, add_lora
-from compressor.quantize import QuantizeJob, quantize_checkpoint
 from compressor.train import TrainJob, train
-from tests.helpers import tiny_checkpoint, with_tokenizer
-
-RECORDS = [{"prompt": f"word{i} word{i + 1}", "completion": "token3 token5 token7"} for i in range(40)]
-
+from tests.helpers import ANSWER_FORMAT, nf4_twin
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("loftq")
-    src = with_tokenizer(tiny_checkpoint(root))
-    quantize_checkpoint(QuantizeJob(src, root / "nf4", config_for("nf4"), progress=False))
-    with_tokenizer(root / "nf4")
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
-    return {"float": src, "nf4": root / "nf4", "data": root / "data.jsonl"}
+    src, nf4 = nf4_twin(root)
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in ANSWER_FORMAT) + "\n")
+    return {"float": src, "nf4": nf4, "data": root / "data.jsonl"}
 
 
 def test_base_plus_adapter_is_the_best_rank_r_approximation_of_the_float_weight(base):

@@ -7,18 +7,15 @@ from transformers import AutoModelForCausalLM
 import compressor
 from compressor.adapters import apply_adapter, read_adapter, save_adapter
 from compressor.errors import CompressorError
-from compressor.formats import config_for
 from compressor.lora import LoraConfig, add_lora
 from compressor.merge import MergeJob, merge
-from compressor.quantize import QuantizeJob, quantize_checkpoint
-from tests.helpers import TEXT, tiny_checkpoint, tiny_model, token_batch, with_tokenizer
+from tests.helpers import TEXT, nf4_twin, tiny_model, token_batch
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
-    src = with_tokenizer(tiny_checkpoint(root))
-    quantize_checkpoint(QuantizeJob(src, root / "nf4", config_for("nf4"), progress=False))
+    nf4_twin(root)
     cfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
     model = compressor.load(root / "nf4", exact=True)
     modules = add_lora(model, cfg)

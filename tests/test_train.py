@@ -7,22 +7,14 @@ from safetensors.torch import load_file
 
 from compressor.cli import main
 from compressor.errors import CompressorError
-from compressor.formats import config_for
-from compressor.quantize import QuantizeJob, quantize_checkpoint
 from compressor.train import TrainJob, train
-from tests.helpers import tiny_checkpoint, with_tokenizer
-
-# A fixed answer format a tiny model learns in a few dozen steps, held-out prompts included.
-RECORDS = [{"prompt": f"word{i} word{i + 1}", "completion": "token3 token5 token7"} for i in range(40)]
-
+from tests.helpers import ANSWER_FORMAT, nf4_twin
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    src = with_tokenizer(tiny_checkpoint(root))
-    quantize_checkpoint(QuantizeJob(src, root / "nf4", config_for("nf4"), progress=False))
-    with_tokenizer(root / "nf4")
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    nf4_twin(root)
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in ANSWER_FORMAT) + "\n")
     return root
 
 

@@ -3,18 +3,14 @@
 import pytest
 
 from compressor.export.exporter import OnnxExportJob, export_onnx
-from compressor.formats import config_for
-from compressor.quantize import QuantizeJob, quantize_checkpoint
-from tests.helpers import random_adapter, tiny_checkpoint, with_tokenizer
+from tests.helpers import nf4_twin, random_adapter
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """``{"float", "nf4", "a", "b", "onnx"}``: folders; adapters a (rank 4, every projection) and b (rank 8, attention only)."""
     root = tmp_path_factory.mktemp("export")
-    folders = {"float": with_tokenizer(tiny_checkpoint(root))}
-    quantize_checkpoint(QuantizeJob(folders["float"], root / "nf4", config_for("nf4"), progress=False))
-    folders["nf4"] = with_tokenizer(root / "nf4")
+    folders = dict(zip(("float", "nf4"), nf4_twin(root)))
     folders["a"] = random_adapter(folders["nf4"], root / "a", rank=4, seed=1)
     folders["b"] = random_adapter(folders["nf4"], root / "b", rank=8, targets=("q_proj", "v_proj", "o_proj"), seed=2)
     folders["onnx"] = root / "onnx"

@@ -3,18 +3,14 @@
 import pytest
 
 from compressor.export.exporter import OnnxExportJob, export_onnx
-from compressor.formats import config_for
-from compressor.quantize import QuantizeJob, quantize_checkpoint
-from tests.helpers import random_adapter, tiny_checkpoint, tiny_model, with_tokenizer
+from tests.helpers import nf4_twin, random_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     """``{"float": dir, "nf4": dir, "adapters": root}`` with adapters a (rank 4, all projections), b (rank 8, attention only) per base."""
     root = tmp_path_factory.mktemp("serve")
-    folders = {"float": with_tokenizer(tiny_checkpoint(root))}
-    quantize_checkpoint(QuantizeJob(folders["float"], root / "nf4", config_for("nf4"), progress=False))
-    folders["nf4"] = with_tokenizer(root / "nf4")
+    folders = dict(zip(("float", "nf4"), nf4_twin(root)))
     folders["adapters"] = root / "adapters"
     for kind in ("float", "nf4"):
         random_adapter(folders[kind], root / "adapters" / f"{kind}-a", rank=4, seed=1)
