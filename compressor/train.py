@@ -29,6 +29,9 @@ from .loftq import float_source, initialize
 from .lora import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 
 
+INITS = ("default", "loftq")  # how a fresh adapter starts: B = 0 (PEFT's), or from the base's quantization error
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """One ``compressor train`` run. ``rank=None`` picks the rank from the model's size."""
@@ -60,9 +63,6 @@ class TrainJob:
     def __post_init__(self):
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-
-
-INITS = ("default", "loftq")
 
 
 @dataclass

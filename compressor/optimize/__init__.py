@@ -25,7 +25,7 @@ class OptimizeConfig:
     seq_len: int = 512
     damp: float = 0.01  # GPTQ's damping, as a fraction of the mean of the Hessian's diagonal
     act_order: bool = True  # GPTQ: quantize the columns with the largest inputs first
-    budget_bits: float | None = None  # keep the most harmed layers in bfloat16 while all linear layers average at most this
+    budget_bits: float | None = None  # keep the most harmed layers in float while all linear layers average at most this
     budget_windows: int = 2  # calibration windows each layer's damage is measured on
 
     def __post_init__(self):

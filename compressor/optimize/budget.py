@@ -19,6 +19,7 @@ from torch import nn
 
 from ..formats import dequantize, payload_nbytes
 
+
 @dataclass(frozen=True)
 class LayerCost:
     """One layer's measured damage when quantized alone, and its size either way."""
@@ -66,5 +67,3 @@ def choose(costs: list[LayerCost], budget_bits: float) -> list[LayerCost]:
 
 def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return float(F.kl_div(F.log_softmax(logits.float(), -1), reference, log_target=True, reduction="batchmean"))
-
-
