@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test,bench,serve]'
+	$(PY) -c 'import compressor.native as n; n.build(); n.build(portable=True)'
 	touch $@
 
 model: $(SMOLLM)/config.json

@@ -32,34 +32,23 @@ LAYOUTS = {"compressor": native_layout, "bitsandbytes": bnb_layout}
 def load(model_dir: str | Path, exact: bool = False) -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
-    bitsandbytes folders (nf4, fp4, int8-sym) load through stock transformers + bitsandbytes, unless
-    bitsandbytes' CPU kernel cannot run them (4-bit blocks that straddle rows) or ``exact`` is set.
-    Those, and our int8 and int4/int3/int2 folders, get :class:`~compressor.nn.QuantLinear` modules.
-    ``exact`` is for training, merging and serving: our autograd path, the same numbers on every
-    path (bitsandbytes' CPU layers repack their weights in place at the first forward and take
-    other kernels for one row than for many), and every float tensor in float32.
+    Packed folders (ours, and bitsandbytes' nf4/fp4/int8-sym as transformers writes them) get
+    :class:`~compressor.nn.QuantLinear` modules, which decode a few rows at a time with the native
+    kernels (faster on the CPU than bitsandbytes' own path) and never hold a float copy of a
+    weight. ``exact`` is for training, merging and serving: every float tensor in float32, so every
+    path computes the same numbers.
     """
     root = Path(model_dir)
     method = quant_method(root)
-    if method == "compressor" or (method == "bitsandbytes" and (exact or not _runs_on_bitsandbytes_cpu(root))):
+    if method in LAYOUTS:
         model = _load_quant_linear(root, LAYOUTS[method])
-    elif method in ("bitsandbytes", "float"):
+    elif method == "float":
         model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
         raise CompressorError(root / "config.json", f"unknown quant_method {method!r}")
     if exact:
         model.float()  # packed codes are integer buffers and stay as they are
     return model.eval()
-
-
-def _runs_on_bitsandbytes_cpu(root: Path) -> bool:
-    # Reads only the small JSON blobs of the 4-bit weights.
-    for shard in find_checkpoint(root).shards:
-        with open_shard(shard) as reader:
-            blobs = [reader.get(name) for name in reader.keys() if bnb_layout.is_blob(name)]
-        if not all(bnb_layout.fits_cpu_kernel(bnb_layout.blob_fields(b)) for b in blobs):
-            return False
-    return True
 
 
 def read_shard(shard: Path, layout) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:

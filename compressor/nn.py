@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
+from .native.matmul import matmul
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -42,22 +43,34 @@ class QuantLinear(nn.Module):
         self.in_features = state.shape[1]
         self.out_features = state.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._kernel = None  # the native kernel's view of the weight, made at the first fused product
+
+    def kernel_weight(self):
+        """The weight as the native matmul reads it (see :func:`compressor.formats.kernel_weight`), or None."""
+        if self._kernel is None:
+            self._kernel = formats.kernel_weight(self.packed, self.state) or False
+        return self._kernel or None
 
     def weight_dequantized(self) -> torch.Tensor:
         """The float weight, ``(out_features, in_features)`` in the original dtype."""
         return formats.dequantize(self.packed, self.state)
 
-    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x @ W.T + b`` by the format's fused kernel, never materializing ``W`` (no gradients); None if it has none for this case."""
-        y = formats.fused_linear(x, self.packed, self.state)
-        return y if y is None or self.bias is None else y + self.bias.to(y.dtype)
+    def fused(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor | None:
+        """``x @ W.T + b`` in float32 by the native kernel, never materializing ``W`` (no gradients); None where it does not apply.
+
+        With ``out``, the result is written there (or, with ``accumulate``, added to it).
+        """
+        weight = self.kernel_weight()
+        if weight is None:
+            return None
+        return matmul(x, weight, self.bias, out=out, accumulate=accumulate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with ``W`` dequantized to ``x``'s dtype; gradients flow to ``x`` only."""
         if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_ROWS * self.in_features:
             y = self.fused(x)
             if y is not None:
-                return y
+                return y.to(x.dtype)
         return _DequantizedLinear.apply(x, self)
 
     def extra_repr(self) -> str:

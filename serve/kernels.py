@@ -11,18 +11,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from compressor.formats.kernels import dot, dot_rows
-
-_ROWS_PER_TASK = 64  # weight rows one thread takes at a time
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def matmul_rows(x, w, out):
-    """``out = x @ w.T`` for float32 ``x (m, k)`` and ``w (n, k)``."""
-    outputs = w.shape[0]
-    for t in numba.prange((outputs + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        for n in range(t * _ROWS_PER_TASK, min((t + 1) * _ROWS_PER_TASK, outputs)):
-            dot_rows(x, w[n], out, n)
+@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+def dot(a, b):
+    """``sum(a * b)`` of two float32 vectors, in one fixed order (reassociated when compiled, to vectorise)."""
+    total = np.float32(0.0)
+    for k in range(a.size):
+        total += a[k] * b[k]
+    return total
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.native.matmul import DenseWeight, matmul
 from compressor.nn import QuantLinear
 
-from .kernels import add_low_rank, matmul_rows
+from .kernels import add_low_rank
 
 
 @dataclass
@@ -80,22 +81,17 @@ class RowwiseLinear(nn.Module):
 def base_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``layer(x)`` for an ``nn.Linear`` or a :class:`QuantLinear`, each row on its own (float32, no gradients).
 
-    Packed weights take their format's fused kernel; formats without one, and float weights, take
-    :func:`~serve.kernels.matmul_rows` over the (dequantized) float weight.
+    Packed weights run the native kernel on their codes; float weights, and the rare packed layout
+    it does not take (4-bit blocks straddling rows), run it over the float weight.
     """
     if isinstance(layer, QuantLinear):
-        fused = layer.fused(x.float())
+        fused = layer.fused(x)
         if fused is not None:
             return fused
         weight = layer.weight_dequantized()
     else:
-        weight = layer.weight.detach()
-    flat = x.reshape(-1, layer.in_features).float().contiguous()
-    out = torch.empty(flat.shape[0], layer.out_features, dtype=torch.float32)
-    matmul_rows(flat.numpy(), weight.float().contiguous().numpy(), out.numpy())
-    if layer.bias is not None:
-        out += layer.bias
-    return out.reshape(*x.shape[:-1], layer.out_features)
+        weight = layer.weight
+    return matmul(x, DenseWeight.of_float(weight), layer.bias)
 
 
 def install(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:

@@ -96,14 +96,6 @@ def weights_in(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where
     return {name: state_from(name, tensors) for name in quantized_weights(tensors)}
 
 
-def fits_cpu_kernel(fields: dict) -> bool:
-    """Whether bitsandbytes' CPU matmul can run a 4-bit weight (its :func:`blob_fields`): whole blocks per row.
-
-    bitsandbytes 0.50 reshapes the absmax to ``(rows, columns // blocksize)`` and fails otherwise.
-    """
-    return fields["shape"][-1] % fields["blocksize"] == 0
-
-
 def quantization_config(cfg, skip_modules: list[str], compute_dtype: torch.dtype) -> dict:
     """The ``quantization_config`` entry of ``config.json`` that ``transformers`` writes for ``cfg``."""
     four = isinstance(cfg, FourBitConfig)

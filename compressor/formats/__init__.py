@@ -22,13 +22,13 @@ from .nf4 import FourBitConfig
 
 @dataclass(frozen=True)
 class Format:
-    """A format's pair of functions, the type of state they exchange, and optionally a fused error measure and matmul."""
+    """A format's pair of functions, the type of state they exchange, a fused error measure (optional) and its layout for the native matmul."""
 
     quantize: Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
     dequantize: Callable[[torch.Tensor, object], torch.Tensor]
     state_type: type
     error: Callable[[torch.Tensor, torch.Tensor, object], tuple[float, float]] | None = None
-    linear: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor | None] | None = None
+    kernel_weight: Callable[[torch.Tensor, object], object | None] | None = None
 
     def measure_error(self, w: torch.Tensor, packed: torch.Tensor, state) -> tuple[float, float]:
         """Max absolute and RMS error of the round trip of ``w``."""
@@ -38,10 +38,10 @@ class Format:
 
 
 FORMATS: dict[type, Format] = {
-    FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState, nf4.error, nf4.linear),
-    Int8Config: Format(int8.quantize, int8.dequantize, int8.Int8State),
-    Int8SymConfig: Format(int8_sym.quantize, int8_sym.dequantize, int8_sym.Int8SymState),
-    IntNConfig: Format(intn.quantize, intn.dequantize, intn.IntNState),
+    FourBitConfig: Format(nf4.quantize, nf4.dequantize, nf4.FourBitState, nf4.error, nf4.kernel_weight),
+    Int8Config: Format(int8.quantize, int8.dequantize, int8.Int8State, kernel_weight=int8.kernel_weight),
+    Int8SymConfig: Format(int8_sym.quantize, int8_sym.dequantize, int8_sym.Int8SymState, kernel_weight=int8_sym.kernel_weight),
+    IntNConfig: Format(intn.quantize, intn.dequantize, intn.IntNState, kernel_weight=intn.kernel_weight),
 }
 _BY_STATE = {f.state_type: f for f in FORMATS.values()}
 
@@ -72,10 +72,10 @@ def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     return _format_of(state).dequantize(packed, state)
 
 
-def fused_linear(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor | None:
-    """``x @ W.T`` by the format's own kernel, never materializing ``W``; None if the format has none for this case."""
+def kernel_weight(packed: torch.Tensor, state):
+    """The weight as :func:`compressor.native.matmul.matmul` reads it (never a float copy); None where the kernels do not apply."""
     fmt = _format_of(state)
-    return None if fmt.linear is None else fmt.linear(x, packed, state)
+    return None if fmt.kernel_weight is None else fmt.kernel_weight(packed, state)
 
 
 def _format_of(state) -> Format:
@@ -114,5 +114,5 @@ def payload_nbytes(packed: torch.Tensor, state) -> int:
 
 __all__ = [
     "FORMATS", "METHODS", "Format", "FourBitConfig", "Int8Config", "Int8SymConfig", "IntNConfig",
-    "NonFiniteError", "PerRow", "PerTensor", "config_for", "dequantize", "format_for", "method_of", "payload_nbytes",
+    "NonFiniteError", "PerRow", "PerTensor", "config_for", "dequantize", "format_for", "kernel_weight", "method_of", "payload_nbytes",
 ]  # fmt: skip

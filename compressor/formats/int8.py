@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..native.matmul import I8_AFFINE, DenseWeight, supports
 from .common import as_float32_flat, check_finite, rows_of
 
 
@@ -80,3 +81,12 @@ def dequantize(q: torch.Tensor, state: Int8State) -> torch.Tensor:
     groups = q.reshape(state.scale.shape[0], -1).to(torch.int32)
     w = (groups - state.zero_point).double() * state.scale.double()
     return w.reshape(state.shape).to(state.dtype)
+
+
+def kernel_weight(q: torch.Tensor, state: Int8State) -> DenseWeight | None:
+    """The weight as the native matmul reads it: codes, and a scale and zero point per row or for the tensor."""
+    groups = state.scale.shape[0]
+    if len(state.shape) != 2 or groups not in (1, state.shape[0]) or not supports(state.shape):
+        return None
+    return DenseWeight(I8_AFFINE, q.reshape(state.shape).contiguous(), state.scale.reshape(-1).contiguous(),
+                       state.zero_point.reshape(-1).contiguous(), group_stride=int(groups > 1))  # fmt: skip

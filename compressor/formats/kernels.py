@@ -211,48 +211,6 @@ def error_4bit(bits, packed, absmax, blocksize, lut):
     return peak.max(), np.sqrt(sumsq.sum() / max(n, 1))
 
 
-_ROWS_PER_TASK = 16  # weight rows one thread decodes at a time
-
-
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def matmul_4bit(x, packed, absmax, blocksize, lut, out):
-    """``out = x @ W.T`` for a 4-bit ``W`` with ``out.shape[1]`` rows whose length is a multiple of ``blocksize``.
-
-    Each weight row is decoded once (exactly the values :func:`dequantize_4bit` writes) and dotted
-    with every row of ``x``. Each output is one dot product in one fixed order (reassociated to
-    vectorise), so a row's result does not depend on how many rows ``x`` has: decoding one sequence
-    or sixteen gives that sequence the same bits.
-    """
-    width = x.shape[1]
-    outputs = out.shape[1]
-    per_row = width // blocksize
-    tasks = (outputs + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for t in numba.prange(tasks):
-        w = np.empty(width, dtype=np.float32)
-        for n in range(t * _ROWS_PER_TASK, min((t + 1) * _ROWS_PER_TASK, outputs)):
-            for b in range(per_row):
-                block = n * per_row + b
-                start = block * blocksize
-                _decode(packed[start >> 1 : (start + blocksize) >> 1], absmax[block], lut, w[b * blocksize : (b + 1) * blocksize])
-            dot_rows(x, w, out, n)
-
-
-@numba.njit(inline="always", fastmath={"reassoc", "contract"})
-def dot(a, b):
-    """``sum(a * b)`` of two float32 vectors, in one fixed order (reassociated when compiled, to vectorise)."""
-    total = np.float32(0.0)
-    for k in range(a.size):
-        total += a[k] * b[k]
-    return total
-
-
-@numba.njit(inline="always", fastmath={"reassoc", "contract"})
-def dot_rows(x, w, out, n):
-    """``out[m, n] = dot(x[m], w)`` for every row ``m``: each row on its own, whatever the others."""
-    for m in range(x.shape[0]):
-        out[m, n] = dot(x[m], w)
-
-
 @numba.njit(cache=True, nogil=True)
 def dequantize_absmax(codes, code_values, nested_absmax, nested_blocksize, offset, out):
     """Double-quantized block scales back to float32: ``code_values[code] * nested_absmax[block] + offset``, bit for bit as torch computes it."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import dynamic8, kernels
+from ..native.matmul import Q4Weight, supports
 from .common import NonFiniteError, check_dtype, error_stats
 
 # The 16 values of each codebook, indexed by their 4-bit code.
@@ -145,19 +146,14 @@ def dequantize(packed: torch.Tensor, state: FourBitState) -> torch.Tensor:
     return out.to(state.dtype)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, state: FourBitState) -> torch.Tensor | None:
-    """``x @ W.T`` without materializing ``W``, each row's result independent of the other rows; None where it does not apply.
-
-    For float32 activations and weights whose rows hold whole blocks. Worth it for a few rows
-    (decoding); for many, dequantizing once and one matmul is faster.
-    """
-    out_features, in_features = state.shape
-    if x.dtype != torch.float32 or in_features % state.blocksize:
+def kernel_weight(packed: torch.Tensor, state: FourBitState) -> Q4Weight | None:
+    """The weight as the native matmul reads it (scales decoded once); None for blocks that straddle rows."""
+    if len(state.shape) != 2 or state.shape[1] % state.blocksize or not supports(state.shape, state.blocksize):
         return None
-    rows = x.reshape(-1, in_features).contiguous()
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    kernels.matmul_4bit(rows.numpy(), packed.reshape(-1).numpy(), state.scales().numpy(), state.blocksize, codebook(state.codebook).numpy(), out.numpy())
-    return out.reshape(*x.shape[:-1], out_features)
+    rows, cols = state.shape
+    return Q4Weight(codes=packed.reshape(-1), code_stride=cols // 2, scales=state.scales(), zeros=None,
+                    block_stride=cols // state.blocksize, table=codebook(state.codebook), blocksize=state.blocksize,
+                    shape=(rows, cols))  # fmt: skip
 
 
 def error(w: torch.Tensor, packed: torch.Tensor, state: FourBitState) -> tuple[float, float]:

@@ -54,7 +54,9 @@ def test_the_file_has_the_keys_shapes_and_dtypes_of_plain_rounding(folders):
 def test_stock_bitsandbytes_reads_the_very_weights_we_wrote(folders):
     from bitsandbytes.functional import dequantize_4bit
 
-    stock, ours = load(folders["gptq"]), load(folders["gptq"], exact=True)
+    from transformers import AutoModelForCausalLM
+
+    stock, ours = AutoModelForCausalLM.from_pretrained(folders["gptq"]), load(folders["gptq"], exact=True)
     for name, module in ours.named_modules():
         if name.endswith("proj"):
             theirs = stock.get_submodule(name)

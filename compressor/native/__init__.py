@@ -1,0 +1,87 @@
+"""The C kernels of inference, compiled for this machine on first use and called through ctypes.
+
+The sources beside this file are plain C (no Python or torch headers), built with the system C
+compiler for the CPU it runs on (``-march=native``: AVX-512 where the CPU has it, the portable
+lane-by-lane code elsewhere, which gives the same bits). A build is cached under
+``~/.cache/compressor/native``, keyed by the sources, the flags and the CPU's features, so a change
+of any of them rebuilds; ``make setup`` builds it once. ctypes releases the GIL during every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+SOURCES = ("matmul.c",)
+FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC")
+NATIVE = "-march=native"  # this CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64
+CACHE = Path.home() / ".cache" / "compressor" / "native"
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "q4_matmul": (_P, _I64, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I32, _P, _P, _I64, _I32),
+    "dense_matmul": (_I32, _P, _I64, _I64, _P, _P, _P, _I64, _F32, _I64, _I64, _P, _P, _I64, _I32),
+}
+
+
+class NativeBuildError(RuntimeError):
+    """The C kernels could not be compiled (no C compiler, or it failed)."""
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str:
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    raise NativeBuildError("no C compiler (cc, gcc or clang) on PATH: the inference kernels are C, built on first use")
+
+
+def build(portable: bool = False) -> Path:
+    """The path of this machine's build of the kernels (or, with ``portable``, of the plain-C one), compiling it if the cache has none."""
+    here = Path(__file__).parent
+    flags = FLAGS if portable else (*FLAGS, NATIVE)
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((here / name).read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(_cpu_features().encode())
+    target = CACHE / f"kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: concurrent first uses (test workers) each
+    # build their own file, and whichever rename lands last leaves a complete library.
+    fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=".so.tmp")
+    os.close(fd)
+    cmd = [_compiler(), *flags, "-o", tmp, *(str(here / name) for name in SOURCES)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        os.unlink(tmp)
+        raise NativeBuildError(f"compiling the inference kernels failed: {' '.join(cmd)}\n{done.stderr.strip()}")
+    os.replace(tmp, target)
+    return target
+
+
+@lru_cache(maxsize=None)
+def library(portable: bool = False) -> ctypes.CDLL:
+    """The loaded kernels, with their argument types declared (``portable``: the plain-C build, for tests)."""
+    lib = ctypes.CDLL(str(build(portable)))
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = None
+    return lib

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from compressor import formats
+from compressor.native.matmul import DenseWeight, matmul
+
+METHODS = ("nf4", "fp4", "int4", "int3", "int2", "int8", "int8-sym")
+
+
+def packed(method: str, shape=(200, 192), seed=0, **options):
+    torch.manual_seed(seed)
+    w = torch.randn(shape)
+    cfg = formats.config_for(method, **options)
+    return formats.format_for(cfg).quantize(w, cfg)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_format_multiplies_by_exactly_its_dequantized_weight(method):
+    q, state = packed(method)
+    weight = formats.kernel_weight(q, state)
+    x = torch.randn(11, 192)
+    expected = x.double() @ formats.dequantize(q, state).double().T
+    torch.testing.assert_close(matmul(x, weight).double(), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_row_gets_the_same_bits_in_any_batch_and_from_the_portable_build(method):
+    q, state = packed(method, seed=1)
+    weight = formats.kernel_weight(q, state)
+    x = torch.randn(21, 192)
+    full = matmul(x, weight)
+    for rows in (1, 2, 3, 7, 8, 13):
+        assert torch.equal(matmul(x[:rows], weight), full[:rows])
+    assert torch.equal(matmul(x, weight, portable=True), full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_weights_match_torch_and_keep_rows_independent(dtype):
+    w, x = torch.randn(130, 96).to(dtype), torch.randn(9, 96)
+    weight = DenseWeight.of_float(w)
+    full = matmul(x, weight)
+    torch.testing.assert_close(full, x @ w.float().T, rtol=1e-5, atol=1e-4)
+    assert torch.equal(matmul(x[:3], weight), full[:3])
+    assert torch.equal(matmul(x, weight, portable=True), full)
+
+
+def test_bias_and_accumulation_add_to_the_product():
+    w, x, bias = torch.randn(40, 64), torch.randn(3, 64), torch.randn(40)
+    weight = DenseWeight.of_float(w)
+    out = torch.ones(3, 40)
+    matmul(x, weight, bias, out=out, accumulate=True)
+    torch.testing.assert_close(out, 1 + x @ w.T + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_blocks_larger_than_a_row_unit_and_short_int4_blocks_decode_right():
+    for method, blocksize, cols in (("nf4", 128, 256), ("int4", 128, 160), ("int4", 32, 96)):
+        q, state = packed(method, shape=(24, cols), blocksize=blocksize)
+        x = torch.randn(5, cols)
+        expected = x.double() @ formats.dequantize(q, state).double().T
+        torch.testing.assert_close(matmul(x, formats.kernel_weight(q, state)).double(), expected, rtol=0, atol=2e-5)
+
+
+def test_layouts_the_kernels_do_not_take_have_no_kernel_weight():
+    q, state = packed("nf4", shape=(10, 96), blocksize=64)  # blocks straddle rows
+    assert formats.kernel_weight(q, state) is None
+    q, state = packed("int4", shape=(10, 96), blocksize=16)  # blocks shorter than the kernel's unit
+    assert formats.kernel_weight(q, state) is None
