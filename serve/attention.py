@@ -42,6 +42,12 @@ class SequenceKV:
         self.values[layer][:, start : start + new] = value
         return self.keys[layer][:, : start + new], self.values[layer][:, : start + new]
 
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` positions in every layer (keys beyond ``length`` are not kept)."""
+        for layer in range(len(self.keys)):
+            if needed > self.keys[layer].shape[1]:
+                self._grow(layer, needed)
+
     def _grow(self, layer: int, needed: int) -> None:
         capacity = self.keys[layer].shape[1]
         while capacity < needed:

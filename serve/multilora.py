@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.native.matmul import DenseWeight, matmul
+from compressor.native.matmul import KernelWeight, matmul
 from compressor.nn import QuantLinear
 
 from .kernels import add_low_rank
@@ -29,10 +29,16 @@ class Routing:
 
     def set(self, adapters: list[str | None], tokens_per_row: int = 1) -> None:
         """Route batch row ``i`` (its ``tokens_per_row`` tokens) to ``adapters[i]`` (``None``: the bare base)."""
+        self.set_rows(adapters, [tokens_per_row] * len(adapters))
+
+    def set_rows(self, adapters: list[str | None], counts: list[int]) -> None:
+        """Route the ``counts[i]`` consecutive token rows of sequence ``i`` to ``adapters[i]`` (``None``: the bare base)."""
         by_name: dict[str, list[int]] = {}
-        for row, name in enumerate(adapters):
+        start = 0
+        for name, count in zip(adapters, counts):
             if name is not None:
-                by_name.setdefault(name, []).extend(range(row * tokens_per_row, (row + 1) * tokens_per_row))
+                by_name.setdefault(name, []).extend(range(start, start + count))
+            start += count
         self.groups = [(name, np.array(rows, dtype=np.int64)) for name, rows in by_name.items()]
 
 
@@ -54,7 +60,11 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output for all rows, plus each row's own adapter term (no gradients: serving only)."""
-        y = base_rows(x, self.base)
+        return self.rows(x)
+
+    def rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, threads: int | None = None) -> torch.Tensor:
+        """:meth:`forward` into ``out`` if given (added to it with ``accumulate``)."""
+        y = base_rows(x, self.base, out=out, accumulate=accumulate, threads=threads)
         if self.routing.groups:
             flat_x = x.reshape(-1, self.in_features).float().contiguous().numpy()
             flat_y = y.view(-1, self.out_features).numpy()
@@ -78,20 +88,17 @@ class RowwiseLinear(nn.Module):
         return base_rows(x, self.linear)
 
 
-def base_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``layer(x)`` for an ``nn.Linear`` or a :class:`QuantLinear`, each row on its own (float32, no gradients).
+def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None, accumulate: bool = False,
+              threads: int | None = None) -> torch.Tensor:  # fmt: skip
+    """``layer(x)`` for an ``nn.Linear`` or a :class:`QuantLinear`, each row on its own (float32, no gradients), into ``out`` if given.
 
     Packed weights run the native kernel on their codes; float weights, and the rare packed layout
     it does not take (4-bit blocks straddling rows), run it over the float weight.
     """
-    if isinstance(layer, QuantLinear):
-        fused = layer.fused(x)
-        if fused is not None:
-            return fused
-        weight = layer.weight_dequantized()
-    else:
-        weight = layer.weight
-    return matmul(x, DenseWeight.of_float(weight), layer.bias)
+    weight = layer.kernel_weight() if isinstance(layer, QuantLinear) else None
+    if weight is None:
+        weight = KernelWeight.of_float(layer.weight_dequantized() if isinstance(layer, QuantLinear) else layer.weight)
+    return matmul(x, weight, layer.bias, out=out, accumulate=accumulate, threads=threads)
 
 
 def install(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:

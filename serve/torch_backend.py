@@ -23,6 +23,7 @@ from compressor.loading import load
 
 from . import attention, multilora
 from .backend import eos_set
+from .decoder import Decoder, UnsupportedModel
 
 
 class TorchBackend:
@@ -37,6 +38,10 @@ class TorchBackend:
         self.routing = multilora.Routing()
         self.layers = multilora.install(self.model, self.routing)
         self.model.set_output_embeddings(multilora.RowwiseLinear(self.model.get_output_embeddings()))
+        try:
+            self.decoder = Decoder(self.model, self.routing)
+        except UnsupportedModel as e:
+            raise ValueError(f"{base_dir}: the server cannot run this model: {e}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         generation = self.model.generation_config
         self.eos_ids = eos_set(None if generation is None else generation.eos_token_id, self.tokenizer)
@@ -56,22 +61,11 @@ class TorchBackend:
         """An empty float32 :class:`~serve.attention.SequenceKV`."""
         return attention.SequenceKV(*self.kv_shape, dtype=torch.float32, capacity=capacity, limit=limit)
 
-    @torch.inference_mode()
     def prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: attention.SequenceKV, logits_to_keep: int) -> torch.Tensor:
         """One prompt alone, filling ``cache``: logits ``(positions, vocab)`` of the last ``logits_to_keep`` (0: all)."""
-        ids = torch.tensor([prompt_ids])
-        self.routing.set([adapter_key], tokens_per_row=ids.shape[1])
-        kv = attention.StepKV([cache])
-        logits = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], kv=kv, use_cache=False, logits_to_keep=logits_to_keep).logits
-        kv.advance(ids.shape[1])
-        return logits[0]
+        keep = len(prompt_ids) if logits_to_keep == 0 else min(logits_to_keep, len(prompt_ids))
+        return self.decoder.forward([prompt_ids], [adapter_key], [cache], logit_rows=list(range(len(prompt_ids) - keep, len(prompt_ids))))
 
-    @torch.inference_mode()
     def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[attention.SequenceKV]) -> torch.Tensor:
-        """One token for every sequence in a single forward: logits ``(len(tokens), vocab)``."""
-        positions = [cache.length for cache in caches]
-        self.routing.set(adapter_keys)
-        kv = attention.StepKV(caches)
-        logits = self.model(input_ids=torch.tensor(tokens)[:, None], position_ids=torch.tensor(positions)[:, None], kv=kv, use_cache=False).logits
-        kv.advance(1)
-        return logits[:, -1]
+        """One token for every sequence in a single step: logits ``(len(tokens), vocab)``."""
+        return self.decoder.forward([[t] for t in tokens], adapter_keys, caches)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..native.matmul import I8_AFFINE, DenseWeight, supports
+from ..native.matmul import I8_AFFINE, KernelWeight, supports
 from .common import as_float32_flat, check_finite, rows_of
 
 
@@ -83,10 +83,10 @@ def dequantize(q: torch.Tensor, state: Int8State) -> torch.Tensor:
     return w.reshape(state.shape).to(state.dtype)
 
 
-def kernel_weight(q: torch.Tensor, state: Int8State) -> DenseWeight | None:
+def kernel_weight(q: torch.Tensor, state: Int8State) -> KernelWeight | None:
     """The weight as the native matmul reads it: codes, and a scale and zero point per row or for the tensor."""
     groups = state.scale.shape[0]
-    if len(state.shape) != 2 or groups not in (1, state.shape[0]) or not supports(state.shape):
+    if not supports(state.shape) or groups not in (1, state.shape[0]):
         return None
-    return DenseWeight(I8_AFFINE, q.reshape(state.shape).contiguous(), state.scale.reshape(-1).contiguous(),
-                       state.zero_point.reshape(-1).contiguous(), group_stride=int(groups > 1))  # fmt: skip
+    return KernelWeight(I8_AFFINE, q.reshape(state.shape).contiguous(), tuple(state.shape), scales=state.scale.reshape(-1).contiguous(),
+                        zeros=state.zero_point.reshape(-1).contiguous(), scale_stride=int(groups > 1))  # fmt: skip

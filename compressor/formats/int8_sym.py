@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..native.matmul import I8_SYM, DenseWeight, supports
+from ..native.matmul import I8_SYM, KernelWeight, supports
 from .common import as_float32_flat, check_finite, rows_of
 
 # bitsandbytes dequantizes with this constant, the float32 nearest to 1/127, rather than dividing.
@@ -57,8 +57,9 @@ def dequantize(q: torch.Tensor, state: Int8SymState) -> torch.Tensor:
     return rows.reshape(state.shape).to(state.dtype)
 
 
-def kernel_weight(q: torch.Tensor, state: Int8SymState) -> DenseWeight | None:
+def kernel_weight(q: torch.Tensor, state: Int8SymState) -> KernelWeight | None:
     """The weight as the native matmul reads it: codes and each row's absmax, times 1/127 as :func:`dequantize` does."""
-    if len(state.shape) != 2 or not supports(state.shape):
+    if not supports(state.shape):
         return None
-    return DenseWeight(I8_SYM, q.reshape(state.shape).contiguous(), state.row_absmax.contiguous(), group_stride=1, constant=_INV_127)
+    return KernelWeight(I8_SYM, q.reshape(state.shape).contiguous(), tuple(state.shape), scales=state.row_absmax.contiguous(),
+                        scale_stride=1, constant=_INV_127)  # fmt: skip

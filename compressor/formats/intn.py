@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..native.matmul import Q4Weight, supports
+from ..native.matmul import Q4, KernelWeight, supports
 from .common import as_float32_flat, check_finite, rows_of
 from .packing import pack_bits, pack_nibbles, unpack_bits
 
@@ -100,17 +100,13 @@ def dequantize(packed: torch.Tensor, state: IntNState) -> torch.Tensor:
     return w.reshape(rows, -1)[:, :cols].reshape(state.shape).to(state.dtype)
 
 
-def kernel_weight(packed: torch.Tensor, state: IntNState) -> Q4Weight | None:
+def kernel_weight(packed: torch.Tensor, state: IntNState) -> KernelWeight | None:
     """The weight as the native 4-bit matmul reads it; int3 and int2 codes are widened to nibbles (4 bits each in memory)."""
-    if len(state.shape) != 2 or not supports(state.shape, state.blocksize):
+    if not supports(state.shape, state.blocksize):
         return None
     rows, nblocks = state.scale.shape
     codes = packed.reshape(-1)
     if state.bits != 4:
         codes = pack_nibbles(unpack_bits(packed, state.bits, rows * nblocks * state.blocksize))
-    return Q4Weight(codes=codes, code_stride=nblocks * state.blocksize // 2, scales=state.scale.contiguous(),
-                    zeros=state.zero_point.contiguous(), block_stride=nblocks, table=_NO_TABLE, blocksize=state.blocksize,
-                    shape=tuple(state.shape))  # fmt: skip
-
-
-_NO_TABLE = torch.zeros(16)  # affine codes need no codebook
+    return KernelWeight(Q4, codes, tuple(state.shape), scales=state.scale.contiguous(), zeros=state.zero_point.contiguous(),
+                        data_stride=nblocks * state.blocksize // 2, scale_stride=nblocks, blocksize=state.blocksize)  # fmt: skip

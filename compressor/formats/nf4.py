@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import dynamic8, kernels
-from ..native.matmul import Q4Weight, supports
+from ..native.matmul import Q4, KernelWeight, supports
 from .common import NonFiniteError, check_dtype, error_stats
 
 # The 16 values of each codebook, indexed by their 4-bit code.
@@ -146,14 +146,13 @@ def dequantize(packed: torch.Tensor, state: FourBitState) -> torch.Tensor:
     return out.to(state.dtype)
 
 
-def kernel_weight(packed: torch.Tensor, state: FourBitState) -> Q4Weight | None:
+def kernel_weight(packed: torch.Tensor, state: FourBitState) -> KernelWeight | None:
     """The weight as the native matmul reads it (scales decoded once); None for blocks that straddle rows."""
-    if len(state.shape) != 2 or state.shape[1] % state.blocksize or not supports(state.shape, state.blocksize):
+    if not supports(state.shape, state.blocksize) or state.shape[1] % state.blocksize:
         return None
-    rows, cols = state.shape
-    return Q4Weight(codes=packed.reshape(-1), code_stride=cols // 2, scales=state.scales(), zeros=None,
-                    block_stride=cols // state.blocksize, table=codebook(state.codebook), blocksize=state.blocksize,
-                    shape=(rows, cols))  # fmt: skip
+    cols = state.shape[1]
+    return KernelWeight(Q4, packed.reshape(-1), tuple(state.shape), scales=state.scales(), data_stride=cols // 2,
+                        scale_stride=cols // state.blocksize, table=codebook(state.codebook), blocksize=state.blocksize)  # fmt: skip
 
 
 def error(w: torch.Tensor, packed: torch.Tensor, state: FourBitState) -> tuple[float, float]:

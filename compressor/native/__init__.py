@@ -19,15 +19,18 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = ("matmul.c",)
+SOURCES = ("matmul.c", "ops.c")
 FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC")
 NATIVE = "-march=native"  # this CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64
 CACHE = Path.home() / ".cache" / "compressor" / "native"
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
-    "q4_matmul": (_P, _I64, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I32, _P, _P, _I64, _I32),
-    "dense_matmul": (_I32, _P, _I64, _I64, _P, _P, _P, _I64, _F32, _I64, _I64, _P, _P, _I64, _I32),
+    "matmul": (_P, _P, _I64, _I64, _P, _P, _I64, _I32, _I32),
+    "rms_norm": (_P, _I64, _I64, _I64, _P, _F32, _F32, _P, _I64),
+    "act_mul": (_P, _I64, _I64, _I64, _I64, _I32, _P, _I64),
+    "rope": (_P, _I64, _I64, _I64, _I64, _P, _P, _I64),
+    "attention": (_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _F32, _I64, _P, _I64, _I32),
 }
 
 

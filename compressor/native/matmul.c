@@ -2,11 +2,14 @@
 
    Every kernel reads the weight in its file layout (no repacked copy), decodes each weight row
    once per tile of up to TILE activation rows, and gives each (m, n) one fixed summation order:
-   16 float32 lanes, lane l summing elements l, l + 16, l + 32, ... in order by fused multiply-add,
-   then the lanes folded by halves (8 + 8, 4 + 4, 2 + 2, 1 + 1). That order depends neither on how
-   many rows share the call nor on which thread takes the row, so a sequence decodes to the same
-   bits alone or in any batch. The portable build computes the same lanes in the same order with
-   scalar code, and gives the same bits.
+   two accumulators of 16 float32 lanes, each lane summing its elements in order by fused
+   multiply-add (q4: lane l of the first takes element 2l of every 32, of the second element
+   2l + 1; dense: the first takes elements 32j + l, the second 32j + 16 + l), then the two added
+   and the lanes folded by halves (8 + 8, 4 + 4, 2 + 2, 1 + 1). Two chains, not one, so that a
+   single row is not held up by the latency of one long chain of dependent additions. The order
+   depends neither on how many rows share the call nor on which thread takes the row, so a
+   sequence decodes to the same bits alone or in any batch. The portable build computes the same
+   lanes in the same order with scalar code, and gives the same bits.
 
    A weight value is exactly what the format's dequantize writes (the same float32 operations in
    the same order), so "exact" activations see the dequantized weight itself.
@@ -20,6 +23,7 @@
      f32 / bf16: the float weight itself (bfloat16 widened exactly). */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -33,6 +37,7 @@
 typedef __m512 lanes;
 static inline lanes lanes_zero(void) { return _mm512_setzero_ps(); }
 static inline lanes lanes_fma(lanes w, const float *x, lanes acc) { return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc); }
+static inline lanes lanes_add(lanes a, lanes b) { return _mm512_add_ps(a, b); }
 static inline float lanes_fold(lanes a) {
     __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
     __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
@@ -46,6 +51,10 @@ static inline lanes lanes_zero(void) { lanes a; memset(&a, 0, sizeof a); return 
 static inline lanes lanes_fma(lanes w, const float *x, lanes acc) {
     for (int l = 0; l < 16; l++) acc.v[l] = __builtin_fmaf(w.v[l], x[l], acc.v[l]);
     return acc;
+}
+static inline lanes lanes_add(lanes a, lanes b) {
+    for (int l = 0; l < 16; l++) a.v[l] += b.v[l];
+    return a;
 }
 static inline float lanes_fold(lanes a) {
     float h8[8], h4[4], h2[2];
@@ -61,110 +70,98 @@ static inline void store(float *out, float dot, const float *bias, int64_t n, in
     *out = accumulate ? *out + dot : dot;
 }
 
-/* ---- decoders: 32 (q4) or 16 (i8, f32) consecutive weight values into lanes ------------------ */
-
-#ifdef __AVX512F__
-/* 16 bytes = 32 codes; even elements sit in high nibbles. Decoded as two 16-lane halves in
-   element order: w0 = elements 0..15, w1 = elements 16..31. */
-static inline void q4_decode(const uint8_t *codes, __m512 table, __m512 scale, lanes *w0, lanes *w1) {
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
-    __m512i even = _mm512_srli_epi32(bytes, 4);
-    __m512i odd = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
-    /* Interleave indices: element 2i is even[i], element 2i + 1 is odd[i]. */
-    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    __m512i i0 = _mm512_permutex2var_epi32(even, lo, odd);
-    __m512i i1 = _mm512_permutex2var_epi32(even, hi, odd);
-    *w0 = _mm512_mul_ps(_mm512_permutexvar_ps(i0, table), scale);
-    *w1 = _mm512_mul_ps(_mm512_permutexvar_ps(i1, table), scale);
-}
-static inline __m512 q4_table(const float *table, const uint8_t *zero) {
-    if (!zero) return _mm512_loadu_ps(table);
-    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    return _mm512_sub_ps(iota, _mm512_set1_ps((float)*zero)); /* exact: small integers */
-}
-#define Q4_TABLE_T __m512
-#define Q4_SCALE(s) _mm512_set1_ps(s)
-#else
-static inline void q4_decode(const uint8_t *codes, const float *table, float scale, lanes *w0, lanes *w1) {
-    for (int i = 0; i < 16; i++) {
-        int e0 = 2 * i, e1 = 2 * i + 1;
-        float a = table[codes[i] >> 4] * scale, b = table[codes[i] & 0x0F] * scale;
-        if (e0 < 16) w0->v[e0] = a; else w1->v[e0 - 16] = a;
-        if (e1 < 16) w0->v[e1] = b; else w1->v[e1 - 16] = b;
-    }
-}
-typedef struct { float v[16]; } table16;
-static inline table16 q4_table_make(const float *table, const uint8_t *zero) {
-    table16 t;
-    for (int c = 0; c < 16; c++) t.v[c] = zero ? (float)c - (float)*zero : table[c];
-    return t;
-}
-#endif
-
 /* ---- q4 ------------------------------------------------------------------------------------- */
 
-/* One weight row against rows m0 .. m0 + mt of x. */
+/* The 16 values a block's codes stand for: table[c] * scale, or (c - zero) * scale, computed
+   once per block; each is the very float32 product dequantize computes per element. */
+#ifdef __AVX512F__
+typedef __m512 table16;
+static inline table16 q4_values(const float *table, const uint8_t *zero, float scale) {
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 t = zero ? _mm512_sub_ps(iota, _mm512_set1_ps((float)*zero)) : _mm512_loadu_ps(table);
+    return _mm512_mul_ps(t, _mm512_set1_ps(scale));
+}
+/* 16 bytes = 32 codes: the high nibbles are the even elements, the low ones the odd. */
+static inline void q4_decode(const uint8_t *codes, table16 values, lanes *even, lanes *odd) {
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
+    *even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
+    *odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), values);
+}
+#else
+typedef struct { float v[16]; } table16;
+static inline table16 q4_values(const float *table, const uint8_t *zero, float scale) {
+    table16 t;
+    for (int c = 0; c < 16; c++) t.v[c] = (zero ? (float)c - (float)*zero : table[c]) * scale;
+    return t;
+}
+static inline void q4_decode(const uint8_t *codes, table16 values, lanes *even, lanes *odd) {
+    for (int i = 0; i < 16; i++) {
+        even->v[i] = values.v[codes[i] >> 4];
+        odd->v[i] = values.v[codes[i] & 0x0F];
+    }
+}
+#endif
+
+/* One weight row against rows 0 .. mt of xs, the activations laid out as q4_split writes them. */
 static inline __attribute__((always_inline)) void q4_row(
-    const int mt, const float *x, int64_t ldx, const uint8_t *codes, const float *scales, const uint8_t *zeros,
+    const int mt, const float *xs, int64_t ldx, const uint8_t *codes, const float *scales, const uint8_t *zeros,
     const float *table, int64_t K, int shift, const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
-    lanes acc[TILE];
-    for (int m = 0; m < mt; m++) acc[m] = lanes_zero();
-    int64_t last_block = -1;
-#ifdef __AVX512F__
-    __m512 tab = _mm512_setzero_ps(), scale = _mm512_setzero_ps();
-#else
-    table16 tab; float scale = 0;
-#endif
-    for (int64_t k = 0; k < K; k += 32) {
-        int64_t block = k >> shift;
-        if (block != last_block) {
-            last_block = block;
-#ifdef __AVX512F__
-            tab = q4_table(table, zeros ? zeros + block : 0);
-            scale = _mm512_set1_ps(scales[block]);
-#else
-            tab = q4_table_make(table, zeros ? zeros + block : 0);
-            scale = scales[block];
-#endif
-        }
-        lanes w0, w1;
-#ifdef __AVX512F__
-        q4_decode(codes + k / 2, tab, scale, &w0, &w1);
-#else
-        q4_decode(codes + k / 2, tab.v, scale, &w0, &w1);
-#endif
+    lanes even_acc[TILE], odd_acc[TILE];
+    for (int m = 0; m < mt; m++) even_acc[m] = odd_acc[m] = lanes_zero();
+    const int64_t per_block = (int64_t)1 << shift;
+    for (int64_t start = 0; start < K; start += per_block) {
+        int64_t block = start >> shift, end = start + per_block < K ? start + per_block : K;
+        table16 values = q4_values(table, zeros ? zeros + block : 0, scales[block]);
+        for (int64_t k = start; k < end; k += 32) {
+            lanes even, odd;
+            q4_decode(codes + k / 2, values, &even, &odd);
 #pragma GCC unroll 8
-        for (int m = 0; m < mt; m++) {
-            acc[m] = lanes_fma(w0, x + m * ldx + k, acc[m]);
-            acc[m] = lanes_fma(w1, x + m * ldx + k + 16, acc[m]);
+            for (int m = 0; m < mt; m++) {
+                even_acc[m] = lanes_fma(even, xs + m * ldx + k, even_acc[m]);
+                odd_acc[m] = lanes_fma(odd, xs + m * ldx + k + 16, odd_acc[m]);
+            }
         }
     }
-    for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(acc[m]), bias, n, accumulate);
+    for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(lanes_add(even_acc[m], odd_acc[m])), bias, n, accumulate);
+}
+
+/* The activations once per call in the order the codes come in: each run of 32 elements as its
+   16 even elements, then its 16 odd ones, so a decoded half multiplies a contiguous half. */
+static void q4_split(const float *x, int64_t M, int64_t ldx, int64_t K, float *xs) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += 32)
+            for (int i = 0; i < 16; i++) {
+                xs[m * K + k + i] = x[m * ldx + k + 2 * i];
+                xs[m * K + k + 16 + i] = x[m * ldx + k + 2 * i + 1];
+            }
 }
 
 /* out (M, ldo) [+]= x (M, ldx) @ W.T for a q4 weight of N rows of K elements (K a multiple of 32,
    blocks of 2**shift >= 32 elements). Row n's codes start at codes + n * code_stride bytes and its
    block scales at scales + n * block_stride (zeros likewise; NULL for a codebook). */
-void q4_matmul(const float *x, int64_t M, int64_t ldx, const uint8_t *codes, int64_t code_stride,
+static void q4_matmul(const float *x, int64_t M, int64_t ldx, const uint8_t *codes, int64_t code_stride,
                const float *scales, const uint8_t *zeros, int64_t block_stride, const float *table,
-               int64_t N, int64_t K, int shift, const float *bias, float *out, int64_t ldo, int accumulate) {
-#pragma omp parallel for schedule(static)
+               int64_t N, int64_t K, int shift, const float *bias, float *out, int64_t ldo, int accumulate, int threads) {
+    float *xs = malloc(sizeof(float) * M * K);
+    if (!xs) return;
+    q4_split(x, M, ldx, K, xs);
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *c = codes + n * code_stride;
         const float *s = scales + n * block_stride;
         const uint8_t *z = zeros ? zeros + n * block_stride : 0;
         int64_t m = 0;
-        for (; m + TILE <= M; m += TILE) q4_row(TILE, x + m * ldx, ldx, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate);
-        if (M - m >= 4) { q4_row(4, x + m * ldx, ldx, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate); m += 4; }
-        if (M - m >= 2) { q4_row(2, x + m * ldx, ldx, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate); m += 2; }
-        if (M - m >= 1) q4_row(1, x + m * ldx, ldx, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate);
+        for (; m + TILE <= M; m += TILE) q4_row(TILE, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate);
+        if (M - m >= 4) { q4_row(4, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate); m += 4; }
+        if (M - m >= 2) { q4_row(2, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate); m += 2; }
+        if (M - m >= 1) q4_row(1, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate);
     }
+    free(xs);
 }
 
 /* ---- i8 and float weights: 16 values per decode ---------------------------------------------- */
 
-enum { W_I8_AFFINE = 0, W_I8_SYM = 1, W_F32 = 2, W_BF16 = 3 };
+enum { W_I8_AFFINE = 0, W_I8_SYM = 1, W_F32 = 2, W_BF16 = 3, W_Q4 = 4 };
 
 static inline lanes decode16(int kind, const void *row, int64_t k, int32_t zero, float scale, float c) {
 #ifdef __AVX512F__
@@ -202,26 +199,32 @@ static inline lanes decode16(int kind, const void *row, int64_t k, int32_t zero,
 }
 
 static inline __attribute__((always_inline)) void dense_row(
-    const int mt, int kind, const float *x, int64_t ldx, const void *row, int32_t zero, float scale, float c,
+    const int mt, const int kind, const float *x, int64_t ldx, const void *row, int32_t zero, float scale, float c,
     int64_t K, const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
-    lanes acc[TILE];
-    for (int m = 0; m < mt; m++) acc[m] = lanes_zero();
-    for (int64_t k = 0; k < K; k += 16) {
-        lanes w = decode16(kind, row, k, zero, scale, c);
+    lanes acc0[TILE], acc1[TILE];
+    for (int m = 0; m < mt; m++) acc0[m] = acc1[m] = lanes_zero();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        lanes w0 = decode16(kind, row, k, zero, scale, c), w1 = decode16(kind, row, k + 16, zero, scale, c);
 #pragma GCC unroll 8
-        for (int m = 0; m < mt; m++) acc[m] = lanes_fma(w, x + m * ldx + k, acc[m]);
+        for (int m = 0; m < mt; m++) {
+            acc0[m] = lanes_fma(w0, x + m * ldx + k, acc0[m]);
+            acc1[m] = lanes_fma(w1, x + m * ldx + k + 16, acc1[m]);
+        }
     }
-    for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(acc[m]), bias, n, accumulate);
+    if (k < K) { /* a last 16 */
+        lanes w0 = decode16(kind, row, k, zero, scale, c);
+        for (int m = 0; m < mt; m++) acc0[m] = lanes_fma(w0, x + m * ldx + k, acc0[m]);
+    }
+    for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(lanes_add(acc0[m], acc1[m])), bias, n, accumulate);
 }
 
-/* out (M, ldo) [+]= x (M, ldx) @ W.T for an int8 or float weight of N rows of K elements (K a
-   multiple of 16). Row n starts at weight + n * K elements; its scale and zero point are
-   scales[n * group_stride] and zeros[n * group_stride] (group_stride 0: one for the tensor). */
-void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const void *weight, const float *scales,
-                  const int32_t *zeros, int64_t group_stride, float c, int64_t N, int64_t K,
-                  const float *bias, float *out, int64_t ldo, int accumulate) {
+/* One kind, so that each gets its own compiled loops with the decode inlined. */
+static inline __attribute__((always_inline)) void dense_rows(
+    const int kind, const float *x, int64_t M, int64_t ldx, const void *weight, const float *scales, const int32_t *zeros,
+    int64_t group_stride, float c, int64_t N, int64_t K, const float *bias, float *out, int64_t ldo, int accumulate, int threads) {
     const int64_t itemsize = kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const void *row = (const uint8_t *)weight + n * K * itemsize;
         float scale = scales ? scales[n * group_stride] : 1.0f;
@@ -232,4 +235,46 @@ void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const void *
         if (M - m >= 2) { dense_row(2, kind, x + m * ldx, ldx, row, zero, scale, c, K, bias, n, out + m * ldo, ldo, accumulate); m += 2; }
         if (M - m >= 1) dense_row(1, kind, x + m * ldx, ldx, row, zero, scale, c, K, bias, n, out + m * ldo, ldo, accumulate);
     }
+}
+
+/* out (M, ldo) [+]= x (M, ldx) @ W.T for an int8 or float weight of N rows of K elements (K a
+   multiple of 16). Row n starts at weight + n * K elements; its scale and zero point are
+   scales[n * group_stride] and zeros[n * group_stride] (group_stride 0: one for the tensor). */
+static void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const void *weight, const float *scales,
+                  const int32_t *zeros, int64_t group_stride, float c, int64_t N, int64_t K,
+                  const float *bias, float *out, int64_t ldo, int accumulate, int threads) {
+    switch (kind) {
+    case W_I8_AFFINE: dense_rows(W_I8_AFFINE, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
+    case W_I8_SYM: dense_rows(W_I8_SYM, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
+    case W_F32: dense_rows(W_F32, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
+    default: dense_rows(W_BF16, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
+    }
+}
+
+/* ---- the one entry point ---------------------------------------------------------------------- */
+
+/* A weight as compressor.native.matmul describes it (built once per weight, so that a call passes
+   one pointer instead of a dozen fields). */
+typedef struct {
+    int32_t kind;           /* W_* */
+    int32_t shift;          /* q4: log2 of the block size */
+    int64_t rows, cols;     /* N, K */
+    const void *data;       /* codes or float values */
+    int64_t data_stride;    /* q4: bytes per row (dense rows are cols elements apart) */
+    const float *scales;    /* q4: per block; i8: per row or tensor */
+    const void *zeros;      /* q4: uint8 per block (NULL: codebook); i8 affine: int32 per row or tensor */
+    int64_t scale_stride;   /* q4: blocks per row; i8: 1 per row, 0 per tensor */
+    const float *table;     /* q4 codebook */
+    float constant;         /* i8 sym: 1/127 */
+} weight_t;
+
+/* out (M, ldo) [+]= x (M, ldx) @ W.T (+ bias). */
+void matmul(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
+            int accumulate, int threads) {
+    if (w->kind == W_Q4)
+        q4_matmul(x, M, ldx, w->data, w->data_stride, w->scales, w->zeros, w->scale_stride, w->table, w->rows, w->cols,
+                  w->shift, bias, out, ldo, accumulate, threads);
+    else
+        dense_matmul(w->kind, x, M, ldx, w->data, w->scales, w->zeros, w->scale_stride, w->constant, w->rows, w->cols,
+                     bias, out, ldo, accumulate, threads);
 }

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compressor import formats
-from compressor.native.matmul import DenseWeight, matmul
+from compressor.native.matmul import KernelWeight, matmul
 
 METHODS = ("nf4", "fp4", "int4", "int3", "int2", "int8", "int8-sym")
 
@@ -37,7 +37,7 @@ def test_a_row_gets_the_same_bits_in_any_batch_and_from_the_portable_build(metho
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float_weights_match_torch_and_keep_rows_independent(dtype):
     w, x = torch.randn(130, 96).to(dtype), torch.randn(9, 96)
-    weight = DenseWeight.of_float(w)
+    weight = KernelWeight.of_float(w)
     full = matmul(x, weight)
     torch.testing.assert_close(full, x @ w.float().T, rtol=1e-5, atol=1e-4)
     assert torch.equal(matmul(x[:3], weight), full[:3])
@@ -46,7 +46,7 @@ def test_float_weights_match_torch_and_keep_rows_independent(dtype):
 
 def test_bias_and_accumulation_add_to_the_product():
     w, x, bias = torch.randn(40, 64), torch.randn(3, 64), torch.randn(40)
-    weight = DenseWeight.of_float(w)
+    weight = KernelWeight.of_float(w)
     out = torch.ones(3, 40)
     matmul(x, weight, bias, out=out, accumulate=True)
     torch.testing.assert_close(out, 1 + x @ w.T + bias, rtol=1e-5, atol=1e-4)

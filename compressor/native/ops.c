@@ -1,0 +1,162 @@
+/* The per-layer work of a decoder step around the matrix products: norms, activations, rotary
+   embeddings and attention over each sequence's own key/value cache.
+
+   Every output row depends only on its own inputs, in an order fixed here, so a sequence gets the
+   same bits alone or batched. Sums run over 16 lanes (lane l takes elements l, l + 16, ...) folded
+   by halves, written as plain loops that the compiler turns into vector code (with
+   -ffp-contract=off it cannot reorder them). exp is a polynomial, accurate to about 2 ulp, so that
+   it vectorises too. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float fold16(const float *acc) {
+    float h8[8], h4[4], h2[2];
+    for (int l = 0; l < 8; l++) h8[l] = acc[l] + acc[l + 8];
+    for (int l = 0; l < 4; l++) h4[l] = h8[l] + h8[l + 4];
+    for (int l = 0; l < 2; l++) h2[l] = h4[l] + h4[l + 2];
+    return h2[0] + h2[1];
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[k + l] * b[k + l];
+    for (int l = 0; k + l < n; l++) acc[l] += a[k + l] * b[k + l];
+    return fold16(acc);
+}
+
+/* exp(x) for x <= 88: 2**n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial). */
+static inline float fast_exp(float x) {
+    if (x < -87.0f) return 0.0f;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* out = x / rms(x) * weight (offset 0) or * (1 + weight) (offset 1, Gemma), row by row. */
+void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const float *weight, float offset, float eps,
+              float *out, int64_t ldo) {
+    for (int64_t m = 0; m < rows; m++) {
+        const float *xm = x + m * ldx;
+        float acc[16] = {0};
+        int64_t k = 0;
+        for (; k + 16 <= width; k += 16)
+            for (int l = 0; l < 16; l++) acc[l] += xm[k + l] * xm[k + l];
+        for (int l = 0; k + l < width; l++) acc[l] += xm[k + l] * xm[k + l];
+        float inv = 1.0f / sqrtf(fold16(acc) / (float)width + eps);
+        float *om = out + m * ldo;
+        for (int64_t i = 0; i < width; i++) om[i] = (xm[i] * inv) * (weight[i] + offset);
+    }
+}
+
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+/* out[m, i] = act(gate[m, i]) * up[m, i]; gate and up are rows of gate_up (gate first, width each). */
+void act_mul(const float *gate_up, int64_t rows, int64_t width, int64_t ld, int64_t up_offset, int act, float *out, int64_t ldo) {
+    for (int64_t m = 0; m < rows; m++) {
+        const float *g = gate_up + m * ld, *u = g + up_offset;
+        float *o = out + m * ldo;
+        if (act == ACT_SILU) {
+            for (int64_t i = 0; i < width; i++) o[i] = g[i] / (1.0f + fast_exp(-g[i])) * u[i];
+        } else {
+            for (int64_t i = 0; i < width; i++) {
+                float y = 0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+                float t = 1.0f - 2.0f / (fast_exp(2.0f * (y < 44.0f ? y : 44.0f)) + 1.0f); /* tanh */
+                o[i] = 0.5f * g[i] * (1.0f + t) * u[i];
+            }
+        }
+    }
+}
+
+/* Rotary embedding in place, transformers' rotate_half convention: for each of ``heads`` vectors
+   of ``dim`` in a row, its first ``rot`` elements become x * cos + rotate_half(x) * sin, with the
+   row's cos and sin (rot each). */
+void rope(float *x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, const float *cos, const float *sin, int64_t rot) {
+    int64_t half = rot / 2;
+    for (int64_t m = 0; m < rows; m++) {
+        const float *c = cos + m * rot, *s = sin + m * rot;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + m * ldx + h * dim;
+            for (int64_t i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] + -b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+/* One layer's attention for a batch of sequences, each with its own cache.
+
+   Sequence b owns rows seq_start[b] .. seq_start[b + 1] of q (heads * dim each), k and v
+   (kv_heads * dim each): its new tokens, at positions past[b], past[b] + 1, ... Their keys and
+   values are first written into its cache (keys[b], values[b]: kv_heads x capacity[b] x dim).
+   Then each new token attends causally over the cache, within ``window`` positions when window >
+   0, with scores soft-capped at ``softcap`` when softcap > 0; query head h reads key head
+   h / (heads / kv_heads). out has the rows of q. */
+void attention(const float *q, const float *k, const float *v, int64_t ldq, int64_t ldk, int64_t nseq, const int64_t *seq_start,
+               const int64_t *past, float *const *keys, float *const *values, const int64_t *capacity, int64_t heads,
+               int64_t kv_heads, int64_t dim, float scale, float softcap, int64_t window, float *out, int64_t ldo, int threads) {
+    int64_t longest = 0;
+    for (int64_t b = 0; b < nseq; b++) {
+        int64_t n = seq_start[b + 1] - seq_start[b];
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t g = 0; g < kv_heads; g++) {
+                int64_t at = g * capacity[b] * dim + (past[b] + t) * dim;
+                memcpy(keys[b] + at, k + (seq_start[b] + t) * ldk + g * dim, sizeof(float) * dim);
+                memcpy(values[b] + at, v + (seq_start[b] + t) * ldk + g * dim, sizeof(float) * dim);
+            }
+        if (past[b] + n > longest) longest = past[b] + n;
+    }
+    int64_t total = seq_start[nseq], group = heads / kv_heads;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (longest > 0 ? longest : 1));
+        int64_t b = 0;
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < total * heads; job++) {
+            int64_t row = job / heads, h = job % heads;
+            while (seq_start[b + 1] <= row) b++;
+            while (seq_start[b] > row) b--;
+            int64_t pos = past[b] + (row - seq_start[b]);
+            int64_t first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+            const float *qh = q + row * ldq + h * dim;
+            const float *kh = keys[b] + (h / group) * capacity[b] * dim, *vh = values[b] + (h / group) * capacity[b] * dim;
+            float best = -INFINITY;
+            for (int64_t t = first; t <= pos; t++) {
+                float s = dot(qh, kh + t * dim, dim) * scale;
+                if (softcap > 0) s = softcap * tanhf(s / softcap);
+                scores[t] = s;
+                if (s > best) best = s;
+            }
+            float norm = 0;
+            for (int64_t t = first; t <= pos; t++) {
+                scores[t] = fast_exp(scores[t] - best);
+                norm += scores[t];
+            }
+            float *o = out + row * ldo + h * dim;
+            for (int64_t d = 0; d < dim; d++) o[d] = 0;
+            for (int64_t t = first; t <= pos; t++) {
+                float p = scores[t] / norm;
+                const float *vt = vh + t * dim;
+                for (int64_t d = 0; d < dim; d++) o[d] += p * vt[d];
+            }
+        }
+        free(scores);
+    }
+}

@@ -1,0 +1,65 @@
+"""The elementwise and attention kernels of a decoder step (``ops.c``), over float32 torch tensors.
+
+Each takes rows (the last dimension contiguous) and writes rows; a row's result never depends on
+the other rows of the call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import library
+from .matmul import all_cores
+
+SILU, GELU_TANH = 0, 1
+ACTIVATIONS = {"silu": SILU, "swish": SILU, "gelu_pytorch_tanh": GELU_TANH, "gelu_tanh": GELU_TANH}
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"expected a float32 matrix of contiguous rows, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    return t
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """``out = x / sqrt(mean(x**2) + eps) * (weight + offset)`` row by row (offset 1: Gemma's ``1 + weight``)."""
+    _rows(x), _rows(out)
+    lib = library()
+    lib.rms_norm(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), offset, eps, out.data_ptr(), out.stride(0))
+    return out
+
+
+def act_mul(gate_up: torch.Tensor, width: int, act: int, out: torch.Tensor) -> torch.Tensor:
+    """``out = act(gate) * up`` where each row of ``gate_up`` holds ``gate`` then ``up``, ``width`` each."""
+    _rows(gate_up), _rows(out)
+    library().act_mul(gate_up.data_ptr(), gate_up.shape[0], width, gate_up.stride(0), width, act, out.data_ptr(), out.stride(0))
+    return out
+
+
+def rope(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate, in place, the first ``cos.shape[1]`` elements of each of a row's ``heads`` vectors (transformers' rotate_half)."""
+    _rows(x), _rows(cos), _rows(sin)
+    library().rope(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), cos.data_ptr(), sin.data_ptr(), cos.shape[1])
+    return x
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start: np.ndarray, past: np.ndarray, keys: list[torch.Tensor],
+              values: list[torch.Tensor], heads: int, scale: float, out: torch.Tensor, softcap: float = 0.0, window: int = 0,
+              threads: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Write each sequence's new keys and values into its cache, then attend causally (see ``ops.c``).
+
+    ``q``/``out`` rows are ``heads * dim``, ``k``/``v`` rows ``kv_heads * dim``; sequence ``b`` owns
+    rows ``seq_start[b]:seq_start[b + 1]`` at positions from ``past[b]``; ``keys[b]``/``values[b]``
+    are its caches ``(kv_heads, capacity, dim)`` with room for them.
+    """
+    _rows(q), _rows(k), _rows(out)
+    kv_heads, _, dim = keys[0].shape
+    key_ptrs = np.array([t.data_ptr() for t in keys], dtype=np.uint64)
+    value_ptrs = np.array([t.data_ptr() for t in values], dtype=np.uint64)
+    capacity = np.array([t.shape[1] for t in keys], dtype=np.int64)
+    starts, pasts = np.ascontiguousarray(seq_start, dtype=np.int64), np.ascontiguousarray(past, dtype=np.int64)
+    library().attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), len(keys), starts.ctypes.data,
+                        pasts.ctypes.data, key_ptrs.ctypes.data, value_ptrs.ctypes.data, capacity.ctypes.data, heads, kv_heads, dim,
+                        scale, softcap, window, out.data_ptr(), out.stride(0), threads or all_cores())  # fmt: skip
+    return out

@@ -1,0 +1,247 @@
+"""A decoder step written out layer by layer over the native kernels, instead of through transformers' modules.
+
+transformers' forward costs a decode step 10-20 ms of module calls, keyword plumbing and small
+tensor ops around the matrix products; here a layer is a dozen kernel calls on buffers of the
+step's rows. The numbers still come from the model's own pieces: the weights and adapters of its
+modules, its rotary module's cos/sin tables, and norms, activations and embedding scale that are
+probed against the model's own modules when the plan is made (a family whose piece does not match
+any kernel is refused by name, never run wrong).
+
+A step takes any mix of sequences, each with its own new tokens (one when decoding, a chunk of
+its prompt when prefilling), adapter and cache. Every kernel computes each row on its own, so a
+sequence's numbers do not depend on what else is in the step.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.native import ops
+
+from .multilora import MultiLoraLinear, Routing
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm as the kernel computes it: ``x / rms(x) * (weight + offset)``."""
+
+    weight: torch.Tensor  # float32 (width,)
+    eps: float
+    offset: float  # 0, or 1 for Gemma's (1 + weight)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalize each row of ``x`` (rows of ``weight``'s width) into ``out``."""
+        out = torch.empty_like(x) if out is None else out
+        return ops.rms_norm(x, self.weight, self.eps, out, self.offset)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer's pieces, in the order a step uses them."""
+
+    index: int
+    attn_norm: Norm
+    qkv: tuple[MultiLoraLinear, ...]  # q, k, v; or one fused qkv_proj (Phi-3)
+    q_norm: Norm | None  # per head, before the rotary embedding (Qwen 3, Gemma 3)
+    k_norm: Norm | None
+    o: MultiLoraLinear
+    attn_out_norm: Norm | None  # on the attention output before the residual (Gemma 2/3)
+    mlp_norm: Norm
+    gate_up: tuple[MultiLoraLinear, ...]  # gate, up; or one fused gate_up_proj (Phi-3)
+    down: MultiLoraLinear
+    mlp_out_norm: Norm | None
+    act: int
+    scale: float
+    window: int  # sliding-window length (0: attends to everything)
+
+
+class UnsupportedModel(ValueError):
+    """The model has a piece the step's kernels do not compute; the message names it."""
+
+
+def _probe_norm(module: nn.Module, where: str) -> Norm:
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if weight is None or eps is None:
+        raise UnsupportedModel(f"{where}: {type(module).__name__} is not an RMSNorm")
+    x = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(x).float()
+    for offset in (0.0, 1.0):
+        norm = Norm(weight.detach().float().contiguous(), float(eps), offset)
+        if torch.allclose(norm(x), expected, rtol=1e-5, atol=1e-5):
+            return norm
+    raise UnsupportedModel(f"{where}: {type(module).__name__} is not weight * x / rms(x) nor (1 + weight) * x / rms(x)")
+
+
+def _probe_act(module: nn.Module, where: str) -> int:
+    x = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        y = module(x)
+    for act, reference in ((ops.SILU, F.silu(x)), (ops.GELU_TANH, F.gelu(x, approximate="tanh"))):
+        if torch.allclose(y, reference, rtol=1e-5, atol=1e-6):
+            return act
+    raise UnsupportedModel(f"{where}: activation {type(module).__name__} is neither SiLU nor tanh-approximated GELU")
+
+
+def _check_rotary(attn: nn.Module, head_dim: int, rotary_dim: int, where: str) -> None:
+    # The kernel rotates halves (transformers' rotate_half); the attention module's own function must agree.
+    apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if apply is None:
+        raise UnsupportedModel(f"{where}: no apply_rotary_pos_emb beside {type(attn).__name__}")
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 3, head_dim, generator=g), torch.randn(1, 1, 3, head_dim, generator=g)
+    cos, sin = torch.randn(1, 3, rotary_dim, generator=g), torch.randn(1, 3, rotary_dim, generator=g)
+    expected_q, _ = apply(q, k, cos, sin)
+    ours = q[0].transpose(0, 1).reshape(3, -1).contiguous()
+    ops.rope(ours, 2, head_dim, cos[0].contiguous(), sin[0].contiguous())
+    if not torch.allclose(ours, expected_q[0].transpose(0, 1).reshape(3, -1), rtol=1e-5, atol=1e-5):
+        raise UnsupportedModel(f"{where}: its rotary embedding is not transformers' rotate_half form")
+
+
+class _Seen(Exception):
+    pass
+
+
+def _embed_scale(model: nn.Module) -> float:
+    # What the model multiplies embeddings by before the first layer (Gemma: sqrt(hidden)), read off
+    # the first layer's input in a real forward (stopped there) rather than known per family.
+    decoder = model.get_decoder()
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Seen
+
+    hook = decoder.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            decoder(input_ids=torch.tensor([[1]]))
+    except _Seen:
+        pass
+    finally:
+        hook.remove()
+    raw = decoder.embed_tokens(torch.tensor([[1]])).float()
+    ratio = (seen["h"].float().norm() / raw.norm()).item()
+    return 1.0 if abs(ratio - 1) < 1e-6 else ratio
+
+
+class Decoder:
+    """The step of one loaded causal LM whose linear layers are :class:`MultiLoraLinear`, and whose head is row-wise."""
+
+    def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None):
+        config = model.config
+        decoder = model.get_decoder()
+        self.model, self.routing, self.threads = model, routing, threads
+        self.embed = decoder.embed_tokens
+        self.embed_scale = _embed_scale(model)
+        self.final_norm = _probe_norm(decoder.norm, "final norm")
+        self.rotary = decoder.rotary_emb
+        self.head = model.get_output_embeddings()
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.final_softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+        self.attn_softcap = float(getattr(config, "attn_logit_softcapping", None) or 0.0)
+        cos, _ = self.rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long))
+        self.rotary_dim = cos.shape[-1]
+        self.layers = [self._plan(i, layer) for i, layer in enumerate(decoder.layers)]
+
+    def _plan(self, index: int, layer: nn.Module) -> Layer:
+        where = f"layer {index}"
+        attn, mlp = layer.self_attn, layer.mlp
+        if index == 0:
+            _check_rotary(attn, self.head_dim, self.rotary_dim, where)
+        qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up = (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
+        for module in (*qkv, attn.o_proj, *gate_up, mlp.down_proj):
+            if not isinstance(module, MultiLoraLinear):
+                raise UnsupportedModel(f"{where}: {type(module).__name__} is not an adaptable linear layer")
+        gemma_style = hasattr(layer, "pre_feedforward_layernorm")  # norms around both blocks (Gemma 2/3)
+        optional = lambda name, owner=layer: _probe_norm(getattr(owner, name), f"{where} {name}") if getattr(owner, name, None) is not None else None  # noqa: E731
+        return Layer(
+            index=index,
+            attn_norm=_probe_norm(layer.input_layernorm, f"{where} input_layernorm"),
+            qkv=qkv, q_norm=optional("q_norm", attn), k_norm=optional("k_norm", attn), o=attn.o_proj,
+            attn_out_norm=optional("post_attention_layernorm") if gemma_style else None,
+            mlp_norm=_probe_norm(layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm, f"{where} mlp norm"),
+            gate_up=gate_up, down=mlp.down_proj,
+            mlp_out_norm=optional("post_feedforward_layernorm") if gemma_style else None,
+            act=_probe_act(mlp.act_fn, where),
+            scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
+            window=int(getattr(attn, "sliding_window", None) or 0),
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[list[int]], adapters: list[str | None], caches: list, logit_rows: list[int] | None = None) -> torch.Tensor:
+        """Run each sequence's new ``tokens`` through the model into its cache; logits of ``logit_rows`` (default: each sequence's last).
+
+        Rows are the sequences' tokens one after another; ``caches`` are :class:`serve.attention.SequenceKV`.
+        """
+        counts = [len(t) for t in tokens]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        past = np.array([c.length for c in caches], dtype=np.int64)
+        positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for p, n in zip(past, counts)]))
+        ids = torch.tensor([t for seq in tokens for t in seq])
+        self.routing.set_rows(adapters, counts)
+        for cache, n in zip(caches, counts):
+            cache.reserve(cache.length + n)
+        h = self.embed(ids).float()
+        if self.embed_scale != 1.0:
+            h = h * torch.tensor(self.embed_scale, dtype=torch.float32)
+        h = h.contiguous()
+        cos, sin = self.rotary(h[None], positions[None])
+        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        for layer in self.layers:
+            self._layer(layer, h, cos, sin, starts, past, caches)
+        for cache, n in zip(caches, counts):
+            cache.length += n
+        rows = starts[1:] - 1 if logit_rows is None else np.asarray(logit_rows)
+        last = self.final_norm(h[torch.from_numpy(rows)].contiguous())
+        self.routing.set_rows([None] * len(rows), [1] * len(rows))
+        logits = self.head(last)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
+        return [m.rows(x, threads=self.threads) for m in modules]
+
+    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches) -> None:
+        rows, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
+        x = layer.attn_norm(h)
+        outs = self._linear(layer.qkv, x)
+        if len(outs) == 1:  # fused: q | k | v along each row
+            q, k, v = outs[0].split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+        else:
+            q, k, v = outs
+        if layer.q_norm is not None:
+            q = layer.q_norm(q.contiguous().view(-1, dim)).view(rows, -1)
+            k = layer.k_norm(k.contiguous().view(-1, dim)).view(rows, -1)
+        if v.stride(0) != k.stride(0):  # the kernel reads k and v with one row stride
+            k, v = k.contiguous(), v.contiguous()
+        ops.rope(q, heads, dim, cos, sin)
+        ops.rope(k, kv_heads, dim, cos, sin)
+        attn = torch.empty(rows, heads * dim)
+        i = layer.index
+        ops.attention(q, k, v, starts, past, [c.keys[i] for c in caches], [c.values[i] for c in caches], heads, layer.scale, attn,
+                      softcap=self.attn_softcap, window=layer.window, threads=self.threads)  # fmt: skip
+        if layer.attn_out_norm is None:
+            layer.o.rows(attn, out=h, accumulate=True, threads=self.threads)
+        else:
+            h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads))
+        x = layer.mlp_norm(h)
+        outs = self._linear(layer.gate_up, x)
+        width = layer.down.in_features
+        gate_up = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        act = ops.act_mul(gate_up, width, layer.act, torch.empty(rows, width))
+        if layer.mlp_out_norm is None:
+            layer.down.rows(act, out=h, accumulate=True, threads=self.threads)
+        else:
+            h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads))
