@@ -11,7 +11,13 @@ from compressor.errors import CompressorError
 
 from .auth import ApiKeys
 from .errors import ServeError
-from .types import BACKENDS, EngineConfig
+from .types import BACKENDS, HEADS, EngineConfig
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--kv-cache", type=float, metavar="MB", help="memory for key/value caches; requests wait until theirs fits")
+    p.add_argument("--head", choices=HEADS, default="float",
+                   help="output head: float (exact), or a bfloat16 or int8-per-row copy that decoding reads a half or a quarter of")  # fmt: skip
+    p.add_argument("--threads", type=_positive, help="cores the kernels use (default: every core this process may run on)")
     p.add_argument("--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
     return p
 
@@ -41,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
         config = EngineConfig(
             base_dir=args.base, backend=args.backend, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
-            max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory, kv_cache_mb=args.kv_cache,
+            max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory, kv_cache_mb=args.kv_cache, head=args.head,
+            threads=args.threads,
         )  # fmt: skip
         from .engine import Engine  # imports torch: after the cheap checks
 

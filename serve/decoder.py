@@ -15,6 +15,8 @@ sequence's numbers do not depend on what else is in the step.
 from __future__ import annotations
 
 import sys
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,6 +154,19 @@ class Decoder:
         cos, _ = self.rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long))
         self.rotary_dim = cos.shape[-1]
         self.layers = [self._plan(i, layer) for i, layer in enumerate(decoder.layers)]
+        self.timings: dict[str, float] | None = None  # seconds per phase, summed over steps, while profiling
+
+    def profile(self, on: bool = True) -> None:
+        """Start (clearing) or stop summing each phase's time into :attr:`timings`."""
+        self.timings = defaultdict(float) if on else None
+
+    def _mark(self, phase: str, since: float) -> float:
+        # One perf_counter per phase when profiling; a cheap return otherwise.
+        if self.timings is None:
+            return since
+        now = time.perf_counter()
+        self.timings[phase] += now - since
+        return now
 
     def _plan(self, index: int, layer: nn.Module) -> Layer:
         where = f"layer {index}"
@@ -184,6 +199,7 @@ class Decoder:
 
         Rows are the sequences' tokens one after another; ``caches`` are :class:`serve.attention.SequenceKV`.
         """
+        t = time.perf_counter() if self.timings is not None else 0.0
         counts = [len(t) for t in tokens]
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         past = np.array([c.length for c in caches], dtype=np.int64)
@@ -198,25 +214,30 @@ class Decoder:
         h = h.contiguous()
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        t = self._mark("embed, rotary tables", t)
         for layer in self.layers:
-            self._layer(layer, h, cos, sin, starts, past, caches)
+            t = self._layer(layer, h, cos, sin, starts, past, caches, t)
         for cache, n in zip(caches, counts):
             cache.length += n
         rows = starts[1:] - 1 if logit_rows is None else np.asarray(logit_rows)
         last = self.final_norm(h[torch.from_numpy(rows)].contiguous())
         self.routing.set_rows([None] * len(rows), [1] * len(rows))
+        t = self._mark("norms", t)
         logits = self.head(last)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        self._mark("output head", t)
         return logits
 
     def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
         return [m.rows(x, threads=self.threads) for m in modules]
 
-    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches) -> None:
+    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches, t: float) -> float:
         rows, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
         x = layer.attn_norm(h)
+        t = self._mark("norms", t)
         outs = self._linear(layer.qkv, x)
+        t = self._mark("q, k, v projections", t)
         if len(outs) == 1:  # fused: q | k | v along each row
             q, k, v = outs[0].split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
         else:
@@ -228,20 +249,27 @@ class Decoder:
             k, v = k.contiguous(), v.contiguous()
         ops.rope(q, heads, dim, cos, sin)
         ops.rope(k, kv_heads, dim, cos, sin)
+        t = self._mark("rotary", t)
         attn = torch.empty(rows, heads * dim)
         i = layer.index
         ops.attention(q, k, v, starts, past, [c.keys[i] for c in caches], [c.values[i] for c in caches], heads, layer.scale, attn,
                       softcap=self.attn_softcap, window=layer.window, threads=self.threads)  # fmt: skip
+        t = self._mark("attention", t)
         if layer.attn_out_norm is None:
             layer.o.rows(attn, out=h, accumulate=True, threads=self.threads)
         else:
             h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads))
+        t = self._mark("o projection", t)
         x = layer.mlp_norm(h)
+        t = self._mark("norms", t)
         outs = self._linear(layer.gate_up, x)
         width = layer.down.in_features
         gate_up = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        t = self._mark("gate, up projections", t)
         act = ops.act_mul(gate_up, width, layer.act, torch.empty(rows, width))
+        t = self._mark("activation", t)
         if layer.mlp_out_norm is None:
             layer.down.rows(act, out=h, accumulate=True, threads=self.threads)
         else:
             h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads))
+        return self._mark("down projection", t)

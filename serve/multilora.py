@@ -76,16 +76,18 @@ class MultiLoraLinear(nn.Module):
 
 
 class RowwiseLinear(nn.Module):
-    """A float linear layer (the output head) computed row by row: shares the wrapped layer's weight."""
+    """A float linear layer (the output head) computed row by row, by its own weight or a packed copy of it."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, weight: KernelWeight | None = None, threads: int | None = None):
         super().__init__()
         self.linear = linear
+        self.weight = KernelWeight.of_float(linear.weight) if weight is None else weight
+        self.threads = threads
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``, each row on its own."""
-        return base_rows(x, self.linear)
+        return matmul(x, self.weight, self.linear.bias, threads=self.threads)
 
 
 def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None, accumulate: bool = False,

@@ -17,19 +17,31 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from compressor import formats
 from compressor.adapters import base_fingerprint
 from compressor.architecture import kv_shape
 from compressor.loading import load
+from compressor.native.matmul import KernelWeight
 
 from . import attention, multilora
 from .backend import eos_set
 from .decoder import Decoder, UnsupportedModel
 
 
+def head_weight(weight: torch.Tensor, head: str) -> KernelWeight:
+    """The output head's weight as ``head`` (one of :data:`serve.types.HEADS`) says to multiply by it."""
+    if head == "float":
+        return KernelWeight.of_float(weight)
+    if head == "bfloat16":
+        return KernelWeight.of_float(weight.detach().to(torch.bfloat16))
+    cfg = formats.config_for("int8-sym")
+    return formats.kernel_weight(*formats.format_for(cfg).quantize(weight.detach(), cfg))
+
+
 class TorchBackend:
     """A base loaded with :func:`compressor.loading.load`, its linear layers wrapped for per-row adapters."""
 
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None):
         self.model = load(base_dir, exact=True)
         try:
             attention.install(self.model)
@@ -37,9 +49,10 @@ class TorchBackend:
             raise ValueError(f"{base_dir}: {e}") from None
         self.routing = multilora.Routing()
         self.layers = multilora.install(self.model, self.routing)
-        self.model.set_output_embeddings(multilora.RowwiseLinear(self.model.get_output_embeddings()))
+        output = self.model.get_output_embeddings()
+        self.model.set_output_embeddings(multilora.RowwiseLinear(output, head_weight(output.weight, head), threads))
         try:
-            self.decoder = Decoder(self.model, self.routing)
+            self.decoder = Decoder(self.model, self.routing, threads)
         except UnsupportedModel as e:
             raise ValueError(f"{base_dir}: the server cannot run this model: {e}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKENDS = ("torch", "onnx")  # see serve.backend.open_backend
+# The output head: "float" as the checkpoint holds it (exact), or a copy in bfloat16 or int8 per row
+# (int8-sym's codes), which the head's product reads a half or a quarter of; embeddings stay exact.
+HEADS = ("float", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)
@@ -21,10 +24,16 @@ class EngineConfig:
     max_adapters: int = 64  # resident adapters; idle ones are evicted, least recently used first
     adapter_memory_mb: float | None = None  # budget for resident adapters' weights
     kv_cache_mb: float | None = None  # budget for key/value caches; requests wait until theirs fits
+    head: str = "float"  # the output head as the torch backend multiplies by it: one of HEADS
+    threads: int | None = None  # cores the torch backend's kernels use; None: every core this process may run on
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
 
 
 @dataclass(frozen=True)

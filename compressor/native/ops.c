@@ -5,12 +5,17 @@
    same bits alone or batched. Sums run over 16 lanes (lane l takes elements l, l + 16, ...) folded
    by halves, written as plain loops that the compiler turns into vector code (with
    -ffp-contract=off it cannot reorder them). exp is a polynomial, accurate to about 2 ulp, so that
-   it vectorises too. */
+   it vectorises too (the compiler will not vectorise a loop around floorf or a clamp, so the
+   loops that call it have an AVX-512 body, with the same operations in the same order as the
+   scalar one, and a scalar tail). */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 static inline float fold16(const float *acc) {
     float h8[8], h4[4], h2[2];
@@ -29,23 +34,59 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return fold16(acc);
 }
 
-/* exp(x) for x <= 88: 2**n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial). */
-static inline float fast_exp(float x) {
-    if (x < -87.0f) return 0.0f;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+/* exp(x) for x <= 88: 2**n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial).
+   Below -87 it returns exp(-87) (about 1.6e-38) rather than 0. */
+#define EXP_STEPS(FLOOR, MUL, ADD, SUB, SET, POW2) \
+    x = MAX(x, SET(-87.0f));                        \
+    n = FLOOR(ADD(MUL(x, SET(1.44269504088896341f)), SET(0.5f))); \
+    r = SUB(x, MUL(n, SET(0.693359375f)));          \
+    r = SUB(r, MUL(n, SET(-2.12194440e-4f)));       \
+    p = SET(1.9875691500e-4f);                      \
+    p = ADD(MUL(p, r), SET(1.3981999507e-3f));      \
+    p = ADD(MUL(p, r), SET(8.3334519073e-3f));      \
+    p = ADD(MUL(p, r), SET(4.1665795894e-2f));      \
+    p = ADD(MUL(p, r), SET(1.6666665459e-1f));      \
+    p = ADD(MUL(p, r), SET(5.0000001201e-1f));      \
+    p = ADD(ADD(MUL(MUL(p, r), r), r), SET(1.0f));  \
+    return MUL(p, POW2(n));
+
+#define S_MUL(a, b) ((a) * (b))
+#define S_ADD(a, b) ((a) + (b))
+#define S_SUB(a, b) ((a) - (b))
+#define S_SET(a) (a)
+static inline float s_pow2(float n) {
     int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline float fast_exp(float x) {
+    float n, r, p;
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+    EXP_STEPS(floorf, S_MUL, S_ADD, S_SUB, S_SET, s_pow2)
+#undef MAX
+}
+
+#ifdef __AVX512F__
+static inline __m512 v_floor(__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline __m512 v_pow2(__m512 n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+static inline __m512 exp16(__m512 x) {
+    __m512 n, r, p;
+#define MAX(a, b) _mm512_max_ps(a, b)
+    EXP_STEPS(v_floor, _mm512_mul_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_set1_ps, v_pow2)
+#undef MAX
+}
+#endif
+
+/* exp of n floats in place. */
+static void exp_all(float *v, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, exp16(_mm512_loadu_ps(v + i)));
+#endif
+    for (; i < n; i++) v[i] = fast_exp(v[i]);
 }
 
 /* out = x / rms(x) * weight (offset 0) or * (1 + weight) (offset 1, Gemma), row by row. */
@@ -66,21 +107,24 @@ void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const fl
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
-/* out[m, i] = act(gate[m, i]) * up[m, i]; gate and up are rows of gate_up (gate first, width each). */
+/* out[m, i] = act(gate[m, i]) * up[m, i]; gate and up are rows of gate_up (up at up_offset).
+   SiLU is g / (1 + exp(-g)); the GELU's tanh(y) is 1 - 2 / (exp(2y) + 1), with 2y capped at 88. */
 void act_mul(const float *gate_up, int64_t rows, int64_t width, int64_t ld, int64_t up_offset, int act, float *out, int64_t ldo) {
+    float *e = malloc(sizeof(float) * (width > 0 ? width : 1));
     for (int64_t m = 0; m < rows; m++) {
         const float *g = gate_up + m * ld, *u = g + up_offset;
         float *o = out + m * ldo;
-        if (act == ACT_SILU) {
-            for (int64_t i = 0; i < width; i++) o[i] = g[i] / (1.0f + fast_exp(-g[i])) * u[i];
-        } else {
-            for (int64_t i = 0; i < width; i++) {
-                float y = 0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
-                float t = 1.0f - 2.0f / (fast_exp(2.0f * (y < 44.0f ? y : 44.0f)) + 1.0f); /* tanh */
-                o[i] = 0.5f * g[i] * (1.0f + t) * u[i];
-            }
+        for (int64_t i = 0; i < width; i++) {
+            float y = act == ACT_SILU ? -g[i] : 2.0f * (0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]));
+            e[i] = y < 88.0f ? y : 88.0f;
         }
+        exp_all(e, width);
+        if (act == ACT_SILU)
+            for (int64_t i = 0; i < width; i++) o[i] = g[i] / (1.0f + e[i]) * u[i];
+        else
+            for (int64_t i = 0; i < width; i++) o[i] = 0.5f * g[i] * (1.0f + (1.0f - 2.0f / (e[i] + 1.0f))) * u[i];
     }
+    free(e);
 }
 
 /* Rotary embedding in place, transformers' rotate_half convention: for each of ``heads`` vectors
@@ -137,18 +181,15 @@ void attention(const float *q, const float *k, const float *v, int64_t ldq, int6
             int64_t first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
             const float *qh = q + row * ldq + h * dim;
             const float *kh = keys[b] + (h / group) * capacity[b] * dim, *vh = values[b] + (h / group) * capacity[b] * dim;
+            for (int64_t t = first; t <= pos; t++) scores[t] = dot(qh, kh + t * dim, dim) * scale;
+            if (softcap > 0)
+                for (int64_t t = first; t <= pos; t++) scores[t] = softcap * tanhf(scores[t] / softcap);
             float best = -INFINITY;
-            for (int64_t t = first; t <= pos; t++) {
-                float s = dot(qh, kh + t * dim, dim) * scale;
-                if (softcap > 0) s = softcap * tanhf(s / softcap);
-                scores[t] = s;
-                if (s > best) best = s;
-            }
+            for (int64_t t = first; t <= pos; t++) best = scores[t] > best ? scores[t] : best;
+            for (int64_t t = first; t <= pos; t++) scores[t] -= best;
+            exp_all(scores + first, pos + 1 - first);
             float norm = 0;
-            for (int64_t t = first; t <= pos; t++) {
-                scores[t] = fast_exp(scores[t] - best);
-                norm += scores[t];
-            }
+            for (int64_t t = first; t <= pos; t++) norm += scores[t];
             float *o = out + row * ldo + h * dim;
             for (int64_t d = 0; d < dim; d++) o[d] = 0;
             for (int64_t t = first; t <= pos; t++) {
