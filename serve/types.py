@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ACTIVATIONS = ("float32", "int8")  # as compressor.native.matmul.ACTIVATIONS (which needs torch; this module does not)
 BACKENDS = ("torch", "onnx")  # see serve.backend.open_backend
 # The output head: "float" as the checkpoint holds it (exact), or a copy in bfloat16 or int8 per row
 # (int8-sym's codes), which the head's product reads a half or a quarter of; embeddings stay exact.
@@ -25,6 +26,7 @@ class EngineConfig:
     adapter_memory_mb: float | None = None  # budget for resident adapters' weights
     kv_cache_mb: float | None = None  # budget for key/value caches; requests wait until theirs fits
     head: str = "float"  # the output head as the torch backend multiplies by it: one of HEADS
+    activations: str = "float32"  # how the torch backend's packed products take their input: compressor.native.matmul.ACTIVATIONS
     threads: int | None = None  # cores the torch backend's kernels use; None: every core this process may run on
 
     def __post_init__(self):
@@ -32,6 +34,8 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
 

@@ -32,3 +32,12 @@ def test_imported_checkpoint_gives_the_logits_transformers_reads_from_the_gguf(t
         assert torch.equal(ours(ids).logits, ref(ids).logits)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.decode(tokenizer(" the text").input_ids) == " the text"
+
+
+def test_the_config_names_its_architecture_as_save_pretrained_writes_it(tmp_path):
+    import json
+
+    from tests.helpers import tiny_gguf
+
+    import_gguf(ImportJob(tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

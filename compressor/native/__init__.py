@@ -26,7 +26,8 @@ CACHE = Path.home() / ".cache" / "compressor" / "native"
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
-    "matmul": (_P, _P, _I64, _I64, _P, _P, _I64, _I32, _I32),
+    "matmul": (_P, _P, _I64, _I64, _P, _P, _I64, _I32, _I32, _I32),
+    "int8_activations_supported": (_I32, _I64),
     "rms_norm": (_P, _I64, _I64, _I64, _P, _F32, _F32, _P, _I64),
     "act_mul": (_P, _I64, _I64, _I64, _I64, _I32, _P, _I64),
     "rope": (_P, _I64, _I64, _I64, _I64, _P, _P, _I64),
@@ -86,5 +87,5 @@ def library(portable: bool = False) -> ctypes.CDLL:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = None
+        fn.restype = ctypes.c_int if name.endswith("_supported") else None
     return lib

@@ -22,6 +22,7 @@
                      value = (code * scale[row]) * c       (int8-sym: c = 1/127)
      f32 / bf16: the float weight itself (bfloat16 widened exactly). */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,6 +252,134 @@ static void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const
     }
 }
 
+/* ---- int8 activations ------------------------------------------------------------------------ */
+
+/* Dynamic int8 activations, as llama.cpp's Q8 and onnxruntime's accuracy level 4 do it: each run
+   of 32 elements of a row gets scale = absmax / 127 and codes round(x / scale) in [-127, 127],
+   held as unsigned bytes code + 128 so that VNNI's unsigned-by-signed byte dot product takes
+   them (128 * the sum of the weights is subtracted back, exactly, in integers). Integer sums are
+   exact, so the order question is only the float accumulation across runs, fixed as above. A
+   row is quantized on its own: batching does not change it. Weights become signed bytes: q4
+   codes through a table (nf4/fp4: round(127 * value), scale absmax / 127; int4: code - zero,
+   exact), int8 codes as they are. Needs K a multiple of 64 and AVX-512 VNNI; the caller falls
+   back to float32 activations otherwise. */
+
+typedef struct {
+    uint8_t *codes;   /* M x K: code + 128, q4 order (each 32 as 16 even then 16 odd elements) or natural */
+    float *scales;    /* M x K/64 x 16: lanes 0-7 the scale of the chunk's first 32, lanes 8-15 of its second */
+    float *sums;      /* M: sum over runs of scale * sum of codes (int8 affine's zero-point term) */
+} qx_t;
+
+static int qx_make(const float *x, int64_t M, int64_t ldx, int64_t K, int q4_order, qx_t *q) {
+    q->codes = malloc(M * K);
+    q->scales = malloc(sizeof(float) * M * (K / 64) * 16);
+    q->sums = malloc(sizeof(float) * M);
+    if (!q->codes || !q->scales || !q->sums) return 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * ldx;
+        float total = 0;
+        for (int64_t k = 0; k < K; k += 32) {
+            float amax = 0;
+            for (int i = 0; i < 32; i++) amax = fabsf(row[k + i]) > amax ? fabsf(row[k + i]) : amax;
+            float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int i = 0; i < 32; i++) {
+                int e = q4_order ? (i < 16 ? 2 * i : 2 * (i - 16) + 1) : i;
+                int32_t c = (int32_t)lrintf(row[k + e] * inv);
+                c = c > 127 ? 127 : c < -127 ? -127 : c;
+                q->codes[m * K + k + i] = (uint8_t)(c + 128);
+                sum += c;
+            }
+            float *lanes8 = q->scales + (m * (K / 64) + k / 64) * 16 + (k % 64 ? 8 : 0);
+            for (int l = 0; l < 8; l++) lanes8[l] = scale;
+            total += scale * (float)sum;
+        }
+        q->sums[m] = total;
+    }
+    return 1;
+}
+
+static void qx_free(qx_t *q) { free(q->codes); free(q->scales); free(q->sums); }
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+
+/* 64 signed weights of a chunk (two runs of 32 codes, q4 order) and 128 * their sums per lane. */
+static inline __m512i q4_bytes(const uint8_t *codes, __m512i table) {
+    __m256i b = _mm256_loadu_si256((const __m256i *)codes);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
+    __m256i lo = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(hi), lo, 1);            /* hi0 hi1 lo0 lo1 */
+    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));                        /* hi0 lo0 hi1 lo1 */
+    return _mm512_shuffle_epi8(table, z);
+}
+
+static inline __m128i q4_table8(const int8_t *table8, const uint8_t *zero) {
+    if (!zero) return _mm_loadu_si128((const __m128i *)table8);
+    const __m128i iota = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm_sub_epi8(iota, _mm_set1_epi8((char)*zero));
+}
+
+static inline __attribute__((always_inline)) void q4_row_i8(
+    const int mt, const qx_t *qx, int64_t m0, int64_t K, const uint8_t *codes, const float *scales, const uint8_t *zeros,
+    const int8_t *table8, float table_scale, int shift, const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
+    __m512 acc[TILE];
+    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i bias128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t k = 0; k < K; k += 64) {
+        int64_t b0 = k >> shift, b1 = (k + 32) >> shift;
+        __m512i table = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(q4_table8(table8, zeros ? zeros + b0 : 0))),
+            _mm256_broadcastsi128_si256(q4_table8(table8, zeros ? zeros + b1 : 0)), 1);
+        __m512i w = q4_bytes(codes + k / 2, table);
+        __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
+        __m512 ws = _mm512_insertf32x8(_mm512_set1_ps(scales[b0] * table_scale), _mm256_set1_ps(scales[b1] * table_scale), 1);
+#pragma GCC unroll 8
+        for (int m = 0; m < mt; m++) {
+            __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
+            __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
+            __m512 sc = _mm512_mul_ps(ws, _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[m]);
+        }
+    }
+    for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(acc[m]), bias, n, accumulate);
+}
+
+static inline __attribute__((always_inline)) void i8_row_i8(
+    const int mt, const qx_t *qx, int64_t m0, int64_t K, const int8_t *row, int kind, float scale, int32_t zero, float c,
+    const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
+    __m512 acc[TILE];
+    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i bias128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t k = 0; k < K; k += 64) {
+        __m512i w = _mm512_loadu_si512((const void *)(row + k));
+        __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
+#pragma GCC unroll 8
+        for (int m = 0; m < mt; m++) {
+            __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
+            __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16), acc[m]);
+        }
+    }
+    for (int m = 0; m < mt; m++) {
+        float dot = lanes_fold(acc[m]);
+        /* sum (q - zero) x = sum q x - zero sum x; sym: (q * scale) * c per weight, here once. */
+        dot = kind == W_I8_AFFINE ? (dot - (float)zero * qx->sums[m0 + m]) * scale : dot * (scale * c);
+        store(out + m * ldo + n, dot, bias, n, accumulate);
+    }
+}
+#endif
+
+/* Whether the int8-activation kernels take this weight. */
+int int8_activations_supported(int kind, int64_t K) {
+#ifdef HAVE_VNNI
+    return (kind == W_Q4 || kind == W_I8_AFFINE || kind == W_I8_SYM) && K % 64 == 0;
+#else
+    (void)kind; (void)K;
+    return 0;
+#endif
+}
+
 /* ---- the one entry point ---------------------------------------------------------------------- */
 
 /* A weight as compressor.native.matmul describes it (built once per weight, so that a call passes
@@ -268,9 +397,53 @@ typedef struct {
     float constant;         /* i8 sym: 1/127 */
 } weight_t;
 
-/* out (M, ldo) [+]= x (M, ldx) @ W.T (+ bias). */
+#ifdef HAVE_VNNI
+#define TILES(ROW, ...)                                                                  \
+    int64_t m = 0;                                                                       \
+    for (; m + TILE <= M; m += TILE) ROW(TILE, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate); \
+    if (M - m >= 4) { ROW(4, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate); m += 4; }      \
+    if (M - m >= 2) { ROW(2, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate); m += 2; }      \
+    if (M - m >= 1) ROW(1, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate);
+
+static void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
+                      int accumulate, int threads) {
+    qx_t q;
+    if (!qx_make(x, M, ldx, w->cols, w->kind == W_Q4, &q)) { qx_free(&q); return; }
+    const qx_t *qx = &q;
+    const int64_t K = w->cols;
+    int8_t table8[16];
+    for (int c = 0; c < 16; c++) table8[c] = w->kind == W_Q4 && !w->zeros ? (int8_t)lrintf(127.0f * w->table[c]) : 0;
+    const float table_scale = w->zeros ? 1.0f : 1.0f / 127.0f;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < w->rows; n++) {
+        if (w->kind == W_Q4) {
+            const uint8_t *codes = (const uint8_t *)w->data + n * w->data_stride;
+            const float *scales = w->scales + n * w->scale_stride;
+            const uint8_t *zeros = w->zeros ? (const uint8_t *)w->zeros + n * w->scale_stride : 0;
+            TILES(q4_row_i8, K, codes, scales, zeros, table8, table_scale, w->shift, bias, n)
+        } else {
+            const int8_t *row = (const int8_t *)w->data + n * K;
+            float scale = w->scales[n * w->scale_stride];
+            int32_t zero = w->zeros ? ((const int32_t *)w->zeros)[n * w->scale_stride] : 0;
+            TILES(i8_row_i8, K, row, w->kind, scale, zero, w->constant, bias, n)
+        }
+    }
+    qx_free(&q);
+}
+#endif
+
+/* out (M, ldo) [+]= x (M, ldx) @ W.T (+ bias), with the activations quantized to int8 when int8 is
+   set and int8_activations_supported says the kernels take the weight. */
 void matmul(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
-            int accumulate, int threads) {
+            int accumulate, int threads, int int8) {
+#ifdef HAVE_VNNI
+    if (int8 && int8_activations_supported(w->kind, w->cols)) {
+        matmul_i8(w, x, M, ldx, bias, out, ldo, accumulate, threads);
+        return;
+    }
+#else
+    (void)int8;
+#endif
     if (w->kind == W_Q4)
         q4_matmul(x, M, ldx, w->data, w->data_stride, w->scales, w->zeros, w->scale_stride, w->table, w->rows, w->cols,
                   w->shift, bias, out, ldo, accumulate, threads);

@@ -18,6 +18,10 @@ from . import library
 
 # Kinds of weight, as matmul.c numbers them.
 I8_AFFINE, I8_SYM, F32, BF16, Q4 = 0, 1, 2, 3, 4
+# How activations enter a product: exactly, or quantized to int8 per run of 32 (see matmul.c); the
+# int8 kernels take packed weights whose rows are a multiple of 64 long, on CPUs with AVX-512 VNNI,
+# and every other product stays float32.
+ACTIVATIONS = ("float32", "int8")
 
 
 class _Weight(ctypes.Structure):
@@ -86,18 +90,25 @@ def supports(weight_shape: tuple[int, ...], blocksize: int | None = None) -> boo
     return in_features % 32 == 0 and blocksize >= 32 and blocksize & (blocksize - 1) == 0
 
 
+def takes_int8_activations(weight: KernelWeight, portable: bool = False) -> bool:
+    """Whether ``activations="int8"`` quantizes the activations of products with this weight (else they stay float32)."""
+    return bool(library(portable).int8_activations_supported(weight.kind, weight.shape[1]))
+
+
 def all_cores() -> int:
     """The cores this process may run on: the kernels' thread count unless a caller says otherwise."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-           accumulate: bool = False, threads: int | None = None, portable: bool = False) -> torch.Tensor:  # fmt: skip
+           accumulate: bool = False, threads: int | None = None, activations: str = "float32",
+           portable: bool = False) -> torch.Tensor:  # fmt: skip
     """``x @ W.T (+ bias)`` for float32 ``x (..., in)``, written to (or, with ``accumulate``, added to) ``out (..., out)``.
 
     ``threads`` (default: :func:`all_cores`) is passed to every call: torch's ``set_num_threads``
-    would otherwise decide it for us, since both use the same OpenMP runtime. ``portable`` runs
-    the plain-C build instead of this CPU's (tests check they agree bit for bit).
+    would otherwise decide it for us, since both use the same OpenMP runtime. ``activations`` is
+    one of :data:`ACTIVATIONS`. ``portable`` runs the plain-C build instead of this CPU's (tests
+    check they agree bit for bit).
     """
     n, k = weight.shape
     rows = x.reshape(-1, k)
@@ -114,5 +125,5 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = No
         bias = bias.detach().float().contiguous()
     if m and n:
         library(portable).matmul(ctypes.byref(weight.described), rows.data_ptr(), m, rows.stride(0), _ptr(bias), out.data_ptr(), n,
-                                 int(accumulate), threads or all_cores())  # fmt: skip
+                                 int(accumulate), threads or all_cores(), int(activations == "int8"))  # fmt: skip
     return out

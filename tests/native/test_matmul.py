@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compressor import formats
-from compressor.native.matmul import KernelWeight, matmul
+from compressor.native.matmul import KernelWeight, matmul, takes_int8_activations
 
 METHODS = ("nf4", "fp4", "int4", "int3", "int2", "int8", "int8-sym")
 
@@ -65,3 +65,24 @@ def test_layouts_the_kernels_do_not_take_have_no_kernel_weight():
     assert formats.kernel_weight(q, state) is None
     q, state = packed("int4", shape=(10, 96), blocksize=16)  # blocks shorter than the kernel's unit
     assert formats.kernel_weight(q, state) is None
+
+
+@pytest.mark.parametrize("method", ("nf4", "fp4", "int4", "int3", "int8", "int8-sym"))
+def test_int8_activations_stay_within_a_percent_and_keep_rows_independent(method):
+    q, state = packed(method, shape=(96, 256), seed=2)
+    weight = formats.kernel_weight(q, state)
+    if not takes_int8_activations(weight):
+        pytest.skip("this CPU has no AVX-512 VNNI: int8 activations fall back to float32")
+    x = torch.randn(13, 256)
+    exact, quick = matmul(x, weight), matmul(x, weight, activations="int8")
+    assert not torch.equal(exact, quick)  # it does quantize
+    assert (quick - exact).norm() / exact.norm() < 0.015
+    for rows in (1, 4, 9):
+        assert torch.equal(matmul(x[:rows], weight, activations="int8"), quick[:rows])
+
+
+def test_products_the_int8_kernels_do_not_take_stay_exact():
+    w, x = torch.randn(64, 96), torch.randn(4, 96)  # float weight; rows of 96, not a multiple of 64
+    weight = KernelWeight.of_float(w)
+    assert not takes_int8_activations(weight)
+    assert torch.equal(matmul(x, weight, activations="int8"), matmul(x, weight))

@@ -52,3 +52,19 @@ def test_the_profile_command_names_every_phase_of_a_step(bases, capsys):
     assert "decode, 2 streams over 1 adapters" in out and "prefill, one prompt of 5 tokens" in out
     for phase in ("q, k, v projections", "attention", "output head", "norms", "down projection"):
         assert phase in out
+
+
+def test_int8_activations_serve_every_request_the_tokens_it_gets_alone(bases):
+    from serve.engine import Engine
+    from serve.types import EngineConfig
+    from tests.serve.test_engine import generate, prompts
+
+    engine = Engine(EngineConfig(bases["nf4"], max_batch=8, activations="int8", head="int8"))
+    engine.load_adapter("a", bases["adapters"] / "nf4-a", trusted=True)
+    engine.start()
+    try:
+        jobs = list(zip(prompts(6), [None, "a"] * 3))
+        alone = [generate(engine, [job])[0]["text"] for job in jobs]
+        assert [r["text"] for r in generate(engine, jobs)] == alone
+    finally:
+        engine.stop()
