@@ -10,12 +10,18 @@ message where it cannot be built.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
+
+from benchmarks.serve import _free_port, _start, _wait_healthy, make_adapters, prompt_ids
+from benchmarks.qlora import nf4_base, sentences
 
 CACHE = Path.home() / ".cache" / "compressor" / "peers"
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -78,17 +84,164 @@ def build_llama_cpp(cache: Path = CACHE) -> Path:
     return bin_dir
 
 
+ADAPTERS = 8
+STREAMS = 16
+
+
+def llama_cpp_files(bin_dir: Path, model: Path, adapters: list[Path], work: Path) -> tuple[Path, list[Path]]:
+    """The float checkpoint as a Q4_0 GGUF and each adapter as a GGUF LoRA, converted once with llama.cpp's own tools."""
+    source = bin_dir.parent.parent
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    log = work / "llama-cpp-convert.log"
+    f32, q4 = work / "smollm2-f32.gguf", work / "smollm2-q4_0.gguf"
+    if not q4.exists():
+        _run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(model), "--outfile", str(f32), "--outtype", "f32"], log, env=env)
+        _run([str(bin_dir / "llama-quantize"), str(f32), str(q4), "Q4_0"], log)
+    loras = []
+    for folder in adapters:
+        out = work / f"{folder.name}.gguf"
+        if not out.exists():
+            _run([sys.executable, str(source / "convert_lora_to_gguf.py"), str(folder), "--base", str(model), "--outfile", str(out), "--outtype", "f32"], log, env=env)
+        loras.append(out)
+    return q4, loras
+
+
+def scenarios(tokenizer, adapter_names: list[str], long_text: str) -> dict[str, list[tuple[list[int], int]]]:
+    """Each scenario's requests as (prompt ids, adapter index)."""
+    prompts = prompt_ids(tokenizer, STREAMS)
+    long_ids = tokenizer(long_text).input_ids[:512]
+    return {
+        "1 stream (with adapter)": [(prompts[0], 0)],
+        "16 streams, 1 adapter": [(prompts[i], 0) for i in range(STREAMS)],
+        "16 streams over 8 adapters": [(prompts[i], i % len(adapter_names)) for i in range(STREAMS)],
+        "prefill 512 tokens": [(long_ids, 0)],
+    }
+
+
+async def _drive(send, jobs: list[tuple[list[int], int]], tokens: int) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        done = await asyncio.gather(*(send(client, ids, adapter, tokens) for ids, adapter in jobs))
+        seconds = time.perf_counter() - start
+    generated = sum(d["tokens"] for d in done)
+    prompt = sum(len(ids) for ids, _ in jobs)
+    return {"requests": len(jobs), "tokens": generated, "prompt_tokens": prompt, "seconds": seconds, "tokens_per_s": generated / seconds,
+            "prompt_tokens_per_s": prompt / seconds}  # fmt: skip
+
+
+def _ours(url: str, names: list[str], tokenizer):
+    async def send(client, ids, adapter, tokens):
+        body = {"model": names[adapter], "prompt": tokenizer.decode(ids), "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+        r = await client.post(f"{url}/v1/completions", json=body)
+        r.raise_for_status()
+        return {"tokens": r.json()["usage"]["completion_tokens"]}
+
+    return send
+
+
+def _llama(url: str, count: int):
+    async def send(client, ids, adapter, tokens):
+        # Every request names every adapter's scale (llama-server keeps one set per slot).
+        body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": False,
+                "lora": [{"id": i, "scale": 1.0 if i == adapter else 0.0} for i in range(count)]}  # fmt: skip
+        r = await client.post(f"{url}/completion", json=body)
+        r.raise_for_status()
+        return {"tokens": r.json()["tokens_predicted"]}
+
+    return send
+
+
+def run_server(name: str, cmd: list[str], url: str, send, plan: dict, tokens: int, work: Path, rounds: int = 2) -> dict:
+    """Start one server, run every scenario ``rounds`` times (keeping the fastest), stop it."""
+    log = work / f"{name.replace(' ', '-')}.log"
+    server = _start(cmd, log)
+    try:
+        _wait_healthy(url, server, log, timeout=300)
+        asyncio.run(_drive(send, plan["1 stream (with adapter)"], 4))  # warm-up
+        best: dict[str, dict] = {}
+        for _ in range(rounds):
+            for scenario, jobs in plan.items():
+                r = asyncio.run(_drive(send, jobs, 1 if scenario.startswith("prefill") else tokens))
+                key = "prompt_tokens_per_s" if scenario.startswith("prefill") else "tokens_per_s"
+                if scenario not in best or r[key] > best[scenario][key]:
+                    best[scenario] = r
+        return best
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def table(results: dict[str, dict]) -> str:
+    """Markdown: tokens/s per scenario and server, with each of ours as a ratio to the best peer."""
+    scenarios_ = list(next(iter(results.values())))
+    peers = [n for n in results if not n.startswith("ours")]
+    lines = ["| server | " + " | ".join(scenarios_) + " |", "|---|" + "---:|" * len(scenarios_)]
+    for name, rows in results.items():
+        cells = []
+        for s in scenarios_:
+            key = "prompt_tokens_per_s" if s.startswith("prefill") else "tokens_per_s"
+            value = rows[s][key]
+            cell = f"{value:.1f}"
+            if name.startswith("ours") and peers:
+                ratios = [value / results[p][s][key] for p in peers]
+                cell += " (" + ", ".join(f"{r:.2f}x {p.split()[0]}" for r, p in zip(ratios, peers)) + ")"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: build the peers (``--build-only``) or run the comparison."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build-only", action="store_true", help="build (or find) the peers and stop")
+    parser.add_argument("--model", type=Path, help="float checkpoint (SmolLM2-135M-Instruct)")
+    parser.add_argument("--work", type=Path, default=Path("bench-results/peers"))
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per stream")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--long-text", type=Path, default=Path("/usr/share/common-licenses/GPL-3"), help="source of the 512-token prompt")
     args = parser.parse_args(argv)
     try:
-        print(f"llama.cpp: {build_llama_cpp()}")
+        bin_dir = build_llama_cpp()
+        print(f"llama.cpp: {bin_dir}")
     except PeerUnavailable as e:
+        bin_dir = None
         print(f"llama.cpp skipped: {e}")
     if args.build_only:
         return 0
+    if args.model is None:
+        parser.error("--model is required unless --build-only")
+    from transformers import AutoTokenizer
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    base = nf4_base(args.model, work)
+    adapters = make_adapters(base, work, ADAPTERS)
+    names = [f"t{i}" for i in range(ADAPTERS)]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    plan = scenarios(tokenizer, names, args.long_text.read_text())
+    results: dict[str, dict] = {}
+    if bin_dir is not None:
+        try:
+            q4, loras = llama_cpp_files(bin_dir, args.model, adapters, work)
+            port = _free_port()
+            cmd = [str(bin_dir / "llama-server"), "-m", str(q4), "-t", str(args.threads), "-tb", str(args.threads), "-np", str(STREAMS),
+                   "-c", str(STREAMS * 1024), "--host", "127.0.0.1", "--port", str(port), "--lora-init-without-apply",
+                   *(a for lora in loras for a in ("--lora", str(lora)))]  # fmt: skip
+            results["llama.cpp llama-server, Q4_0"] = run_server("llama-server", cmd, f"http://127.0.0.1:{port}", _llama(f"http://127.0.0.1:{port}", len(loras)), plan, args.tokens, work)
+        except PeerUnavailable as e:
+            print(f"llama.cpp skipped: {e}")
+    for label, options in (("ours, NF4, exact", []), ("ours, NF4, int8 activations + int8 head", ["--activations", "int8", "--head", "int8"])):
+        port = _free_port()
+        cmd = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port), "--max-batch", str(STREAMS), "--threads", str(args.threads),
+               *options, *(a for n, folder in zip(names, adapters) for a in ("--adapter", f"{n}={folder}"))]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        results[label] = run_server(label, cmd, url, _ours(url, names, tokenizer), plan, args.tokens, work)
+    (work / "peers.json").write_text(json.dumps(results, indent=2))
+    text = table(results)
+    (work / "peers.md").write_text(text + "\n")
+    print(text)
     return 0
 
 

@@ -19,8 +19,9 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = ("matmul.c", "ops.c")
-FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
+SOURCES = ("pool.c", "matmul.c", "ops.c")
+HEADERS = ("pool.h",)
+FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 NATIVE = ("-march=native", "-mprefer-vector-width=512")  # this CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64
 CACHE = Path.home() / ".cache" / "compressor" / "native"
 
@@ -59,7 +60,7 @@ def build(portable: bool = False) -> Path:
     here = Path(__file__).parent
     flags = FLAGS if portable else (*FLAGS, *NATIVE)
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         digest.update((here / name).read_bytes())
     digest.update(" ".join(flags).encode())
     digest.update(_cpu_features().encode())

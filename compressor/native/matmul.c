@@ -30,6 +30,8 @@
 #include <immintrin.h>
 #endif
 
+#include "pool.h"
+
 #define TILE 8 /* activation rows that share one decode of a weight row */
 
 /* ---- the 16-lane accumulator and its fixed fold ---------------------------------------------- */
@@ -140,23 +142,37 @@ static void q4_split(const float *x, int64_t M, int64_t ldx, int64_t K, float *x
 /* out (M, ldo) [+]= x (M, ldx) @ W.T for a q4 weight of N rows of K elements (K a multiple of 32,
    blocks of 2**shift >= 32 elements). Row n's codes start at codes + n * code_stride bytes and its
    block scales at scales + n * block_stride (zeros likewise; NULL for a codebook). */
+typedef struct {
+    const float *xs; int64_t M; const uint8_t *codes; int64_t code_stride; const float *scales; const uint8_t *zeros;
+    int64_t block_stride; const float *table; int64_t K; int shift; const float *bias; float *out; int64_t ldo; int accumulate;
+} q4_job;
+
+static void q4_rows(void *arg, int64_t begin, int64_t end) {
+    const q4_job *j = arg;
+    const int64_t M = j->M, K = j->K, ldo = j->ldo;
+    for (int64_t n = begin; n < end; n++) {
+        const uint8_t *c = j->codes + n * j->code_stride;
+        const float *s = j->scales + n * j->block_stride;
+        const uint8_t *z = j->zeros ? j->zeros + n * j->block_stride : 0;
+        int64_t m = 0;
+        for (; m + TILE <= M; m += TILE) q4_row(TILE, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate);
+        if (M - m >= 4) { q4_row(4, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate); m += 4; }
+        if (M - m >= 2) { q4_row(2, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate); m += 2; }
+        if (M - m >= 1) q4_row(1, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate);
+    }
+}
+
+/* out (M, ldo) [+]= x (M, ldx) @ W.T for a q4 weight of N rows of K elements (K a multiple of 32,
+   blocks of 2**shift >= 32 elements). Row n's codes start at codes + n * code_stride bytes and its
+   block scales at scales + n * block_stride (zeros likewise; NULL for a codebook). */
 static void q4_matmul(const float *x, int64_t M, int64_t ldx, const uint8_t *codes, int64_t code_stride,
                const float *scales, const uint8_t *zeros, int64_t block_stride, const float *table,
                int64_t N, int64_t K, int shift, const float *bias, float *out, int64_t ldo, int accumulate, int threads) {
     float *xs = malloc(sizeof(float) * M * K);
     if (!xs) return;
     q4_split(x, M, ldx, K, xs);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *c = codes + n * code_stride;
-        const float *s = scales + n * block_stride;
-        const uint8_t *z = zeros ? zeros + n * block_stride : 0;
-        int64_t m = 0;
-        for (; m + TILE <= M; m += TILE) q4_row(TILE, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate);
-        if (M - m >= 4) { q4_row(4, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate); m += 4; }
-        if (M - m >= 2) { q4_row(2, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate); m += 2; }
-        if (M - m >= 1) q4_row(1, xs + m * K, K, c, s, z, table, K, shift, bias, n, out + m * ldo, ldo, accumulate);
-    }
+    q4_job job = {xs, M, codes, code_stride, scales, zeros, block_stride, table, K, shift, bias, out, ldo, accumulate};
+    parallel_for(threads, N, q4_rows, &job);
     free(xs);
 }
 
@@ -220,23 +236,30 @@ static inline __attribute__((always_inline)) void dense_row(
     for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(lanes_add(acc0[m], acc1[m])), bias, n, accumulate);
 }
 
-/* One kind, so that each gets its own compiled loops with the decode inlined. */
-static inline __attribute__((always_inline)) void dense_rows(
-    const int kind, const float *x, int64_t M, int64_t ldx, const void *weight, const float *scales, const int32_t *zeros,
-    int64_t group_stride, float c, int64_t N, int64_t K, const float *bias, float *out, int64_t ldo, int accumulate, int threads) {
+typedef struct {
+    const float *x; int64_t M, ldx; const void *weight; const float *scales; const int32_t *zeros; int64_t group_stride; float c;
+    int64_t K; const float *bias; float *out; int64_t ldo; int accumulate;
+} dense_job;
+
+/* One kind per instance, so that each gets its own compiled loops with the decode inlined. */
+static inline __attribute__((always_inline)) void dense_rows(const int kind, const dense_job *j, int64_t begin, int64_t end) {
     const int64_t itemsize = kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const void *row = (const uint8_t *)weight + n * K * itemsize;
-        float scale = scales ? scales[n * group_stride] : 1.0f;
-        int32_t zero = zeros ? zeros[n * group_stride] : 0;
+    const int64_t M = j->M, K = j->K, ldx = j->ldx, ldo = j->ldo;
+    for (int64_t n = begin; n < end; n++) {
+        const void *row = (const uint8_t *)j->weight + n * K * itemsize;
+        float scale = j->scales ? j->scales[n * j->group_stride] : 1.0f;
+        int32_t zero = j->zeros ? j->zeros[n * j->group_stride] : 0;
         int64_t m = 0;
-        for (; m + TILE <= M; m += TILE) dense_row(TILE, kind, x + m * ldx, ldx, row, zero, scale, c, K, bias, n, out + m * ldo, ldo, accumulate);
-        if (M - m >= 4) { dense_row(4, kind, x + m * ldx, ldx, row, zero, scale, c, K, bias, n, out + m * ldo, ldo, accumulate); m += 4; }
-        if (M - m >= 2) { dense_row(2, kind, x + m * ldx, ldx, row, zero, scale, c, K, bias, n, out + m * ldo, ldo, accumulate); m += 2; }
-        if (M - m >= 1) dense_row(1, kind, x + m * ldx, ldx, row, zero, scale, c, K, bias, n, out + m * ldo, ldo, accumulate);
+        for (; m + TILE <= M; m += TILE) dense_row(TILE, kind, j->x + m * ldx, ldx, row, zero, scale, j->c, K, j->bias, n, j->out + m * ldo, ldo, j->accumulate);
+        if (M - m >= 4) { dense_row(4, kind, j->x + m * ldx, ldx, row, zero, scale, j->c, K, j->bias, n, j->out + m * ldo, ldo, j->accumulate); m += 4; }
+        if (M - m >= 2) { dense_row(2, kind, j->x + m * ldx, ldx, row, zero, scale, j->c, K, j->bias, n, j->out + m * ldo, ldo, j->accumulate); m += 2; }
+        if (M - m >= 1) dense_row(1, kind, j->x + m * ldx, ldx, row, zero, scale, j->c, K, j->bias, n, j->out + m * ldo, ldo, j->accumulate);
     }
 }
+static void dense_i8_affine(void *j, int64_t b, int64_t e) { dense_rows(W_I8_AFFINE, j, b, e); }
+static void dense_i8_sym(void *j, int64_t b, int64_t e) { dense_rows(W_I8_SYM, j, b, e); }
+static void dense_f32(void *j, int64_t b, int64_t e) { dense_rows(W_F32, j, b, e); }
+static void dense_bf16(void *j, int64_t b, int64_t e) { dense_rows(W_BF16, j, b, e); }
 
 /* out (M, ldo) [+]= x (M, ldx) @ W.T for an int8 or float weight of N rows of K elements (K a
    multiple of 16). Row n starts at weight + n * K elements; its scale and zero point are
@@ -244,12 +267,9 @@ static inline __attribute__((always_inline)) void dense_rows(
 static void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const void *weight, const float *scales,
                   const int32_t *zeros, int64_t group_stride, float c, int64_t N, int64_t K,
                   const float *bias, float *out, int64_t ldo, int accumulate, int threads) {
-    switch (kind) {
-    case W_I8_AFFINE: dense_rows(W_I8_AFFINE, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
-    case W_I8_SYM: dense_rows(W_I8_SYM, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
-    case W_F32: dense_rows(W_F32, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
-    default: dense_rows(W_BF16, x, M, ldx, weight, scales, zeros, group_stride, c, N, K, bias, out, ldo, accumulate, threads); break;
-    }
+    dense_job job = {x, M, ldx, weight, scales, zeros, group_stride, c, K, bias, out, ldo, accumulate};
+    task_fn fn = kind == W_I8_AFFINE ? dense_i8_affine : kind == W_I8_SYM ? dense_i8_sym : kind == W_F32 ? dense_f32 : dense_bf16;
+    parallel_for(threads, N, fn, &job);
 }
 
 /* ---- int8 activations ------------------------------------------------------------------------ */
@@ -265,12 +285,14 @@ static void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const
    back to float32 activations otherwise. */
 
 typedef struct {
+    int64_t M;
     uint8_t *codes;   /* M x K: code + 128, q4 order (each 32 as 16 even then 16 odd elements) or natural */
     float *scales;    /* M x K/64 x 16: lanes 0-7 the scale of the chunk's first 32, lanes 8-15 of its second */
     float *sums;      /* M: sum over runs of scale * sum of codes (int8 affine's zero-point term) */
 } qx_t;
 
 static int qx_make(const float *x, int64_t M, int64_t ldx, int64_t K, int q4_order, qx_t *q) {
+    q->M = M;
     q->codes = malloc(M * K);
     q->scales = malloc(sizeof(float) * M * (K / 64) * 16);
     q->sums = malloc(sizeof(float) * M);
@@ -326,20 +348,25 @@ static inline __attribute__((always_inline)) void q4_row_i8(
     __m512 acc[TILE];
     for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
     const __m512i bias128 = _mm512_set1_epi8((char)0x80);
-    for (int64_t k = 0; k < K; k += 64) {
-        int64_t b0 = k >> shift, b1 = (k + 32) >> shift;
+    /* Blocks of 64 or more: one table and scale per block. Blocks of 32: two per chunk of 64. */
+    const int64_t step = shift >= 6 ? (int64_t)1 << shift : 64;
+    for (int64_t start = 0; start < K; start += step) {
+        int64_t end = start + step < K ? start + step : K;
+        int64_t b0 = start >> shift, b1 = (start + 32) >> shift;
         __m512i table = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_broadcastsi128_si256(q4_table8(table8, zeros ? zeros + b0 : 0))),
             _mm256_broadcastsi128_si256(q4_table8(table8, zeros ? zeros + b1 : 0)), 1);
-        __m512i w = q4_bytes(codes + k / 2, table);
-        __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
         __m512 ws = _mm512_insertf32x8(_mm512_set1_ps(scales[b0] * table_scale), _mm256_set1_ps(scales[b1] * table_scale), 1);
+        for (int64_t k = start; k < end; k += 64) {
+            __m512i w = q4_bytes(codes + k / 2, table);
+            __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
 #pragma GCC unroll 8
-        for (int m = 0; m < mt; m++) {
-            __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
-            __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
-            __m512 sc = _mm512_mul_ps(ws, _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[m]);
+            for (int m = 0; m < mt; m++) {
+                __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
+                __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
+                __m512 sc = _mm512_mul_ps(ws, _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16));
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[m]);
+            }
         }
     }
     for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(acc[m]), bias, n, accumulate);
@@ -405,22 +432,24 @@ typedef struct {
     if (M - m >= 2) { ROW(2, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate); m += 2; }      \
     if (M - m >= 1) ROW(1, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate);
 
-static void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
-                      int accumulate, int threads) {
-    qx_t q;
-    if (!qx_make(x, M, ldx, w->cols, w->kind == W_Q4, &q)) { qx_free(&q); return; }
-    const qx_t *qx = &q;
-    const int64_t K = w->cols;
-    int8_t table8[16];
-    for (int c = 0; c < 16; c++) table8[c] = w->kind == W_Q4 && !w->zeros ? (int8_t)lrintf(127.0f * w->table[c]) : 0;
-    const float table_scale = w->zeros ? 1.0f : 1.0f / 127.0f;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < w->rows; n++) {
+typedef struct {
+    const weight_t *w; const qx_t *qx; int8_t table8[16]; float table_scale; const float *bias; float *out; int64_t ldo; int accumulate;
+} i8_job;
+
+static void i8_rows(void *arg, int64_t begin, int64_t end) {
+    const i8_job *j = arg;
+    const weight_t *w = j->w;
+    const qx_t *qx = j->qx;
+    const int64_t K = w->cols, M = qx->M, ldo = j->ldo;
+    const float *bias = j->bias;
+    float *out = j->out;
+    const int accumulate = j->accumulate;
+    for (int64_t n = begin; n < end; n++) {
         if (w->kind == W_Q4) {
             const uint8_t *codes = (const uint8_t *)w->data + n * w->data_stride;
             const float *scales = w->scales + n * w->scale_stride;
             const uint8_t *zeros = w->zeros ? (const uint8_t *)w->zeros + n * w->scale_stride : 0;
-            TILES(q4_row_i8, K, codes, scales, zeros, table8, table_scale, w->shift, bias, n)
+            TILES(q4_row_i8, K, codes, scales, zeros, j->table8, j->table_scale, w->shift, bias, n)
         } else {
             const int8_t *row = (const int8_t *)w->data + n * K;
             float scale = w->scales[n * w->scale_stride];
@@ -428,6 +457,15 @@ static void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx,
             TILES(i8_row_i8, K, row, w->kind, scale, zero, w->constant, bias, n)
         }
     }
+}
+
+static void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
+                      int accumulate, int threads) {
+    qx_t q;
+    if (!qx_make(x, M, ldx, w->cols, w->kind == W_Q4, &q)) { qx_free(&q); return; }
+    i8_job job = {w, &q, {0}, w->zeros ? 1.0f : 1.0f / 127.0f, bias, out, ldo, accumulate};
+    for (int c = 0; c < 16; c++) job.table8[c] = w->kind == W_Q4 && !w->zeros ? (int8_t)lrintf(127.0f * w->table[c]) : 0;
+    parallel_for(threads, w->rows, i8_rows, &job);
     qx_free(&q);
 }
 #endif

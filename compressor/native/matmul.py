@@ -105,8 +105,8 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = No
            portable: bool = False) -> torch.Tensor:  # fmt: skip
     """``x @ W.T (+ bias)`` for float32 ``x (..., in)``, written to (or, with ``accumulate``, added to) ``out (..., out)``.
 
-    ``threads`` (default: :func:`all_cores`) is passed to every call: torch's ``set_num_threads``
-    would otherwise decide it for us, since both use the same OpenMP runtime. ``activations`` is
+    ``threads`` (default: :func:`all_cores`) is how many of the kernels' own pool's threads the
+    product uses (see ``pool.c``; torch's thread settings do not apply). ``activations`` is
     one of :data:`ACTIVATIONS`. ``portable`` runs the plain-C build instead of this CPU's (tests
     check they agree bit for bit).
     """

@@ -17,6 +17,8 @@
 #include <immintrin.h>
 #endif
 
+#include "pool.h"
+
 static inline float fold16(const float *acc) {
     float h8[8], h4[4], h2[2];
     for (int l = 0; l < 8; l++) h8[l] = acc[l] + acc[l + 8];
@@ -145,6 +147,44 @@ void rope(float *x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, const
     }
 }
 
+typedef struct {
+    const float *q; int64_t ldq, nseq; const int64_t *seq_start, *past; const float *const *keys, *const *values;
+    const int64_t *capacity; int64_t heads, kv_heads, dim; float scale, softcap; int64_t window; float *out; int64_t ldo, longest;
+} attention_job;
+
+/* (new token, head) pairs begin .. end of the step. */
+static void attention_part(void *arg, int64_t begin, int64_t end) {
+    const attention_job *j = arg;
+    const int64_t heads = j->heads, dim = j->dim, group = heads / j->kv_heads;
+    float *scores = malloc(sizeof(float) * (j->longest > 0 ? j->longest : 1));
+    int64_t b = 0;
+    for (int64_t pair = begin; pair < end; pair++) {
+        int64_t row = pair / heads, h = pair % heads;
+        while (j->seq_start[b + 1] <= row) b++;
+        int64_t pos = j->past[b] + (row - j->seq_start[b]);
+        int64_t first = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
+        const float *qh = j->q + row * j->ldq + h * dim;
+        const float *kh = j->keys[b] + (h / group) * j->capacity[b] * dim, *vh = j->values[b] + (h / group) * j->capacity[b] * dim;
+        for (int64_t t = first; t <= pos; t++) scores[t] = dot(qh, kh + t * dim, dim) * j->scale;
+        if (j->softcap > 0)
+            for (int64_t t = first; t <= pos; t++) scores[t] = j->softcap * tanhf(scores[t] / j->softcap);
+        float best = -INFINITY;
+        for (int64_t t = first; t <= pos; t++) best = scores[t] > best ? scores[t] : best;
+        for (int64_t t = first; t <= pos; t++) scores[t] -= best;
+        exp_all(scores + first, pos + 1 - first);
+        float norm = 0;
+        for (int64_t t = first; t <= pos; t++) norm += scores[t];
+        float *o = j->out + row * j->ldo + h * dim;
+        for (int64_t d = 0; d < dim; d++) o[d] = 0;
+        for (int64_t t = first; t <= pos; t++) {
+            float p = scores[t] / norm;
+            const float *vt = vh + t * dim;
+            for (int64_t d = 0; d < dim; d++) o[d] += p * vt[d];
+        }
+    }
+    free(scores);
+}
+
 /* One layer's attention for a batch of sequences, each with its own cache.
 
    Sequence b owns rows seq_start[b] .. seq_start[b + 1] of q (heads * dim each), k and v
@@ -167,37 +207,7 @@ void attention(const float *q, const float *k, const float *v, int64_t ldq, int6
             }
         if (past[b] + n > longest) longest = past[b] + n;
     }
-    int64_t total = seq_start[nseq], group = heads / kv_heads;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scores = malloc(sizeof(float) * (longest > 0 ? longest : 1));
-        int64_t b = 0;
-#pragma omp for schedule(static)
-        for (int64_t job = 0; job < total * heads; job++) {
-            int64_t row = job / heads, h = job % heads;
-            while (seq_start[b + 1] <= row) b++;
-            while (seq_start[b] > row) b--;
-            int64_t pos = past[b] + (row - seq_start[b]);
-            int64_t first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-            const float *qh = q + row * ldq + h * dim;
-            const float *kh = keys[b] + (h / group) * capacity[b] * dim, *vh = values[b] + (h / group) * capacity[b] * dim;
-            for (int64_t t = first; t <= pos; t++) scores[t] = dot(qh, kh + t * dim, dim) * scale;
-            if (softcap > 0)
-                for (int64_t t = first; t <= pos; t++) scores[t] = softcap * tanhf(scores[t] / softcap);
-            float best = -INFINITY;
-            for (int64_t t = first; t <= pos; t++) best = scores[t] > best ? scores[t] : best;
-            for (int64_t t = first; t <= pos; t++) scores[t] -= best;
-            exp_all(scores + first, pos + 1 - first);
-            float norm = 0;
-            for (int64_t t = first; t <= pos; t++) norm += scores[t];
-            float *o = out + row * ldo + h * dim;
-            for (int64_t d = 0; d < dim; d++) o[d] = 0;
-            for (int64_t t = first; t <= pos; t++) {
-                float p = scores[t] / norm;
-                const float *vt = vh + t * dim;
-                for (int64_t d = 0; d < dim; d++) o[d] += p * vt[d];
-            }
-        }
-        free(scores);
-    }
+    attention_job job = {q, ldq, nseq, seq_start, past, (const float *const *)keys, (const float *const *)values, capacity, heads,
+                         kv_heads, dim, scale, softcap, window, out, ldo, longest};
+    parallel_for(threads, seq_start[nseq] * heads, attention_part, &job);
 }
