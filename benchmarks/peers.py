@@ -131,6 +131,54 @@ async def _drive(send, jobs: list[tuple[list[int], int]], tokens: int) -> dict:
             "prompt_tokens_per_s": prompt / seconds}  # fmt: skip
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def _latency(stream, jobs: list[tuple[list[int], int]], tokens: int, long_ids: list[int]) -> dict:
+    """Streamed: the jobs plus, once they are decoding, one long prompt; time to first token and gaps between tokens, in ms."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        runs = [asyncio.create_task(stream(client, ids, adapter, tokens)) for ids, adapter in jobs]
+        await asyncio.sleep(1.0)
+        long_run = await stream(client, long_ids, 0, 8)
+        times = await asyncio.gather(*runs)
+    gaps = [1e3 * (b - a) for t in times for a, b in zip(t[1:], t[2:])]
+    return {"ttft_ms_p50": _percentile([1e3 * (t[1] - t[0]) for t in times], 0.5), "ttft_ms_p99": _percentile([1e3 * (t[1] - t[0]) for t in times], 0.99),
+            "itl_ms_p50": _percentile(gaps, 0.5), "itl_ms_p99": _percentile(gaps, 0.99), "long_prompt_ttft_ms": 1e3 * (long_run[1] - long_run[0]),
+            "long_prompt_tokens": len(long_ids)}  # fmt: skip
+
+
+async def _events(client, url: str, body: dict) -> list[float]:
+    # [start, arrival of each data event carrying text ...]
+    times = [time.perf_counter()]
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                times.append(time.perf_counter())
+    return times
+
+
+def _ours_stream(url: str, names: list[str], tokenizer):
+    async def stream(client, ids, adapter, tokens):
+        body = {"model": names[adapter], "prompt": tokenizer.decode(ids), "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        return await _events(client, f"{url}/v1/completions", body)
+
+    return stream
+
+
+def _llama_stream(url: str, count: int):
+    async def stream(client, ids, adapter, tokens):
+        body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": False, "stream": True,
+                "lora": [{"id": i, "scale": 1.0 if i == adapter else 0.0} for i in range(count)]}  # fmt: skip
+        return await _events(client, f"{url}/completion", body)
+
+    return stream
+
+
 def _ours(url: str, names: list[str], tokenizer):
     async def send(client, ids, adapter, tokens):
         body = {"model": names[adapter], "prompt": tokenizer.decode(ids), "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
@@ -153,8 +201,8 @@ def _llama(url: str, count: int):
     return send
 
 
-def run_server(name: str, cmd: list[str], url: str, send, plan: dict, tokens: int, work: Path, rounds: int = 2) -> dict:
-    """Start one server, run every scenario ``rounds`` times (keeping the fastest), stop it."""
+def run_server(name: str, cmd: list[str], url: str, send, stream, plan: dict, tokens: int, work: Path, rounds: int = 2) -> dict:
+    """Start one server, run every scenario ``rounds`` times (keeping the fastest), then the latency run; stop it."""
     log = work / f"{name.replace(' ', '-')}.log"
     server = _start(cmd, log)
     try:
@@ -167,6 +215,8 @@ def run_server(name: str, cmd: list[str], url: str, send, plan: dict, tokens: in
                 key = "prompt_tokens_per_s" if scenario.startswith("prefill") else "tokens_per_s"
                 if scenario not in best or r[key] > best[scenario][key]:
                     best[scenario] = r
+        best["latency under 16 streams over 8 adapters"] = asyncio.run(
+            _latency(stream, plan["16 streams over 8 adapters"], tokens, plan["prefill 512 tokens"][0][0]))
         return best
     finally:
         server.terminate()
@@ -175,7 +225,7 @@ def run_server(name: str, cmd: list[str], url: str, send, plan: dict, tokens: in
 
 def table(results: dict[str, dict]) -> str:
     """Markdown: tokens/s per scenario and server, with each of ours as a ratio to the best peer."""
-    scenarios_ = list(next(iter(results.values())))
+    scenarios_ = [s for s in next(iter(results.values())) if not s.startswith("latency")]
     peers = [n for n in results if not n.startswith("ours")]
     lines = ["| server | " + " | ".join(scenarios_) + " |", "|---|" + "---:|" * len(scenarios_)]
     for name, rows in results.items():
@@ -189,6 +239,11 @@ def table(results: dict[str, dict]) -> str:
                 cell += " (" + ", ".join(f"{r:.2f}x {p.split()[0]}" for r, p in zip(ratios, peers)) + ")"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Streamed, 16 streams over 8 adapters, and a 512-token prompt arriving 1 s into the run (ms):", "",
+              "| server | first token p50 | p99 | between tokens p50 | p99 | the 512-token prompt's first token |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, rows in results.items():
+        lat = rows["latency under 16 streams over 8 adapters"]
+        lines.append(f"| {name} | {lat['ttft_ms_p50']:.0f} | {lat['ttft_ms_p99']:.0f} | {lat['itl_ms_p50']:.0f} | {lat['itl_ms_p99']:.0f} | {lat['long_prompt_ttft_ms']:.0f} |")
     return "\n".join(lines)
 
 
@@ -229,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [str(bin_dir / "llama-server"), "-m", str(q4), "-t", str(args.threads), "-tb", str(args.threads), "-np", str(STREAMS),
                    "-c", str(STREAMS * 1024), "--host", "127.0.0.1", "--port", str(port), "--lora-init-without-apply",
                    *(a for lora in loras for a in ("--lora", str(lora)))]  # fmt: skip
-            results["llama.cpp llama-server, Q4_0"] = run_server("llama-server", cmd, f"http://127.0.0.1:{port}", _llama(f"http://127.0.0.1:{port}", len(loras)), plan, args.tokens, work)
+            url = f"http://127.0.0.1:{port}"
+            results["llama.cpp llama-server, Q4_0"] = run_server("llama-server", cmd, url, _llama(url, len(loras)), _llama_stream(url, len(loras)), plan, args.tokens, work)
         except PeerUnavailable as e:
             print(f"llama.cpp skipped: {e}")
     for label, options in (("ours, NF4, exact", []), ("ours, NF4, int8 activations + int8 head", ["--activations", "int8", "--head", "int8"])):
@@ -237,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port), "--max-batch", str(STREAMS), "--threads", str(args.threads),
                *options, *(a for n, folder in zip(names, adapters) for a in ("--adapter", f"{n}={folder}"))]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        results[label] = run_server(label, cmd, url, _ours(url, names, tokenizer), plan, args.tokens, work)
+        results[label] = run_server(label, cmd, url, _ours(url, names, tokenizer), _ours_stream(url, names, tokenizer), plan, args.tokens, work)
     (work / "peers.json").write_text(json.dumps(results, indent=2))
     text = table(results)
     (work / "peers.md").write_text(text + "\n")

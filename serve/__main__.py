@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-memory", type=float, metavar="MB", help="memory budget for resident adapters' weights")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--prefill-chunk", type=_positive, default=256, metavar="TOKENS",
+                   help="prompt tokens prefilled per step, between decode steps (a long prompt then stalls the others by one chunk)")  # fmt: skip
     p.add_argument("--kv-cache", type=float, metavar="MB", help="memory for key/value caches; requests wait until theirs fits")
     p.add_argument("--head", choices=HEADS, default="float",
                    help="output head: float (exact), or a bfloat16 or int8-per-row copy that decoding reads a half or a quarter of")  # fmt: skip
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig(
             base_dir=args.base, backend=args.backend, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
             max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory, kv_cache_mb=args.kv_cache, head=args.head,
-            activations=args.activations, threads=args.threads,
+            activations=args.activations, threads=args.threads, prefill_chunk=args.prefill_chunk,
         )  # fmt: skip
         from .engine import Engine  # imports torch: after the cheap checks
 

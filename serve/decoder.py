@@ -137,8 +137,12 @@ def _embed_scale(model: nn.Module) -> float:
 class Decoder:
     """The step of one loaded causal LM whose linear layers are :class:`MultiLoraLinear`, and whose head is row-wise."""
 
-    def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None):
+    def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None, gemm_rows: int = 32):
         config = model.config
+        # A step of one sequence with at least this many new tokens (a prompt's chunk) multiplies by
+        # torch's GEMM instead of the row-wise kernels: the choice depends on that count alone, so
+        # a prompt takes the same path, and gets the same bits, whatever else is served.
+        self.gemm_rows = gemm_rows
         decoder = model.get_decoder()
         self.model, self.routing, self.threads = model, routing, threads
         self.embed = decoder.embed_tokens
@@ -206,6 +210,7 @@ class Decoder:
         positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for p, n in zip(past, counts)]))
         ids = torch.tensor([t for seq in tokens for t in seq])
         self.routing.set_rows(adapters, counts)
+        self._gemm = len(counts) == 1 and counts[0] >= self.gemm_rows
         for cache, n in zip(caches, counts):
             cache.reserve(cache.length + n)
         h = self.embed(ids).float()
@@ -230,7 +235,20 @@ class Decoder:
         return logits
 
     def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
-        return [m.rows(x, threads=self.threads) for m in modules]
+        return [m.rows(x, threads=self.threads, gemm=self._gemm) for m in modules]
+
+    def _prompt_attention(self, q, k, v, past: int, keys: torch.Tensor, values: torch.Tensor, layer: Layer) -> torch.Tensor:
+        # A prompt's chunk (one sequence, many tokens): its keys into the cache, then torch's fused
+        # attention over the cache, causal from position ``past`` (and within the window).
+        n, dim = q.shape[0], self.head_dim
+        keys[:, past : past + n] = k.reshape(n, self.kv_heads, dim).transpose(0, 1)
+        values[:, past : past + n] = v.reshape(n, self.kv_heads, dim).transpose(0, 1)
+        mask = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+        if layer.window:
+            mask &= ~torch.ones(n, past + n, dtype=torch.bool).tril(past - layer.window)
+        o = F.scaled_dot_product_attention(q.reshape(n, self.heads, dim).transpose(0, 1)[None], keys[None, :, : past + n],
+                                           values[None, :, : past + n], attn_mask=mask, scale=layer.scale, enable_gqa=True)  # fmt: skip
+        return o[0].transpose(0, 1).reshape(n, -1)
 
     def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches, t: float) -> float:
         rows, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
@@ -250,15 +268,18 @@ class Decoder:
         ops.rope(q, heads, dim, cos, sin)
         ops.rope(k, kv_heads, dim, cos, sin)
         t = self._mark("rotary", t)
-        attn = torch.empty(rows, heads * dim)
         i = layer.index
-        ops.attention(q, k, v, starts, past, [c.keys[i] for c in caches], [c.values[i] for c in caches], heads, layer.scale, attn,
-                      softcap=self.attn_softcap, window=layer.window, threads=self.threads)  # fmt: skip
+        if self._gemm and not self.attn_softcap:
+            attn = self._prompt_attention(q, k, v, int(past[0]), caches[0].keys[i], caches[0].values[i], layer)
+        else:
+            attn = torch.empty(rows, heads * dim)
+            ops.attention(q, k, v, starts, past, [c.keys[i] for c in caches], [c.values[i] for c in caches], heads, layer.scale, attn,
+                          softcap=self.attn_softcap, window=layer.window, threads=self.threads)  # fmt: skip
         t = self._mark("attention", t)
         if layer.attn_out_norm is None:
-            layer.o.rows(attn, out=h, accumulate=True, threads=self.threads)
+            layer.o.rows(attn, out=h, accumulate=True, threads=self.threads, gemm=self._gemm)
         else:
-            h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads))
+            h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads, gemm=self._gemm))
         t = self._mark("o projection", t)
         x = layer.mlp_norm(h)
         t = self._mark("norms", t)
@@ -269,7 +290,7 @@ class Decoder:
         act = ops.act_mul(gate_up, width, layer.act, torch.empty(rows, width))
         t = self._mark("activation", t)
         if layer.mlp_out_norm is None:
-            layer.down.rows(act, out=h, accumulate=True, threads=self.threads)
+            layer.down.rows(act, out=h, accumulate=True, threads=self.threads, gemm=self._gemm)
         else:
-            h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads))
+            h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads, gemm=self._gemm))
         return self._mark("down projection", t)

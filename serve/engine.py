@@ -1,9 +1,12 @@
 """The serving engine: one base, many adapters, continuous batching on one scheduler thread.
 
 Requests wait in a queue; between decode steps the scheduler admits as many as the batch has room
-for, runs each newcomer's prompt alone (prefill), and then decodes one token for every running
-sequence, each with its own adapter and its own key/value cache. Finished and cancelled sequences
-leave between steps.
+for and prefills prompts, each alone, a chunk of ``prefill_chunk`` tokens at a time and at most
+that many tokens a step, so that a long prompt delays the running streams by one chunk per step
+rather than by its whole length; then it decodes one token for every running sequence, each with
+its own adapter and its own key/value cache. Chunks always start at multiples of
+``prefill_chunk`` in their prompt, so how a prompt is cut, and so its numbers, depends on the
+prompt alone. Finished and cancelled sequences leave between steps.
 
 The model itself is a backend (:mod:`serve.backend`): :mod:`serve.torch_backend` decodes the whole
 batch in one forward with row-wise kernels, so a row's bits do not depend on its neighbours;
@@ -47,6 +50,7 @@ class Request:
         self.text = Detokenizer(tokenizer, params.stop)
         self.generator = generator_for(params)
         self.kv: Cache | None = None
+        self.prefilled = 0  # prompt tokens in the cache so far
         self.kv_bytes = 0  # the cache it needs: its whole length, prompt plus max_tokens
         self.reserved = False  # whether kv_bytes is counted against the engine's budget (from admission)
         self.cancelled = False
@@ -74,6 +78,7 @@ class Engine:
         self._kv_reserved = 0
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
+        self._prefilling: list[Request] = []  # admitted, prompt not yet all in the cache
         self._wake = threading.Condition()
         self._forward = threading.Lock()  # one forward at a time: the scheduler's steps, or a score()
         self._thread: threading.Thread | None = None
@@ -96,10 +101,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for r in list(self._waiting) + self._running:
+        for r in list(self._waiting) + self._running + self._prefilling:
             self._finish(r, "cancelled")
         self._waiting.clear()
         self._running.clear()
+        self._prefilling.clear()
 
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
         """Queue a generation; ``on_event`` is called on the engine thread with each piece of text."""
@@ -149,7 +155,7 @@ class Engine:
 
     def stats(self) -> dict:
         """Queue depth, running sequences, resident adapters and their bytes."""
-        return {"queue_depth": len(self._waiting), "running": sum(not r.done for r in self._running),
+        return {"queue_depth": len(self._waiting), "running": sum(not r.done for r in self._running + self._prefilling),
                 "adapters_loaded": len(self.registry.infos()), "adapter_bytes": self.registry.resident_bytes(),
                 "kv_cache_bytes": self._kv_reserved}  # fmt: skip
 
@@ -159,12 +165,13 @@ class Engine:
         self.backend.setup_thread()
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and not self._prefilling:
                     self._wake.wait()
                 if self._stopping:
                     return
                 admitted = []
-                while self._waiting and len(self._running) + len(admitted) < self.config.max_batch and self._fits(self._waiting[0]):
+                busy = len(self._running) + len(self._prefilling)
+                while self._waiting and busy + len(admitted) < self.config.max_batch and self._fits(self._waiting[0]):
                     admitted.append(self._waiting.popleft())
                     admitted[-1].reserved = True
                     self._kv_reserved += admitted[-1].kv_bytes
@@ -173,12 +180,19 @@ class Engine:
                     self._waiting.remove(r)
             for r in cancelled:
                 self._finish(r, "cancelled")
-            for r in admitted:
+            self._prefilling += admitted
+            budget = self.config.prefill_chunk
+            for r in list(self._prefilling):
+                if budget <= 0:
+                    break
+                budget -= self._chunk_size(r)
                 self._guarded([r], self._prefill)
+            prefilled = [r for r in self._prefilling if r.done or r.prefilled == len(r.prompt_ids)]
+            self._prefilling = [r for r in self._prefilling if r not in prefilled]
             for r in self._running:
                 if r.cancelled:
                     self._finish(r, "cancelled")
-            self._running = [r for r in self._running + admitted if not r.done]
+            self._running = [r for r in self._running + prefilled if not r.done]
             if self._running:
                 self._guarded(self._running, self._decode)
                 self._running = [r for r in self._running if not r.done]
@@ -197,16 +211,25 @@ class Engine:
             for r in requests:
                 self._finish(r, "error", f"{type(e).__name__}: {e}")
 
+    def _chunk_size(self, r: Request) -> int:
+        # From where the prompt stands to the next multiple of prefill_chunk (or its end).
+        chunk = self.config.prefill_chunk
+        return min(len(r.prompt_ids), (r.prefilled // chunk + 1) * chunk) - r.prefilled
+
     def _prefill(self, requests: list[Request]) -> None:
         (r,) = requests
         if r.cancelled:
             self._finish(r, "cancelled")
             return
-        # Room for a short answer now, doubling later up to the whole length the budget reserved.
-        whole = len(r.prompt_ids) + r.params.max_tokens
-        r.kv = self.backend.new_cache(capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
-        logits = self.backend.prompt_forward(r.prompt_ids, r.adapter_key, r.kv, logits_to_keep=1)
-        self._emit(r, pick(logits[-1], r.params, r.generator))
+        if r.kv is None:
+            # Room for a short answer now, doubling later up to the whole length the budget reserved.
+            whole = len(r.prompt_ids) + r.params.max_tokens
+            r.kv = self.backend.new_cache(capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
+        end = r.prefilled + self._chunk_size(r)
+        logits = self.backend.prompt_forward(r.prompt_ids[r.prefilled : end], r.adapter_key, r.kv, logits_to_keep=1)
+        r.prefilled = end
+        if end == len(r.prompt_ids):
+            self._emit(r, pick(logits[-1], r.params, r.generator))
 
     def _decode(self, requests: list[Request]) -> None:
         logits = self.backend.decode([r.text.ids[-1] for r in requests], [r.adapter_key for r in requests], [r.kv for r in requests])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.native.matmul import KernelWeight, matmul
+from compressor.native.matmul import KernelWeight, matmul, unpack
 from compressor.nn import QuantLinear
 
 from .kernels import add_low_rank
@@ -62,9 +62,10 @@ class MultiLoraLinear(nn.Module):
         """Base output for all rows, plus each row's own adapter term (no gradients: serving only)."""
         return self.rows(x)
 
-    def rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, threads: int | None = None) -> torch.Tensor:
-        """:meth:`forward` into ``out`` if given (added to it with ``accumulate``)."""
-        y = base_rows(x, self.base, out=out, accumulate=accumulate, threads=threads)
+    def rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, threads: int | None = None,
+             gemm: bool = False) -> torch.Tensor:  # fmt: skip
+        """:meth:`forward` into ``out`` if given (added to it with ``accumulate``); ``gemm``: the base product by torch's GEMM (see :func:`gemm_rows`)."""
+        y = (gemm_rows if gemm else base_rows)(x, self.base, out=out, accumulate=accumulate, threads=threads)
         if self.routing.groups:
             flat_x = x.reshape(-1, self.in_features).float().contiguous().numpy()
             flat_y = y.view(-1, self.out_features).numpy()
@@ -105,6 +106,33 @@ def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
     else:
         weight = KernelWeight.of_float(layer.weight)
     return matmul(x, weight, layer.bias, out=out, accumulate=accumulate, threads=threads)
+
+
+def gemm_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None, accumulate: bool = False,
+              threads: int | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`base_rows` for many rows of one sequence (a prompt): the weight unpacked once, then torch's GEMM.
+
+    Faster than the row-wise kernels from a few dozen rows on; its sums run in another order,
+    so a prompt's rows must take it by their own count alone (see :class:`serve.decoder.Decoder`).
+    """
+    if isinstance(layer, QuantLinear):
+        packed = layer.kernel_weight()
+        # On the calling thread alone: waking the kernels' pool would leave its workers spinning
+        # against torch's GEMM threads.
+        weight = unpack(packed, threads=1) if packed is not None else layer.weight_dequantized().float()
+    else:
+        weight = layer.weight.detach().float()
+    flat = x.reshape(-1, layer.in_features).float()
+    if out is None:
+        out = torch.empty(*x.shape[:-1], layer.out_features)
+    flat_out = out.view(-1, layer.out_features)
+    if accumulate:
+        flat_out.addmm_(flat, weight.T)
+    else:
+        torch.mm(flat, weight.T, out=flat_out)
+    if layer.bias is not None:
+        flat_out += layer.bias
+    return out
 
 
 def install(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:

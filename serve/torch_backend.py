@@ -21,7 +21,7 @@ from compressor import formats
 from compressor.adapters import base_fingerprint
 from compressor.architecture import kv_shape
 from compressor.loading import load
-from compressor.native.matmul import KernelWeight
+from compressor.native.matmul import KernelWeight, all_cores
 
 from . import attention, multilora
 from .backend import eos_set
@@ -43,6 +43,7 @@ class TorchBackend:
 
     def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32"):
         self.model = load(base_dir, exact=True, activations=activations)
+        self.threads = threads
         try:
             attention.install(self.model)
         except ValueError as e:
@@ -63,12 +64,9 @@ class TorchBackend:
         self.fingerprint = base_fingerprint(base_dir)
 
     def setup_thread(self) -> None:
-        """Run this thread's torch ops on one core."""
-        # The packed layers' kernels (numba) use every core; torch's own worker pool, idling in a spin
-        # between the many small ops of a decode step, would fight them for the cores (a 1-stream step
-        # took 6 s instead of 0.1 s on 2 cores). The setting is per thread, so the rest of the process
-        # keeps its pool.
-        torch.set_num_threads(1)
+        """Give this thread's torch (the prompts' GEMMs) as many cores as the kernels."""
+        # The setting is per thread; the kernels have their own pool (compressor/native/pool.c).
+        torch.set_num_threads(self.threads or all_cores())
 
     def new_cache(self, capacity: int, limit: int | None = None) -> attention.SequenceKV:
         """An empty float32 :class:`~serve.attention.SequenceKV`."""

@@ -21,6 +21,7 @@ class EngineConfig:
     base_name: str | None = None  # the ``model`` id of the bare base; default: the folder's name
     adapter_root: Path | None = None  # adapters loaded at run time must lie under it; None: no run-time loads
     max_batch: int = 16  # sequences decoded together
+    prefill_chunk: int = 256  # prompt tokens a step prefills, in chunks of this many from each prompt's start, between decode steps
     max_queue: int = 64  # requests waiting for a slot in the batch; more are refused
     max_adapters: int = 64  # resident adapters; idle ones are evicted, least recently used first
     adapter_memory_mb: float | None = None  # budget for resident adapters' weights
@@ -32,6 +33,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.activations not in ACTIVATIONS:

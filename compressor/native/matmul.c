@@ -470,6 +470,47 @@ static void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx,
 }
 #endif
 
+/* ---- the weight itself, for products that go to a GEMM library (prompts) ----------------------- */
+
+typedef struct { const weight_t *w; float *out; } unpack_job;
+
+static void unpack_rows(void *arg, int64_t begin, int64_t end) {
+    const unpack_job *j = arg;
+    const weight_t *w = j->w;
+    const int64_t K = w->cols;
+    for (int64_t n = begin; n < end; n++) {
+        float *row = j->out + n * K;
+        if (w->kind == W_Q4) {
+            const uint8_t *codes = (const uint8_t *)w->data + n * w->data_stride;
+            const float *scales = w->scales + n * w->scale_stride;
+            const uint8_t *zeros = w->zeros ? (const uint8_t *)w->zeros + n * w->scale_stride : 0;
+            for (int64_t k = 0; k < K; k += 32) {
+                int64_t block = k >> w->shift;
+                lanes even, odd;
+                q4_decode(codes + k / 2, q4_values(w->table, zeros ? zeros + block : 0, scales[block]), &even, &odd);
+                float e[16], o[16];
+                memcpy(e, &even, sizeof e);
+                memcpy(o, &odd, sizeof o);
+                for (int i = 0; i < 16; i++) { row[k + 2 * i] = e[i]; row[k + 2 * i + 1] = o[i]; }
+            }
+        } else {
+            const void *data = (const uint8_t *)w->data + n * K * (w->kind == W_F32 ? 4 : w->kind == W_BF16 ? 2 : 1);
+            float scale = w->scales ? w->scales[n * w->scale_stride] : 1.0f;
+            int32_t zero = w->zeros ? ((const int32_t *)w->zeros)[n * w->scale_stride] : 0;
+            for (int64_t k = 0; k < K; k += 16) {
+                lanes v = decode16(w->kind, data, k, zero, scale, w->constant);
+                memcpy(row + k, &v, sizeof v);
+            }
+        }
+    }
+}
+
+/* out (N, K) = the weight's float32 values, exactly as the products above use them. */
+void unpack(const weight_t *w, float *out, int threads) {
+    unpack_job job = {w, out};
+    parallel_for(threads, w->rows, unpack_rows, &job);
+}
+
 /* out (M, ldo) [+]= x (M, ldx) @ W.T (+ bias), with the activations quantized to int8 when int8 is
    set and int8_activations_supported says the kernels take the weight. */
 void matmul(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,

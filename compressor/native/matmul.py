@@ -90,6 +90,13 @@ def supports(weight_shape: tuple[int, ...], blocksize: int | None = None) -> boo
     return in_features % 32 == 0 and blocksize >= 32 and blocksize & (blocksize - 1) == 0
 
 
+def unpack(weight: KernelWeight, threads: int | None = None) -> torch.Tensor:
+    """The weight's float32 values ``(out, in)``, exactly those the products multiply by (for a GEMM library's product)."""
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    library().unpack(ctypes.byref(weight.described), out.data_ptr(), threads or all_cores())
+    return out
+
+
 def takes_int8_activations(weight: KernelWeight, portable: bool = False) -> bool:
     """Whether ``activations="int8"`` quantizes the activations of products with this weight (else they stay float32)."""
     return bool(library(portable).int8_activations_supported(weight.kind, weight.shape[1]))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compressor import formats
-from compressor.native.matmul import KernelWeight, matmul, takes_int8_activations
+from compressor.native.matmul import KernelWeight, matmul, takes_int8_activations, unpack
 
 METHODS = ("nf4", "fp4", "int4", "int3", "int2", "int8", "int8-sym")
 
@@ -86,3 +86,9 @@ def test_products_the_int8_kernels_do_not_take_stay_exact():
     weight = KernelWeight.of_float(w)
     assert not takes_int8_activations(weight)
     assert torch.equal(matmul(x, weight, activations="int8"), matmul(x, weight))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unpack_gives_exactly_the_dequantized_weight(method):
+    q, state = packed(method, seed=3)
+    assert torch.equal(unpack(formats.kernel_weight(q, state)), formats.dequantize(q, state).float())

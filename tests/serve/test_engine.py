@@ -264,3 +264,19 @@ def test_adapters_load_and_unload_at_run_time_on_the_onnx_backend(onnx_engine, f
     with pytest.raises(AdapterRejected, match="fingerprints differ"):
         onnx_engine.load_adapter("foreign", foreign)
     assert "foreign" not in {info.name for info in onnx_engine.adapters()}
+
+
+def test_prompts_prefilled_in_chunks_between_decode_steps_give_the_tokens_of_a_whole_prefill(bases):
+    whole = Engine(EngineConfig(bases["nf4"], max_batch=4))
+    chunked = Engine(EngineConfig(bases["nf4"], max_batch=4, prefill_chunk=5))
+    for e in (whole, chunked):
+        e.load_adapter("a", bases["adapters"] / "nf4-a", trusted=True)
+        e.start()
+    try:
+        jobs = [(p * 3, name) for p, name in zip(prompts(4, seed=21), [None, "a", "a", None])]  # 15-36 tokens: several chunks
+        expected = [generate(whole, [job])[0]["text"] for job in jobs]
+        assert [r["text"] for r in generate(chunked, jobs)] == expected
+        assert [generate(chunked, [job])[0]["text"] for job in jobs] == expected
+    finally:
+        whole.stop()
+        chunked.stop()
