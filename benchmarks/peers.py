@@ -85,7 +85,7 @@ def build_llama_cpp(cache: Path = CACHE) -> Path:
 
 
 ADAPTERS = 8
-STREAMS = 16
+STREAMS = 16  # each server gets one slot more, for the latency run's late long prompt
 
 
 def llama_cpp_files(bin_dir: Path, model: Path, adapters: list[Path], work: Path) -> tuple[Path, list[Path]]:
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             q4, loras = llama_cpp_files(bin_dir, args.model, adapters, work)
             port = _free_port()
-            cmd = [str(bin_dir / "llama-server"), "-m", str(q4), "-t", str(args.threads), "-tb", str(args.threads), "-np", str(STREAMS),
-                   "-c", str(STREAMS * 1024), "--host", "127.0.0.1", "--port", str(port), "--lora-init-without-apply",
+            cmd = [str(bin_dir / "llama-server"), "-m", str(q4), "-t", str(args.threads), "-tb", str(args.threads), "-np", str(STREAMS + 1),
+                   "-c", str((STREAMS + 1) * 1024), "--host", "127.0.0.1", "--port", str(port), "--lora-init-without-apply",
                    *(a for lora in loras for a in ("--lora", str(lora)))]  # fmt: skip
             url = f"http://127.0.0.1:{port}"
             results["llama.cpp llama-server, Q4_0"] = run_server("llama-server", cmd, url, _llama(url, len(loras)), _llama_stream(url, len(loras)), plan, args.tokens, work)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llama.cpp skipped: {e}")
     for label, options in (("ours, NF4, exact", []), ("ours, NF4, int8 activations + int8 head", ["--activations", "int8", "--head", "int8"])):
         port = _free_port()
-        cmd = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port), "--max-batch", str(STREAMS), "--threads", str(args.threads),
+        cmd = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port), "--max-batch", str(STREAMS + 1), "--threads", str(args.threads),
                *options, *(a for n, folder in zip(names, adapters) for a in ("--adapter", f"{n}={folder}"))]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         results[label] = run_server(label, cmd, url, _ours(url, names, tokenizer), _ours_stream(url, names, tokenizer), plan, args.tokens, work)

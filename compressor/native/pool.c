@@ -1,13 +1,20 @@
-/* The kernels' own thread pool: persistent workers that spin briefly between calls, then sleep.
+/* The kernels' own thread pool: persistent workers that take chunks of a call's rows as they come.
 
    Not OpenMP: in a Python process the OpenMP runtime is torch's, whose thread count torch's
-   set_num_threads changes under us, and whose teams run 2-3x slower when started from a thread
-   other than the main one (the serving engine's scheduler thread), which plain C does not show.
-   A decode step calls a kernel every few microseconds, so a worker that went to sleep would cost
-   a wake-up per call: workers spin on the call counter for a while (SPIN_NS) before sleeping.
+   set_num_threads changes under us, and whose teams ran the kernels 2-3x slower when started
+   from a thread other than the main one (the serving engine's scheduler thread).
 
-   parallel_for(threads, n, fn, ctx) runs fn(ctx, begin, end) over `threads` contiguous parts of
-   [0, n), the caller taking the first. One call at a time: concurrent callers wait their turn. */
+   Other pools share the cores: torch's (and numba's) OpenMP workers spin for milliseconds after
+   each of their parallel regions. So nothing here waits on a particular thread: a call is cut into
+   chunks that any participant claims from one counter, the caller included, and the caller waits
+   only for chunks already claimed. A worker kept off its core by another pool's spinning costs at
+   most the chunk it holds; one that wakes late finds nothing left and goes back to waiting.
+   Workers spin SPIN_NS for the next call (a decode step calls a kernel every few microseconds),
+   then sleep.
+
+   parallel_for(threads, n, fn, ctx) runs fn(ctx, begin, end) over chunks of [0, n). Which thread
+   takes which chunk varies; the kernels' results never depend on it. One call at a time:
+   concurrent callers wait their turn. */
 
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -25,19 +32,23 @@
 #include "pool.h"
 
 #define MAX_THREADS 256
-#define SPIN_NS 2000000 /* 2 ms */
+#define CHUNKS_PER_THREAD 2
+#define SPIN_NS 200000 /* 0.2 ms */
 
 static struct {
-    pthread_mutex_t call;   /* one parallel_for at a time */
-    pthread_mutex_t lock;   /* with wake: for sleeping workers */
+    pthread_mutex_t call;       /* one parallel_for at a time */
+    pthread_mutex_t lock;       /* with wake: for sleeping workers */
     pthread_cond_t wake;
-    int workers;            /* started so far */
-    atomic_uint generation; /* bumped per call */
-    atomic_int pending;     /* parts not finished */
-    int parts;
+    int workers;                /* started so far */
+    int sleepers;               /* waiting on wake (under lock) */
+    /* A cache line each for what the caller writes once per call, the claim counter everyone
+       updates, and the finished count the caller waits on: no false sharing among them. */
+    _Alignas(64) int chunks;
     int64_t n;
     task_fn fn;
     void *ctx;
+    _Alignas(64) _Atomic uint64_t claim; /* call number << 32 | next chunk */
+    _Alignas(64) atomic_int done;        /* chunks finished in this call */
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static int64_t now_ns(void) {
@@ -46,33 +57,40 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-static void run_part(int part) {
-    int64_t begin = P.n * part / P.parts, end = P.n * (part + 1) / P.parts;
-    if (begin < end) P.fn(P.ctx, begin, end);
+/* Claim and run chunks of call `call` until none is left; false if the call is over. */
+static void take_chunks(uint32_t call) {
+    uint64_t v = atomic_load(&P.claim);
+    for (;;) {
+        if ((uint32_t)(v >> 32) != call || (int)(uint32_t)v >= P.chunks) return;
+        if (!atomic_compare_exchange_weak(&P.claim, &v, v + 1)) continue;
+        int chunk = (int)(uint32_t)v;
+        int64_t begin = P.n * chunk / P.chunks, end = P.n * (chunk + 1) / P.chunks;
+        if (begin < end) P.fn(P.ctx, begin, end);
+        atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+        v = atomic_load(&P.claim);
+    }
 }
 
-static unsigned start_generation[MAX_THREADS]; /* the call counter when each worker was made */
-
 static void *worker(void *arg) {
-    int index = (int)(intptr_t)arg; /* 1 .. workers; part `index` of each call that has that many */
-    unsigned seen = start_generation[index]; /* not read now: the first call may already be out */
+    (void)arg;
+    uint32_t seen = (uint32_t)(atomic_load(&P.claim) >> 32);
     for (;;) {
         int64_t start = now_ns();
-        unsigned gen;
         int spins = 0;
-        while ((gen = atomic_load_explicit(&P.generation, memory_order_acquire)) == seen) {
+        uint32_t call;
+        while ((call = (uint32_t)(atomic_load_explicit(&P.claim, memory_order_acquire) >> 32)) == seen) {
             RELAX();
-            if (++spins % 1024 == 0 && now_ns() - start > SPIN_NS) {
+            if (++spins % 256 == 0 && now_ns() - start > SPIN_NS) {
                 pthread_mutex_lock(&P.lock);
-                while ((gen = atomic_load(&P.generation)) == seen) pthread_cond_wait(&P.wake, &P.lock);
+                P.sleepers++;
+                while ((call = (uint32_t)(atomic_load(&P.claim) >> 32)) == seen) pthread_cond_wait(&P.wake, &P.lock);
+                P.sleepers--;
                 pthread_mutex_unlock(&P.lock);
                 break;
             }
         }
-        seen = gen;
-        if (index < P.parts) run_part(index);
-        /* Every worker answers every call, taking part or not, so that none lags a call behind. */
-        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+        seen = call;
+        take_chunks(call);
     }
     return 0;
 }
@@ -83,6 +101,7 @@ static void after_fork_child(void) {
     pthread_mutex_init(&P.lock, 0);
     pthread_cond_init(&P.wake, 0);
     P.workers = 0;
+    P.sleepers = 0;
 }
 
 static pthread_once_t registered = PTHREAD_ONCE_INIT;
@@ -99,22 +118,23 @@ void parallel_for(int threads, int64_t n, task_fn fn, void *ctx) {
     pthread_mutex_lock(&P.call);
     while (P.workers < threads - 1) {
         pthread_t t;
-        start_generation[P.workers + 1] = atomic_load(&P.generation);
-        if (pthread_create(&t, 0, worker, (void *)(intptr_t)(P.workers + 1)) != 0) break;
+        if (pthread_create(&t, 0, worker, 0) != 0) break;
         pthread_detach(t);
         P.workers++;
     }
-    if (threads - 1 > P.workers) threads = P.workers + 1;
+    int chunks = threads * CHUNKS_PER_THREAD;
+    if (chunks > n) chunks = (int)n;
     P.fn = fn;
     P.ctx = ctx;
     P.n = n;
-    P.parts = threads;
-    atomic_store(&P.pending, P.workers);
+    P.chunks = chunks;
+    atomic_store(&P.done, 0);
+    uint32_t call = (uint32_t)(atomic_load(&P.claim) >> 32) + 1;
+    atomic_store_explicit(&P.claim, (uint64_t)call << 32, memory_order_release); /* opens the call */
     pthread_mutex_lock(&P.lock);
-    atomic_fetch_add_explicit(&P.generation, 1, memory_order_release);
-    pthread_cond_broadcast(&P.wake);
+    if (P.sleepers) pthread_cond_broadcast(&P.wake);
     pthread_mutex_unlock(&P.lock);
-    run_part(0);
-    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) RELAX();
+    take_chunks(call);
+    while (atomic_load_explicit(&P.done, memory_order_acquire) < chunks) RELAX();
     pthread_mutex_unlock(&P.call);
 }
