@@ -14,7 +14,7 @@ CALIBRATION_FILES := $(addprefix /usr/share/common-licenses/,Apache-2.0 Artistic
 OUT ?= out
 JOBS ?= 2
 
-.PHONY: setup model demo test bench clean calibration
+.PHONY: setup model demo test bench bench-peers clean calibration
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,12 @@ bench: setup model calibration
 	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work bench-results/qlora
 	$(PY) -m benchmarks.serve --model $(SMOLLM) --work bench-results/serve
 	$(PY) -m benchmarks.onnx --model $(SMOLLM) --work bench-results/onnx
+	$(PY) -m benchmarks.decode --model $(SMOLLM) --work bench-results/decode
+	$(PY) -m benchmarks.precision --model $(SMOLLM) --work bench-results/precision
+
+# Our server beside llama.cpp's llama-server over HTTP (llama.cpp is built into ~/.cache the first time: minutes).
+bench-peers: setup model
+	$(PY) -m benchmarks.peers --model $(SMOLLM) --work bench-results/peers
 
 clean:
 	rm -rf $(VENV) $(OUT) *.egg-info

@@ -1,13 +1,11 @@
-"""The torch backend: a compressor checkpoint (packed or float) run by transformers, batched, with per-row adapters.
+"""The torch backend: a compressor checkpoint (packed or float) loaded with transformers, stepped by :mod:`serve.decoder`.
 
-A decode step is one forward for every running sequence, each row with its own adapter
-(:mod:`serve.multilora`) and its own key/value cache (:mod:`serve.attention`); a prompt runs alone.
-
-Packed layers run their format's fused kernel (for prompts too: beside a one-thread torch, see
-:meth:`TorchBackend.setup_thread`, it is also the faster, measured up to 64 rows on 2 cores); float
-layers (a float base, the output head, formats without a fused kernel) and adapters run row-wise
-kernels (:mod:`serve.kernels`): each gives every row the same bits whatever the batch. Attention is
-per sequence and prefill is alone. So a request's tokens do not depend on what else is served.
+A decode step is one pass of :class:`~serve.decoder.Decoder` over every running sequence, each
+row with its own adapter (:mod:`serve.multilora`) and its own key/value cache
+(:mod:`serve.attention`); a prompt chunk runs alone. Every product of a decode step is a native
+row-wise kernel (packed layers on their codes, float layers and the output head on their weights),
+which gives every row the same bits whatever the batch; a prompt chunk of many tokens takes
+torch's GEMM by its own length. So a request's tokens do not depend on what else is served.
 """
 
 from __future__ import annotations
