@@ -152,34 +152,43 @@ typedef struct {
     const int64_t *capacity; int64_t heads, kv_heads, dim; float scale, softcap; int64_t window; float *out; int64_t ldo, longest;
 } attention_job;
 
-/* (new token, head) pairs begin .. end of the step. */
+/* (new token, key head) pairs begin .. end of the step: the query heads that read one key head
+   together, so that each cached key and value is loaded once for all of them. Each head's
+   numbers are computed exactly as alone. */
 static void attention_part(void *arg, int64_t begin, int64_t end) {
     const attention_job *j = arg;
-    const int64_t heads = j->heads, dim = j->dim, group = heads / j->kv_heads;
-    float *scores = malloc(sizeof(float) * (j->longest > 0 ? j->longest : 1));
+    const int64_t kv_heads = j->kv_heads, dim = j->dim, group = j->heads / kv_heads, longest = j->longest > 0 ? j->longest : 1;
+    float *scores = malloc(sizeof(float) * longest * group);
     int64_t b = 0;
     for (int64_t pair = begin; pair < end; pair++) {
-        int64_t row = pair / heads, h = pair % heads;
+        int64_t row = pair / kv_heads, g = pair % kv_heads;
         while (j->seq_start[b + 1] <= row) b++;
         int64_t pos = j->past[b] + (row - j->seq_start[b]);
-        int64_t first = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0;
-        const float *qh = j->q + row * j->ldq + h * dim;
-        const float *kh = j->keys[b] + (h / group) * j->capacity[b] * dim, *vh = j->values[b] + (h / group) * j->capacity[b] * dim;
-        for (int64_t t = first; t <= pos; t++) scores[t] = dot(qh, kh + t * dim, dim) * j->scale;
-        if (j->softcap > 0)
-            for (int64_t t = first; t <= pos; t++) scores[t] = j->softcap * tanhf(scores[t] / j->softcap);
-        float best = -INFINITY;
-        for (int64_t t = first; t <= pos; t++) best = scores[t] > best ? scores[t] : best;
-        for (int64_t t = first; t <= pos; t++) scores[t] -= best;
-        exp_all(scores + first, pos + 1 - first);
-        float norm = 0;
-        for (int64_t t = first; t <= pos; t++) norm += scores[t];
-        float *o = j->out + row * j->ldo + h * dim;
-        for (int64_t d = 0; d < dim; d++) o[d] = 0;
+        int64_t first = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0, span = pos + 1 - first;
+        const float *kh = j->keys[b] + g * j->capacity[b] * dim, *vh = j->values[b] + g * j->capacity[b] * dim;
+        const float *q0 = j->q + row * j->ldq + g * group * dim;
+        for (int64_t t = first; t <= pos; t++)
+            for (int64_t h = 0; h < group; h++) scores[h * longest + t] = dot(q0 + h * dim, kh + t * dim, dim) * j->scale;
+        float *o0 = j->out + row * j->ldo + g * group * dim;
+        for (int64_t h = 0; h < group; h++) {
+            float *sc = scores + h * longest;
+            if (j->softcap > 0)
+                for (int64_t t = first; t <= pos; t++) sc[t] = j->softcap * tanhf(sc[t] / j->softcap);
+            float best = -INFINITY;
+            for (int64_t t = first; t <= pos; t++) best = sc[t] > best ? sc[t] : best;
+            for (int64_t t = first; t <= pos; t++) sc[t] -= best;
+            exp_all(sc + first, span);
+            float norm = 0;
+            for (int64_t t = first; t <= pos; t++) norm += sc[t];
+            for (int64_t t = first; t <= pos; t++) sc[t] /= norm;
+            for (int64_t d = 0; d < dim; d++) o0[h * dim + d] = 0;
+        }
         for (int64_t t = first; t <= pos; t++) {
-            float p = scores[t] / norm;
             const float *vt = vh + t * dim;
-            for (int64_t d = 0; d < dim; d++) o[d] += p * vt[d];
+            for (int64_t h = 0; h < group; h++) {
+                float p = scores[h * longest + t], *o = o0 + h * dim;
+                for (int64_t d = 0; d < dim; d++) o[d] += p * vt[d];
+            }
         }
     }
     free(scores);
@@ -209,5 +218,5 @@ void attention(const float *q, const float *k, const float *v, int64_t ldq, int6
     }
     attention_job job = {q, ldq, nseq, seq_start, past, (const float *const *)keys, (const float *const *)values, capacity, heads,
                          kv_heads, dim, scale, softcap, window, out, ldo, longest};
-    parallel_for(threads, seq_start[nseq] * heads, attention_part, &job);
+    parallel_for(threads, seq_start[nseq] * kv_heads, attention_part, &job);
 }
