@@ -19,6 +19,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import CompressorError
+
 SOURCES = ("pool.c", "matmul.c", "ops.c")
 HEADERS = ("pool.h",)
 FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
@@ -37,8 +39,11 @@ SIGNATURES = {
 }
 
 
-class NativeBuildError(RuntimeError):
-    """The C kernels could not be compiled (no C compiler, or it failed)."""
+class NativeBuildError(CompressorError):
+    """The C kernels could not be compiled (no C compiler, or it failed); the CLIs print it as one line."""
+
+    def __init__(self, problem: str):
+        super().__init__(None, problem)
 
 
 def _cpu_features() -> str:
@@ -68,16 +73,18 @@ def build(portable: bool = False) -> Path:
     target = CACHE / f"kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
+    compiler = _compiler()
     CACHE.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place: concurrent first uses (test workers) each
     # build their own file, and whichever rename lands last leaves a complete library.
     fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=".so.tmp")
     os.close(fd)
-    cmd = [_compiler(), *flags, "-o", tmp, *(str(here / name) for name in SOURCES)]
+    cmd = [compiler, *flags, "-o", tmp, *(str(here / name) for name in SOURCES)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)
-        raise NativeBuildError(f"compiling the inference kernels failed: {' '.join(cmd)}\n{done.stderr.strip()}")
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+        raise NativeBuildError(f"compiling the inference kernels failed ({cmd[0]} exit {done.returncode}): {first}")
     os.replace(tmp, target)
     return target
 

@@ -92,3 +92,13 @@ def test_products_the_int8_kernels_do_not_take_stay_exact():
 def test_unpack_gives_exactly_the_dequantized_weight(method):
     q, state = packed(method, seed=3)
     assert torch.equal(unpack(formats.kernel_weight(q, state)), formats.dequantize(q, state).float())
+
+
+def test_a_machine_without_a_c_compiler_gets_one_line_naming_what_is_missing(monkeypatch, tmp_path):
+    import compressor.native as native
+
+    monkeypatch.setattr(native, "CACHE", tmp_path)  # nothing built there yet
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.raises(native.NativeBuildError, match="no C compiler") as refused:
+        native.build()
+    assert "\n" not in str(refused.value) and not list(tmp_path.iterdir())
