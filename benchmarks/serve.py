@@ -241,10 +241,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     # The server's log goes to a file: a pipe nobody reads would block it once full.
     with open(log, "w") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
