@@ -1,4 +1,4 @@
-"""numba kernels of the serving path, each computing every row of its input on its own in one fixed order.
+"""The adapters' low-rank term of the serving path (numba), computing every row of its input on its own in one fixed order.
 
 A row's result therefore does not depend on how many rows share the call (CPU GEMM libraries pick
 other kernels, and other summation orders, for one row than for sixteen): a request decodes to the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-
 
 
 @numba.njit(inline="always", fastmath={"reassoc", "contract"})
@@ -43,32 +42,3 @@ def add_low_rank(x, a, b_t, scaling, rows, y):
         yi = y[i]
         for n in range(outputs):
             yi[n] += acc[n] * scaling
-
-
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def attend_one(query, keys, values, length, scale, out):
-    """One new token's attention over the first ``length`` cached positions: ``query`` and ``out`` ``(heads, dim)``, caches ``(kv_heads, capacity, dim)``.
-
-    Query head ``h`` reads key head ``h // (heads // kv_heads)``, as transformers' repeat_kv lays them out.
-    """
-    heads, dim = query.shape
-    group = heads // keys.shape[0]
-    scores = np.empty(length, dtype=np.float32)
-    for h in range(heads):
-        k, v, q = keys[h // group], values[h // group], query[h]
-        best = -np.inf
-        for t in range(length):
-            scores[t] = dot(q, k[t]) * scale
-            best = max(best, scores[t])
-        norm = np.float32(0.0)
-        for t in range(length):
-            scores[t] = np.exp(scores[t] - best)
-            norm += scores[t]
-        o = out[h]
-        for d in range(dim):
-            o[d] = 0
-        for t in range(length):
-            p = scores[t] / norm
-            vt = v[t]
-            for d in range(dim):
-                o[d] += p * vt[d]

@@ -43,7 +43,7 @@ class TorchBackend:
         self.model = load(base_dir, exact=True, activations=activations)
         self.threads = threads
         try:
-            attention.install(self.model)
+            attention.check_supported(self.model.config)
         except ValueError as e:
             raise ValueError(f"{base_dir}: {e}") from None
         self.routing = multilora.Routing()
