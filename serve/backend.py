@@ -52,7 +52,7 @@ class Backend(Protocol):
         """An empty cache with room for ``capacity`` positions, growing up to ``limit`` if it must."""
 
     def prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: Cache, logits_to_keep: int) -> torch.Tensor:
-        """Run one prompt alone into ``cache``: float32 logits ``(positions, vocab)`` of the last ``logits_to_keep`` (0: all)."""
+        """Run one prompt, or its next chunk, alone into ``cache`` after what it holds: float32 logits ``(positions, vocab)`` of the last ``logits_to_keep`` (0: all)."""
 
     def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[Cache]) -> torch.Tensor:
         """One step for each sequence (its last token, adapter and cache): float32 logits ``(len(tokens), vocab)``."""

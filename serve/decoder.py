@@ -204,13 +204,13 @@ class Decoder:
         Rows are the sequences' tokens one after another; ``caches`` are :class:`serve.attention.SequenceKV`.
         """
         t = time.perf_counter() if self.timings is not None else 0.0
-        counts = [len(t) for t in tokens]
+        counts = [len(seq) for seq in tokens]
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         past = np.array([c.length for c in caches], dtype=np.int64)
         positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for p, n in zip(past, counts)]))
         ids = torch.tensor([t for seq in tokens for t in seq])
         self.routing.set_rows(adapters, counts)
-        self._gemm = len(counts) == 1 and counts[0] >= self.gemm_rows
+        gemm = len(counts) == 1 and counts[0] >= self.gemm_rows
         for cache, n in zip(caches, counts):
             cache.reserve(cache.length + n)
         h = self.embed(ids).float()
@@ -221,12 +221,11 @@ class Decoder:
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         t = self._mark("embed, rotary tables", t)
         for layer in self.layers:
-            t = self._layer(layer, h, cos, sin, starts, past, caches, t)
+            t = self._layer(layer, h, cos, sin, starts, past, caches, gemm, t)
         for cache, n in zip(caches, counts):
             cache.length += n
         rows = starts[1:] - 1 if logit_rows is None else np.asarray(logit_rows)
         last = self.final_norm(h[torch.from_numpy(rows)].contiguous())
-        self.routing.set_rows([None] * len(rows), [1] * len(rows))
         t = self._mark("norms", t)
         logits = self.head(last)
         if self.final_softcap:
@@ -234,8 +233,8 @@ class Decoder:
         self._mark("output head", t)
         return logits
 
-    def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
-        return [m.rows(x, threads=self.threads, gemm=self._gemm) for m in modules]
+    def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor, gemm: bool) -> list[torch.Tensor]:
+        return [m.rows(x, threads=self.threads, gemm=gemm) for m in modules]
 
     def _prompt_attention(self, q, k, v, past: int, keys: torch.Tensor, values: torch.Tensor, layer: Layer) -> torch.Tensor:
         # A prompt's chunk (one sequence, many tokens): its keys into the cache, then torch's fused
@@ -250,11 +249,11 @@ class Decoder:
                                            values[None, :, : past + n], attn_mask=mask, scale=layer.scale, enable_gqa=True)  # fmt: skip
         return o[0].transpose(0, 1).reshape(n, -1)
 
-    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches, t: float) -> float:
+    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches, gemm: bool, t: float) -> float:
         rows, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
         x = layer.attn_norm(h)
         t = self._mark("norms", t)
-        outs = self._linear(layer.qkv, x)
+        outs = self._linear(layer.qkv, x, gemm)
         t = self._mark("q, k, v projections", t)
         if len(outs) == 1:  # fused: q | k | v along each row
             q, k, v = outs[0].split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
@@ -269,7 +268,7 @@ class Decoder:
         ops.rope(k, kv_heads, dim, cos, sin)
         t = self._mark("rotary", t)
         i = layer.index
-        if self._gemm and not self.attn_softcap:
+        if gemm and not self.attn_softcap:
             attn = self._prompt_attention(q, k, v, int(past[0]), caches[0].keys[i], caches[0].values[i], layer)
         else:
             attn = torch.empty(rows, heads * dim)
@@ -277,20 +276,20 @@ class Decoder:
                           softcap=self.attn_softcap, window=layer.window, threads=self.threads)  # fmt: skip
         t = self._mark("attention", t)
         if layer.attn_out_norm is None:
-            layer.o.rows(attn, out=h, accumulate=True, threads=self.threads, gemm=self._gemm)
+            layer.o.rows(attn, out=h, accumulate=True, threads=self.threads, gemm=gemm)
         else:
-            h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads, gemm=self._gemm))
+            h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads, gemm=gemm))
         t = self._mark("o projection", t)
         x = layer.mlp_norm(h)
         t = self._mark("norms", t)
-        outs = self._linear(layer.gate_up, x)
+        outs = self._linear(layer.gate_up, x, gemm)
         width = layer.down.in_features
         gate_up = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         t = self._mark("gate, up projections", t)
         act = ops.act_mul(gate_up, width, layer.act, torch.empty(rows, width))
         t = self._mark("activation", t)
         if layer.mlp_out_norm is None:
-            layer.down.rows(act, out=h, accumulate=True, threads=self.threads, gemm=self._gemm)
+            layer.down.rows(act, out=h, accumulate=True, threads=self.threads, gemm=gemm)
         else:
-            h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads, gemm=self._gemm))
+            h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads, gemm=gemm))
         return self._mark("down projection", t)

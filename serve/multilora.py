@@ -116,10 +116,10 @@ def gemm_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
     so a prompt's rows must take it by their own count alone (see :class:`serve.decoder.Decoder`).
     """
     if isinstance(layer, QuantLinear):
-        packed = layer.kernel_weight()
+        kernel = layer.kernel_weight()
         # On the calling thread alone: waking the kernels' pool would leave its workers spinning
         # against torch's GEMM threads.
-        weight = unpack(packed, threads=1) if packed is not None else layer.weight_dequantized().float()
+        weight = unpack(kernel, threads=1) if kernel is not None else layer.weight_dequantized().float()
     else:
         weight = layer.weight.detach().float()
     flat = x.reshape(-1, layer.in_features).float()

@@ -57,7 +57,7 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Claim and run chunks of call `call` until none is left; false if the call is over. */
+/* Claim and run chunks of call `call` until none is left or the call is over. */
 static void take_chunks(uint32_t call) {
     uint64_t v = atomic_load(&P.claim);
     for (;;) {
