@@ -8,6 +8,7 @@ for decode steps, torch's fused attention for a prompt chunk: see :mod:`serve.de
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 
@@ -23,6 +24,15 @@ class SequenceKV:
         self._shape = (kv_heads, capacity, head_dim)
         self.keys = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
         self.values = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
+        self._addresses: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def addresses(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each layer's key buffer address, value buffer address and capacity (for the native step; current after growth)."""
+        if self._addresses is None:
+            self._addresses = (np.array([t.data_ptr() for t in self.keys], dtype=np.uint64),
+                               np.array([t.data_ptr() for t in self.values], dtype=np.uint64),
+                               np.array([t.shape[1] for t in self.keys], dtype=np.int64))  # fmt: skip
+        return self._addresses
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` positions in every layer (keys beyond ``length`` are not kept)."""
@@ -40,6 +50,7 @@ class SequenceKV:
             bigger = store[layer].new_empty((store[layer].shape[0], capacity, store[layer].shape[2]))
             bigger[:, : self.length] = store[layer][:, : self.length]
             store[layer] = bigger
+        self._addresses = None
 
 
 def check_supported(config: PretrainedConfig) -> None:

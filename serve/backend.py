@@ -28,6 +28,9 @@ class AdapterLayer(Protocol):
     def attach(self, key: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> int:
         """Hold A ``(r, in)``, B ``(out, r)`` and the scaling under ``key``; returns the bytes held."""
 
+    def detach(self, key: str) -> None:
+        """Drop what :meth:`attach` holds under ``key``."""
+
 
 class Cache(Protocol):
     """One sequence's keys and values; ``length`` is how many positions it holds."""

@@ -14,6 +14,7 @@ sequence's numbers do not depend on what else is in the step.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import time
 from collections import defaultdict
@@ -24,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.native import ops
+from compressor.native import ops, step
+from compressor.native.matmul import KernelWeight, all_cores
+from compressor.nn import QuantLinear
 
 from .multilora import MultiLoraLinear, Routing
 
@@ -107,6 +110,17 @@ def _check_rotary(attn: nn.Module, head_dim: int, rotary_dim: int, where: str) -
         raise UnsupportedModel(f"{where}: its rotary embedding is not transformers' rotate_half form")
 
 
+def _row_weight(layer: nn.Module) -> tuple[KernelWeight, torch.Tensor | None, bool]:
+    # What serve.multilora.base_rows multiplies by: the packed weight where the kernels take it (with
+    # the layer's activation mode), else the float weight; and the bias in float32.
+    weight = layer.kernel_weight() if isinstance(layer, QuantLinear) else None
+    int8 = weight is not None and layer.activations == "int8"
+    if weight is None:
+        weight = KernelWeight.of_float(layer.weight_dequantized() if isinstance(layer, QuantLinear) else layer.weight)
+    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+    return weight, bias, int8
+
+
 class _Seen(Exception):
     pass
 
@@ -137,7 +151,7 @@ def _embed_scale(model: nn.Module) -> float:
 class Decoder:
     """The step of one loaded causal LM whose linear layers are :class:`MultiLoraLinear`, and whose head is row-wise."""
 
-    def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None, gemm_rows: int = 32):
+    def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None, gemm_rows: int = 32, native_step: bool = True):
         config = model.config
         # A step of one sequence with at least this many new tokens (a prompt's chunk) multiplies by
         # torch's GEMM instead of the row-wise kernels: the choice depends on that count alone, so
@@ -158,6 +172,12 @@ class Decoder:
         cos, _ = self.rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long))
         self.rotary_dim = cos.shape[-1]
         self.layers = [self._plan(i, layer) for i, layer in enumerate(decoder.layers)]
+        # Steps of the row-wise kernels run all layers in one native call (compressor/native/step.c),
+        # which makes the calls _layer makes, in the same order, and so gives the same bits;
+        # native_step=False keeps them in Python (tests compare the two).
+        self.native = self._describe() if native_step else None
+        self._tables: dict[str, ctypes.Array] = {}  # each adapter's terms for the native step, by routing key
+        self._tables_version = -1
         self.timings: dict[str, float] | None = None  # seconds per phase, summed over steps, while profiling
 
     def profile(self, on: bool = True) -> None:
@@ -192,7 +212,7 @@ class Decoder:
             mlp_norm=_probe_norm(layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm, f"{where} mlp norm"),
             gate_up=gate_up, down=mlp.down_proj,
             mlp_out_norm=optional("post_feedforward_layernorm") if gemma_style else None,
-            act=_probe_act(mlp.act_fn, where),
+            act=_probe_act(getattr(mlp, "act_fn", None) or mlp.activation_fn, where),  # activation_fn: Phi-3
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
             window=int(getattr(attn, "sliding_window", None) or 0),
         )  # fmt: skip
@@ -220,8 +240,12 @@ class Decoder:
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         t = self._mark("embed, rotary tables", t)
-        for layer in self.layers:
-            t = self._layer(layer, h, cos, sin, starts, past, caches, gemm, t)
+        if self.native is not None and not gemm:
+            self._native_step(h, cos, sin, starts, past, caches, adapters, counts)
+            t = time.perf_counter() if self.timings is not None else t
+        else:
+            for layer in self.layers:
+                t = self._layer(layer, h, cos, sin, starts, past, caches, gemm, t)
         for cache, n in zip(caches, counts):
             cache.length += n
         rows = starts[1:] - 1 if logit_rows is None else np.asarray(logit_rows)
@@ -232,6 +256,63 @@ class Decoder:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         self._mark("output head", t)
         return logits
+
+    def _describe(self) -> tuple[step.Model, list]:
+        # The C description of every layer (see compressor/native/step.py), and what it points into.
+        keep: list = []
+        layers = (step.Layer * len(self.layers))()
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for described, layer in zip(layers, self.layers):
+            width = layer.down.in_features
+            qkv_offsets = (0,) if len(layer.qkv) == 1 else (0, q_width, q_width + kv_width)
+            gate_up_offsets = (0,) if len(layer.gate_up) == 1 else (0, width)
+            slots = [*zip(range(step.Q, step.Q + 3), layer.qkv, qkv_offsets), (step.O, layer.o, 0),
+                     *zip(range(step.GATE, step.GATE + 2), layer.gate_up, gate_up_offsets), (step.DOWN, layer.down, 0)]  # fmt: skip
+            for slot, module, offset in slots:
+                weight, bias, int8 = _row_weight(module.base)
+                keep += [weight, bias]
+                described.linear[slot] = step.linear(weight, bias, offset, int8)
+            described.n_qkv, described.n_gate_up = len(layer.qkv), len(layer.gate_up)
+            for name in ("attn_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm"):
+                norm = getattr(layer, name)
+                setattr(described, name, step.norm(None) if norm is None else step.norm(norm.weight, norm.eps, norm.offset))
+            described.inter, described.act, described.window = width, layer.act, layer.window
+            described.scale, described.softcap = layer.scale, self.attn_softcap
+        model = step.Model(len(self.layers), self.embed.embedding_dim, self.heads, self.kv_heads, self.head_dim, self.rotary_dim, layers)
+        return model, [layers, keep]
+
+    def _table(self, key: str) -> ctypes.Array:
+        # One adapter's terms at every (layer, slot), built on first use after any attach or detach.
+        if self._tables_version != self.routing.version:
+            self._tables, self._tables_version = {}, self.routing.version
+        table = self._tables.get(key)
+        if table is None:
+            table = (step.Lora * (len(self.layers) * step.SLOTS))()
+            for layer in self.layers:
+                modules = [*zip(range(step.Q, step.Q + 3), layer.qkv), (step.O, layer.o), *zip(range(step.GATE, step.GATE + 2), layer.gate_up),
+                           (step.DOWN, layer.down)]  # fmt: skip
+                for slot, module in modules:
+                    entry = module.adapters.get(key)
+                    if entry is not None:
+                        table[layer.index * step.SLOTS + slot] = entry[2]
+            self._tables[key] = table
+        return table
+
+    def _native_step(self, h, cos, sin, starts, past, caches, adapters, counts) -> None:
+        keys = list(dict.fromkeys(a for a in adapters if a is not None))
+        tables = (ctypes.c_void_p * max(len(keys), 1))(*(ctypes.addressof(self._table(k)) for k in keys))
+        group = np.repeat(np.array([-1 if a is None else keys.index(a) for a in adapters], dtype=np.int32), counts)
+        addresses = [c.addresses() for c in caches]
+        key_ptrs, value_ptrs, capacity = (np.ascontiguousarray(np.stack([a[i] for a in addresses], axis=1)) for i in range(3))
+        timings = (ctypes.c_double * len(step.PHASES))() if self.timings is not None else None
+        described = step.Step(h.shape[0], len(caches), h.data_ptr(), group.ctypes.data, ctypes.addressof(tables) if keys else None,
+                              cos.data_ptr(), sin.data_ptr(), starts.ctypes.data, past.ctypes.data, key_ptrs.ctypes.data,
+                              value_ptrs.ctypes.data, capacity.ctypes.data, self.threads or all_cores(),
+                              ctypes.addressof(timings) if timings is not None else None)  # fmt: skip
+        step.run(self.native[0], described)
+        if timings is not None:
+            for phase, seconds in zip(step.PHASES, timings):
+                self.timings[phase] += seconds
 
     def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor, gemm: bool) -> list[torch.Tensor]:
         return [m.rows(x, threads=self.threads, gemm=gemm) for m in modules]

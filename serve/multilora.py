@@ -2,7 +2,7 @@
 
 The base matmul runs once for the whole batch; then each adapter's rows get
 ``scaling * (x @ A.T) @ B.T`` added by one small kernel call per adapter, as Punica's and S-LoRA's
-gathered kernels do. Every product here is row by row in a fixed order (:mod:`serve.kernels`), so
+gathered kernels do. Every product here is row by row in a fixed order (``compressor/native``), so
 a row's result does not depend on which or how many rows share the batch. Adapters' weights are
 referenced, never merged, so a resident adapter costs its file size.
 """
@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.native import step
 from compressor.native.matmul import KernelWeight, matmul, unpack
 from compressor.nn import QuantLinear
-
-from .kernels import add_low_rank
 
 
 @dataclass
@@ -26,6 +25,7 @@ class Routing:
     """Which token rows of the coming forward use which adapter; shared by every :class:`MultiLoraLinear`."""
 
     groups: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (adapter, indices of its token rows)
+    version: int = 0  # changes whenever an adapter is attached to or detached from any layer
 
     def set(self, adapters: list[str | None], tokens_per_row: int = 1) -> None:
         """Route batch row ``i`` (its ``tokens_per_row`` tokens) to ``adapters[i]`` (``None``: the bare base)."""
@@ -50,13 +50,19 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.routing = routing
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.adapters: dict[str, tuple[np.ndarray, np.ndarray, np.float32]] = {}
+        self.adapters: dict[str, tuple[np.ndarray, np.ndarray, step.Lora]] = {}  # A, B transposed, their description
 
     def attach(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> int:
         """Hold adapter ``name``'s A ``(r, in)`` and B ``(out, r)`` (kept as B transposed); returns the bytes held."""
-        a, b_t = a.float().contiguous().numpy(), b.float().T.contiguous().numpy()
-        self.adapters[name] = (a, b_t, np.float32(scaling))
+        a, b_t = a.detach().float().contiguous().numpy(), b.detach().float().T.contiguous().numpy()
+        self.adapters[name] = (a, b_t, step.lora(a, b_t, scaling))
+        self.routing.version += 1
         return a.nbytes + b_t.nbytes
+
+    def detach(self, name: str) -> None:
+        """Drop adapter ``name``'s weights."""
+        del self.adapters[name]
+        self.routing.version += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output for all rows, plus each row's own adapter term (no gradients: serving only)."""
@@ -72,7 +78,7 @@ class MultiLoraLinear(nn.Module):
             for name, rows in self.routing.groups:
                 entry = self.adapters.get(name)
                 if entry is not None:  # else this adapter does not target this layer
-                    add_low_rank(flat_x, entry[0], entry[1], entry[2], rows, flat_y)
+                    step.lora_add(flat_x, entry[2], rows, flat_y, threads)
         return y
 
 

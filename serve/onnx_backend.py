@@ -39,6 +39,10 @@ class LoraInputs:
         self.adapters[key] = arrays
         return sum(array.nbytes for array in arrays.values())
 
+    def detach(self, key: str) -> None:
+        """Drop the feeds held under ``key``."""
+        del self.adapters[key]
+
 
 @dataclass
 class OnnxKV:

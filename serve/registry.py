@@ -145,7 +145,7 @@ class AdapterRegistry:
 
     def _detach(self, entry: _Entry) -> None:
         for module in entry.modules:
-            del self._layers[module].adapters[entry.key]
+            self._layers[module].detach(entry.key)
 
     @staticmethod
     def _info(name: str, e: _Entry) -> AdapterInfo:

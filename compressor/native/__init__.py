@@ -21,8 +21,8 @@ from pathlib import Path
 
 from ..errors import CompressorError
 
-SOURCES = ("pool.c", "matmul.c", "ops.c")
-HEADERS = ("pool.h",)
+SOURCES = ("pool.c", "matmul.c", "ops.c", "step.c")
+HEADERS = ("pool.h", "kernels.h")
 FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 NATIVE = ("-march=native", "-mprefer-vector-width=512")  # this CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64
 CACHE = Path.home() / ".cache" / "compressor" / "native"
@@ -36,6 +36,8 @@ SIGNATURES = {
     "act_mul": (_P, _I64, _I64, _I64, _I64, _I32, _P, _I64),
     "rope": (_P, _I64, _I64, _I64, _I64, _P, _P, _I64),
     "attention": (_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _F32, _I64, _P, _I64, _I32),
+    "lora_add": (_P, _I64, _P, _I64, _P, _I64, _I64, _P, _I64, _I32),
+    "decoder_step": (_P, _P),
 }
 
 

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
 #include "pool.h"
 
 #define TILE 8 /* activation rows that share one decode of a weight row */
@@ -409,20 +410,6 @@ int int8_activations_supported(int kind, int64_t K) {
 
 /* ---- the one entry point ---------------------------------------------------------------------- */
 
-/* A weight as compressor.native.matmul describes it (built once per weight, so that a call passes
-   one pointer instead of a dozen fields). */
-typedef struct {
-    int32_t kind;           /* W_* */
-    int32_t shift;          /* q4: log2 of the block size */
-    int64_t rows, cols;     /* N, K */
-    const void *data;       /* codes or float values */
-    int64_t data_stride;    /* q4: bytes per row (dense rows are cols elements apart) */
-    const float *scales;    /* q4: per block; i8: per row or tensor */
-    const void *zeros;      /* q4: uint8 per block (NULL: codebook); i8 affine: int32 per row or tensor */
-    int64_t scale_stride;   /* q4: blocks per row; i8: 1 per row, 0 per tensor */
-    const float *table;     /* q4 codebook */
-    float constant;         /* i8 sym: 1/127 */
-} weight_t;
 
 #ifdef HAVE_VNNI
 #define TILES(ROW, ...)                                                                  \

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
 #include "pool.h"
 
 static inline float fold16(const float *acc) {
@@ -35,6 +36,9 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     for (int l = 0; k + l < n; l++) acc[l] += a[k + l] * b[k + l];
     return fold16(acc);
 }
+
+/* The same fixed-order dot product, for step.c's adapter terms. */
+float dot16(const float *a, const float *b, int64_t n) { return dot(a, b, n); }
 
 /* exp(x) for x <= 88: 2**n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial).
    Below -87 it returns exp(-87) (about 1.6e-38) rather than 0. */

@@ -43,11 +43,10 @@ static struct {
     int sleepers;               /* waiting on wake (under lock) */
     /* A cache line each for what the caller writes once per call, the claim counter everyone
        updates, and the finished count the caller waits on: no false sharing among them. */
-    _Alignas(64) int chunks;
-    int64_t n;
+    _Alignas(64) int64_t n;
     task_fn fn;
     void *ctx;
-    _Alignas(64) _Atomic uint64_t claim; /* call number << 32 | next chunk */
+    _Alignas(64) _Atomic uint64_t claim; /* see CALL, COUNT, NEXT */
     _Alignas(64) atomic_int done;        /* chunks finished in this call */
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
@@ -57,14 +56,23 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Claim and run chunks of call `call` until none is left or the call is over. */
+/* The claim word: call number << 32 | the call's chunk count << 16 | next chunk. The count travels
+   in the word itself: a participant still holding an earlier call's word must never compare it
+   against the next call's count (written before that call opens), or it could claim a chunk past
+   the end of a call whose caller has moved on. */
+#define CALL(v) ((uint32_t)((v) >> 32))
+#define COUNT(v) ((int)(((v) >> 16) & 0xFFFF))
+#define NEXT(v) ((int)((v) & 0xFFFF))
+
+/* Claim and run chunks of call `call` until none is left or the call is over. A successful claim
+   of a chunk of call `call` means the call is still open, so its fields below are its own. */
 static void take_chunks(uint32_t call) {
     uint64_t v = atomic_load(&P.claim);
     for (;;) {
-        if ((uint32_t)(v >> 32) != call || (int)(uint32_t)v >= P.chunks) return;
+        if (CALL(v) != call || NEXT(v) >= COUNT(v)) return;
         if (!atomic_compare_exchange_weak(&P.claim, &v, v + 1)) continue;
-        int chunk = (int)(uint32_t)v;
-        int64_t begin = P.n * chunk / P.chunks, end = P.n * (chunk + 1) / P.chunks;
+        int chunk = NEXT(v), chunks = COUNT(v);
+        int64_t begin = P.n * chunk / chunks, end = P.n * (chunk + 1) / chunks;
         if (begin < end) P.fn(P.ctx, begin, end);
         atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
         v = atomic_load(&P.claim);
@@ -73,17 +81,17 @@ static void take_chunks(uint32_t call) {
 
 static void *worker(void *arg) {
     (void)arg;
-    uint32_t seen = (uint32_t)(atomic_load(&P.claim) >> 32);
+    uint32_t seen = CALL(atomic_load(&P.claim));
     for (;;) {
         int64_t start = now_ns();
         int spins = 0;
         uint32_t call;
-        while ((call = (uint32_t)(atomic_load_explicit(&P.claim, memory_order_acquire) >> 32)) == seen) {
+        while ((call = CALL(atomic_load_explicit(&P.claim, memory_order_acquire))) == seen) {
             RELAX();
             if (++spins % 256 == 0 && now_ns() - start > SPIN_NS) {
                 pthread_mutex_lock(&P.lock);
                 P.sleepers++;
-                while ((call = (uint32_t)(atomic_load(&P.claim) >> 32)) == seen) pthread_cond_wait(&P.wake, &P.lock);
+                while ((call = CALL(atomic_load(&P.claim))) == seen) pthread_cond_wait(&P.wake, &P.lock);
                 P.sleepers--;
                 pthread_mutex_unlock(&P.lock);
                 break;
@@ -127,10 +135,9 @@ void parallel_for(int threads, int64_t n, task_fn fn, void *ctx) {
     P.fn = fn;
     P.ctx = ctx;
     P.n = n;
-    P.chunks = chunks;
     atomic_store(&P.done, 0);
-    uint32_t call = (uint32_t)(atomic_load(&P.claim) >> 32) + 1;
-    atomic_store_explicit(&P.claim, (uint64_t)call << 32, memory_order_release); /* opens the call */
+    uint32_t call = CALL(atomic_load(&P.claim)) + 1;
+    atomic_store_explicit(&P.claim, (uint64_t)call << 32 | (uint64_t)chunks << 16, memory_order_release); /* opens the call */
     pthread_mutex_lock(&P.lock);
     if (P.sleepers) pthread_cond_broadcast(&P.wake);
     pthread_mutex_unlock(&P.lock);

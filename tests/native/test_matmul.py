@@ -102,3 +102,15 @@ def test_a_machine_without_a_c_compiler_gets_one_line_naming_what_is_missing(mon
     with pytest.raises(native.NativeBuildError, match="no C compiler") as refused:
         native.build()
     assert "\n" not in str(refused.value) and not list(tmp_path.iterdir())
+
+
+def test_back_to_back_calls_of_different_sizes_share_the_pool_safely():
+    # A worker holding an earlier call's claim word once took a chunk of the next, larger call
+    # against the earlier call's freed arguments: seen as a rare crash under serving load
+    # (tests/serve/test_api.py), which this loop does not reliably reproduce from Python.
+    small, large = KernelWeight.of_float(torch.randn(3, 32)), KernelWeight.of_float(torch.randn(64, 32))
+    x = torch.randn(1, 32)
+    want_small, want_large = matmul(x, small, threads=1), matmul(x, large, threads=1)
+    for _ in range(3000):
+        assert torch.equal(matmul(x, small, threads=2), want_small)
+        assert torch.equal(matmul(x, large, threads=2), want_large)

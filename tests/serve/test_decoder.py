@@ -68,3 +68,62 @@ def test_int8_activations_serve_every_request_the_tokens_it_gets_alone(bases):
         assert [r["text"] for r in generate(engine, jobs)] == alone
     finally:
         engine.stop()
+
+
+def _family(name: str):
+    from transformers import AutoModelForCausalLM, Gemma2Config, Phi3Config, Qwen3Config
+
+    from tests.helpers import CONFIGS
+
+    small = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    configs = {**CONFIGS, "qwen3": lambda: Qwen3Config(**small, head_dim=16),
+               "gemma2": lambda: Gemma2Config(**small, head_dim=16, sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
+               "phi3": lambda: Phi3Config(**small, pad_token_id=0)}  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(configs[name]()).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"])
+def test_the_native_step_gives_the_python_steps_bits_in_every_family(family):
+    from serve.attention import SequenceKV
+    from serve.multilora import install
+
+    model = _family(family)
+    with torch.no_grad():
+        expected = model(torch.tensor([[5, 17, 42, 8, 9, 10]])).logits[0, -1]
+    routing = Routing()
+    layers = install(model, routing)
+    g = torch.Generator().manual_seed(1)
+    for key in ("a", "b"):
+        for name, layer in layers.items():
+            if key == "a" or "self_attn" in name:  # b reaches attention only
+                a, b = torch.randn(4, layer.in_features, generator=g), torch.randn(layer.out_features, 4, generator=g)
+                layer.attach(key, a, b, 0.5)
+    native, python = Decoder(model, routing), Decoder(model, routing, native_step=False)
+    assert native.native is not None and python.native is None
+    config = model.config
+    shape = (config.num_hidden_layers, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    prompts, adapters = [[5, 17, 42, 8, 9, 10], [99, 3], [61, 7, 2, 30, 4]], ["a", None, "b"]
+    results = []
+    for decoder in (native, python):
+        caches = [SequenceKV(*shape, dtype=torch.float32, capacity=2) for _ in prompts]  # grown on the way
+        steps = [decoder.forward(prompts, adapters, caches)]
+        for token in (11, 12, 13):
+            steps.append(decoder.forward([[token]] * 3, adapters, caches))
+        results.append(torch.stack(steps))
+    assert torch.equal(results[0], results[1])
+    bare = native.forward([prompts[0]], [None], [SequenceKV(*shape, dtype=torch.float32)])[0]
+    torch.testing.assert_close(bare, expected, rtol=0, atol=1e-4)  # and the step is the model's own
+
+
+def test_the_native_step_over_packed_weights_and_int8_activations_gives_the_python_steps_bits(bases):
+    backend = TorchBackend(bases["nf4"], activations="int8")
+    backend.layers["model.layers.0.self_attn.q_proj"].attach("a", torch.randn(4, 64), torch.randn(64, 4), 2.0)
+    python = Decoder(backend.model, backend.routing, native_step=False)
+    results = []
+    for decoder in (backend.decoder, python):
+        caches = [backend.new_cache(4) for _ in range(2)]
+        results.append(torch.stack([decoder.forward([[5, 6, 7], [8, 9, 10]], ["a", None], caches),
+                                    decoder.forward([[1], [2]], [None, "a"], caches)]))  # fmt: skip
+    assert torch.equal(results[0], results[1])

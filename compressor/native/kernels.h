@@ -1,0 +1,29 @@
+/* What the kernel files share: the weight description, and the calls step.c makes into the others. */
+#pragma once
+#include <stdint.h>
+
+/* A weight as compressor.native.matmul describes it (built once per weight, so that a call passes
+   one pointer instead of a dozen fields). */
+typedef struct {
+    int32_t kind;           /* W_* */
+    int32_t shift;          /* q4: log2 of the block size */
+    int64_t rows, cols;     /* N, K */
+    const void *data;       /* codes or float values */
+    int64_t data_stride;    /* q4: bytes per row (dense rows are cols elements apart) */
+    const float *scales;    /* q4: per block; i8: per row or tensor */
+    const void *zeros;      /* q4: uint8 per block (NULL: codebook); i8 affine: int32 per row or tensor */
+    int64_t scale_stride;   /* q4: blocks per row; i8: 1 per row, 0 per tensor */
+    const float *table;     /* q4 codebook */
+    float constant;         /* i8 sym: 1/127 */
+} weight_t;
+
+void matmul(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
+            int accumulate, int threads, int int8);
+void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const float *weight, float offset, float eps,
+              float *out, int64_t ldo);
+void act_mul(const float *gate_up, int64_t rows, int64_t width, int64_t ld, int64_t up_offset, int act, float *out, int64_t ldo);
+void rope(float *x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, const float *cos, const float *sin, int64_t rot);
+void attention(const float *q, const float *k, const float *v, int64_t ldq, int64_t ldk, int64_t nseq, const int64_t *seq_start,
+               const int64_t *past, float *const *keys, float *const *values, const int64_t *capacity, int64_t heads,
+               int64_t kv_heads, int64_t dim, float scale, float softcap, int64_t window, float *out, int64_t ldo, int threads);
+float dot16(const float *a, const float *b, int64_t n); /* sum a[k] b[k] over 16 lanes folded by halves */
