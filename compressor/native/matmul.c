@@ -106,27 +106,37 @@ static inline void q4_decode(const uint8_t *codes, table16 values, lanes *even, 
 }
 #endif
 
-/* One weight row against rows 0 .. mt of xs, the activations laid out as q4_split writes them. */
+/* Weight rows n .. n + nr against activation rows 0 .. mt of xs (laid out as q4_split writes
+   them). nr > 1 only interleaves independent rows, for more chains in flight when mt is small: each
+   (m, n) is summed exactly as alone. */
 static inline __attribute__((always_inline)) void q4_row(
-    const int mt, const float *xs, int64_t ldx, const uint8_t *codes, const float *scales, const uint8_t *zeros,
-    const float *table, int64_t K, int shift, const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
-    lanes even_acc[TILE], odd_acc[TILE];
-    for (int m = 0; m < mt; m++) even_acc[m] = odd_acc[m] = lanes_zero();
+    const int mt, const int nr, const float *xs, int64_t ldx, const uint8_t *codes, int64_t code_stride, const float *scales,
+    const uint8_t *zeros, int64_t block_stride, const float *table, int64_t K, int shift, const float *bias, int64_t n, float *out,
+    int64_t ldo, int accumulate) {
+    lanes even_acc[4][TILE], odd_acc[4][TILE];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mt; m++) even_acc[r][m] = odd_acc[r][m] = lanes_zero();
     const int64_t per_block = (int64_t)1 << shift;
     for (int64_t start = 0; start < K; start += per_block) {
         int64_t block = start >> shift, end = start + per_block < K ? start + per_block : K;
-        table16 values = q4_values(table, zeros ? zeros + block : 0, scales[block]);
+        table16 values[4];
+        for (int r = 0; r < nr; r++)
+            values[r] = q4_values(table, zeros ? zeros + r * block_stride + block : 0, scales[r * block_stride + block]);
         for (int64_t k = start; k < end; k += 32) {
-            lanes even, odd;
-            q4_decode(codes + k / 2, values, &even, &odd);
+            for (int r = 0; r < nr; r++) {
+                lanes even, odd;
+                q4_decode(codes + r * code_stride + k / 2, values[r], &even, &odd);
 #pragma GCC unroll 8
-            for (int m = 0; m < mt; m++) {
-                even_acc[m] = lanes_fma(even, xs + m * ldx + k, even_acc[m]);
-                odd_acc[m] = lanes_fma(odd, xs + m * ldx + k + 16, odd_acc[m]);
+                for (int m = 0; m < mt; m++) {
+                    even_acc[r][m] = lanes_fma(even, xs + m * ldx + k, even_acc[r][m]);
+                    odd_acc[r][m] = lanes_fma(odd, xs + m * ldx + k + 16, odd_acc[r][m]);
+                }
             }
         }
     }
-    for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(lanes_add(even_acc[m], odd_acc[m])), bias, n, accumulate);
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mt; m++)
+            store(out + m * ldo + n + r, lanes_fold(lanes_add(even_acc[r][m], odd_acc[r][m])), bias, n + r, accumulate);
 }
 
 /* The activations once per call in the order the codes come in: each run of 32 elements as its
@@ -150,17 +160,24 @@ typedef struct {
 
 static void q4_rows(void *arg, int64_t begin, int64_t end) {
     const q4_job *j = arg;
-    const int64_t M = j->M, K = j->K, ldo = j->ldo;
+    const int64_t M = j->M, K = j->K, ldo = j->ldo, cs = j->code_stride, bs = j->block_stride;
+#define Q4_ROW(MT, NR, m) \
+    q4_row(MT, NR, j->xs + (m) * K, K, c, cs, s, z, bs, j->table, K, j->shift, j->bias, n, j->out + (m) * ldo, ldo, j->accumulate)
     for (int64_t n = begin; n < end; n++) {
-        const uint8_t *c = j->codes + n * j->code_stride;
-        const float *s = j->scales + n * j->block_stride;
-        const uint8_t *z = j->zeros ? j->zeros + n * j->block_stride : 0;
+        const uint8_t *c = j->codes + n * cs;
+        const float *s = j->scales + n * bs;
+        const uint8_t *z = j->zeros ? j->zeros + n * bs : 0;
+        if (M == 1) { /* one activation row: two weight rows at a time */
+            if (n + 3 < end) { Q4_ROW(1, 4, 0); n += 3; } else if (n + 1 < end) { Q4_ROW(1, 2, 0); n++; } else Q4_ROW(1, 1, 0);
+            continue;
+        }
         int64_t m = 0;
-        for (; m + TILE <= M; m += TILE) q4_row(TILE, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate);
-        if (M - m >= 4) { q4_row(4, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate); m += 4; }
-        if (M - m >= 2) { q4_row(2, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate); m += 2; }
-        if (M - m >= 1) q4_row(1, j->xs + m * K, K, c, s, z, j->table, K, j->shift, j->bias, n, j->out + m * ldo, ldo, j->accumulate);
+        for (; m + TILE <= M; m += TILE) Q4_ROW(TILE, 1, m);
+        if (M - m >= 4) { Q4_ROW(4, 1, m); m += 4; }
+        if (M - m >= 2) { Q4_ROW(2, 1, m); m += 2; }
+        if (M - m >= 1) Q4_ROW(1, 1, m);
     }
+#undef Q4_ROW
 }
 
 /* out (M, ldo) [+]= x (M, ldx) @ W.T for a q4 weight of N rows of K elements (K a multiple of 32,
@@ -343,34 +360,45 @@ static inline __m128i q4_table8(const int8_t *table8, const uint8_t *zero) {
     return _mm_sub_epi8(iota, _mm_set1_epi8((char)*zero));
 }
 
+/* Weight rows n .. n + nr against activation rows m0 .. m0 + mt (nr > 1 only interleaves, as in q4_row). */
 static inline __attribute__((always_inline)) void q4_row_i8(
-    const int mt, const qx_t *qx, int64_t m0, int64_t K, const uint8_t *codes, const float *scales, const uint8_t *zeros,
-    const int8_t *table8, float table_scale, int shift, const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
-    __m512 acc[TILE];
-    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
+    const int mt, const qx_t *qx, int64_t m0, const int nr, int64_t K, const uint8_t *codes, int64_t code_stride, const float *scales,
+    const uint8_t *zeros, int64_t block_stride, const int8_t *table8, float table_scale, int shift, const float *bias, int64_t n,
+    float *out, int64_t ldo, int accumulate) {
+    __m512 acc[4][TILE];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mt; m++) acc[r][m] = _mm512_setzero_ps();
     const __m512i bias128 = _mm512_set1_epi8((char)0x80);
     /* Blocks of 64 or more: one table and scale per block. Blocks of 32: two per chunk of 64. */
     const int64_t step = shift >= 6 ? (int64_t)1 << shift : 64;
     for (int64_t start = 0; start < K; start += step) {
         int64_t end = start + step < K ? start + step : K;
         int64_t b0 = start >> shift, b1 = (start + 32) >> shift;
-        __m512i table = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(q4_table8(table8, zeros ? zeros + b0 : 0))),
-            _mm256_broadcastsi128_si256(q4_table8(table8, zeros ? zeros + b1 : 0)), 1);
-        __m512 ws = _mm512_insertf32x8(_mm512_set1_ps(scales[b0] * table_scale), _mm256_set1_ps(scales[b1] * table_scale), 1);
+        __m512i table[4];
+        __m512 ws[4];
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *z = zeros ? zeros + r * block_stride : 0;
+            const float *sc = scales + r * block_stride;
+            table[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(q4_table8(table8, z ? z + b0 : 0))),
+                                          _mm256_broadcastsi128_si256(q4_table8(table8, z ? z + b1 : 0)), 1);
+            ws[r] = _mm512_insertf32x8(_mm512_set1_ps(sc[b0] * table_scale), _mm256_set1_ps(sc[b1] * table_scale), 1);
+        }
         for (int64_t k = start; k < end; k += 64) {
-            __m512i w = q4_bytes(codes + k / 2, table);
-            __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
+            for (int r = 0; r < nr; r++) {
+                __m512i w = q4_bytes(codes + r * code_stride + k / 2, table[r]);
+                __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
 #pragma GCC unroll 8
-            for (int m = 0; m < mt; m++) {
-                __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
-                __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
-                __m512 sc = _mm512_mul_ps(ws, _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16));
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[m]);
+                for (int m = 0; m < mt; m++) {
+                    __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
+                    __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
+                    __m512 sc = _mm512_mul_ps(ws[r], _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16));
+                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[r][m]);
+                }
             }
         }
     }
-    for (int m = 0; m < mt; m++) store(out + m * ldo + n, lanes_fold(acc[m]), bias, n, accumulate);
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mt; m++) store(out + m * ldo + n + r, lanes_fold(acc[r][m]), bias, n + r, accumulate);
 }
 
 static inline __attribute__((always_inline)) void i8_row_i8(
@@ -436,7 +464,14 @@ static void i8_rows(void *arg, int64_t begin, int64_t end) {
             const uint8_t *codes = (const uint8_t *)w->data + n * w->data_stride;
             const float *scales = w->scales + n * w->scale_stride;
             const uint8_t *zeros = w->zeros ? (const uint8_t *)w->zeros + n * w->scale_stride : 0;
-            TILES(q4_row_i8, K, codes, scales, zeros, j->table8, j->table_scale, w->shift, bias, n)
+#define Q4_ARGS K, codes, w->data_stride, scales, zeros, w->scale_stride, j->table8, j->table_scale, w->shift, bias, n
+            if (M == 1) { /* one activation row: four weight rows at a time */
+                if (n + 3 < end) { q4_row_i8(1, qx, 0, 4, Q4_ARGS, out, ldo, accumulate); n += 3; }
+                else q4_row_i8(1, qx, 0, 1, Q4_ARGS, out, ldo, accumulate);
+                continue;
+            }
+            TILES(q4_row_i8, 1, Q4_ARGS)
+#undef Q4_ARGS
         } else {
             const int8_t *row = (const int8_t *)w->data + n * K;
             float scale = w->scales[n * w->scale_stride];
