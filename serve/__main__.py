@@ -11,7 +11,7 @@ from compressor.errors import CompressorError
 
 from .auth import ApiKeys
 from .errors import ServeError
-from .types import ACTIVATIONS, BACKENDS, HEADS, EngineConfig
+from .types import ACTIVATIONS, BACKENDS, HEADS, PREFILLS, EngineConfig
 
 
 def _positive(text: str) -> int:
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output head: float (exact), or a bfloat16 or int8-per-row copy that decoding reads a half or a quarter of")  # fmt: skip
     p.add_argument("--activations", choices=ACTIVATIONS, default="float32",
                    help="float32: packed products take activations exactly; int8: quantized per run of 32 (faster; its cost is in the README)")  # fmt: skip
+    p.add_argument("--prefill", choices=PREFILLS, default="float32",
+                   help="float32: prompts' long chunks exactly; bfloat16: rounded for the CPU's bfloat16 matrix units (faster; its cost is in the README)")  # fmt: skip
     p.add_argument("--threads", type=_positive, help="cores the kernels use (default: every core this process may run on)")
     p.add_argument("--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
     return p
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig(
             base_dir=args.base, backend=args.backend, adapter_root=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
             max_adapters=args.max_adapters, adapter_memory_mb=args.adapter_memory, kv_cache_mb=args.kv_cache, head=args.head,
-            activations=args.activations, threads=args.threads, prefill_chunk=args.prefill_chunk,
+            activations=args.activations, threads=args.threads, prefill_chunk=args.prefill_chunk, prefill=args.prefill,
         )  # fmt: skip
         from .engine import Engine  # imports torch: after the cheap checks
 

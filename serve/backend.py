@@ -70,12 +70,12 @@ def open_backend(config: EngineConfig) -> Backend:
             raise CompressorError(folder, f"no {META}: --backend onnx serves a folder written by 'compressor export onnx'")
         from .onnx_backend import OnnxBackend
 
-        return OnnxBackend(folder)  # head, activations and threads are the torch backend's
+        return OnnxBackend(folder)  # head, activations, prefill and threads are the torch backend's
     if exported:
         raise CompressorError(folder, f"an ONNX export (it has {META}): serve it with --backend onnx")
     from .torch_backend import TorchBackend
 
-    return TorchBackend(folder, head=config.head, threads=config.threads, activations=config.activations)
+    return TorchBackend(folder, head=config.head, threads=config.threads, activations=config.activations, prefill=config.prefill)
 
 
 def eos_set(model_eos: int | list[int] | None, tokenizer) -> set[int]:

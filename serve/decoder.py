@@ -31,6 +31,8 @@ from compressor.nn import QuantLinear
 
 from .multilora import MultiLoraLinear, Routing
 
+PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # by serve.types.PREFILLS name
+
 
 @dataclass(frozen=True)
 class Norm:
@@ -151,12 +153,14 @@ def _embed_scale(model: nn.Module) -> float:
 class Decoder:
     """The step of one loaded causal LM whose linear layers are :class:`MultiLoraLinear`, and whose head is row-wise."""
 
-    def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None, gemm_rows: int = 32, native_step: bool = True):
+    def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None, gemm_rows: int = 32, native_step: bool = True,
+                 prefill: str = "float32"):  # fmt: skip
         config = model.config
         # A step of one sequence with at least this many new tokens (a prompt's chunk) multiplies by
         # torch's GEMM instead of the row-wise kernels: the choice depends on that count alone, so
         # a prompt takes the same path, and gets the same bits, whatever else is served.
         self.gemm_rows = gemm_rows
+        self.prefill = PREFILL_DTYPES[prefill]  # the dtype of those GEMMs (serve.types.PREFILLS)
         decoder = model.get_decoder()
         self.model, self.routing, self.threads = model, routing, threads
         self.embed = decoder.embed_tokens
@@ -230,7 +234,7 @@ class Decoder:
         positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for p, n in zip(past, counts)]))
         ids = torch.tensor([t for seq in tokens for t in seq])
         self.routing.set_rows(adapters, counts)
-        gemm = len(counts) == 1 and counts[0] >= self.gemm_rows
+        gemm = self.prefill if len(counts) == 1 and counts[0] >= self.gemm_rows else None
         for cache, n in zip(caches, counts):
             cache.reserve(cache.length + n)
         h = self.embed(ids).float()
@@ -240,7 +244,7 @@ class Decoder:
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         t = self._mark("embed, rotary tables", t)
-        if self.native is not None and not gemm:
+        if self.native is not None and gemm is None:
             self._native_step(h, cos, sin, starts, past, caches, adapters, counts)
             t = time.perf_counter() if self.timings is not None else t
         else:
@@ -314,7 +318,7 @@ class Decoder:
             for phase, seconds in zip(step.PHASES, timings):
                 self.timings[phase] += seconds
 
-    def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor, gemm: bool) -> list[torch.Tensor]:
+    def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor, gemm: torch.dtype | None) -> list[torch.Tensor]:
         return [m.rows(x, threads=self.threads, gemm=gemm) for m in modules]
 
     def _prompt_attention(self, q, k, v, past: int, keys: torch.Tensor, values: torch.Tensor, layer: Layer) -> torch.Tensor:
@@ -330,7 +334,7 @@ class Decoder:
                                            values[None, :, : past + n], attn_mask=mask, scale=layer.scale, enable_gqa=True)  # fmt: skip
         return o[0].transpose(0, 1).reshape(n, -1)
 
-    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches, gemm: bool, t: float) -> float:
+    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches, gemm: torch.dtype | None, t: float) -> float:
         rows, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
         x = layer.attn_norm(h)
         t = self._mark("norms", t)
@@ -349,7 +353,7 @@ class Decoder:
         ops.rope(k, kv_heads, dim, cos, sin)
         t = self._mark("rotary", t)
         i = layer.index
-        if gemm and not self.attn_softcap:
+        if gemm is not None and not self.attn_softcap:
             attn = self._prompt_attention(q, k, v, int(past[0]), caches[0].keys[i], caches[0].values[i], layer)
         else:
             attn = torch.empty(rows, heads * dim)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compressor.cli import named_path
 
-from .types import ACTIVATIONS, HEADS
+from .types import ACTIVATIONS, HEADS, PREFILLS
 
 
 def _table(title: str, plain: float, timings: dict[str, float], steps: int) -> str:
@@ -29,14 +29,14 @@ def _table(title: str, plain: float, timings: dict[str, float], steps: int) -> s
 
 
 def profile(base: Path, adapters: dict[str, Path], streams: int, steps: int, prompt_tokens: int, head: str = "float",
-            threads: int | None = None, activations: str = "float32") -> str:  # fmt: skip
+            threads: int | None = None, activations: str = "float32", prefill: str = "float32") -> str:  # fmt: skip
     """The decode and prefill breakdowns, as text."""
     import torch
 
     from .registry import AdapterRegistry
     from .torch_backend import TorchBackend
 
-    backend = TorchBackend(base, head=head, threads=threads, activations=activations)
+    backend = TorchBackend(base, head=head, threads=threads, activations=activations, prefill=prefill)
     backend.setup_thread()
     registry = AdapterRegistry(backend.layers, backend.fingerprint, None, max(len(adapters), 1), None)
     for name, folder in adapters.items():
@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", choices=HEADS, default="float")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--activations", choices=ACTIVATIONS, default="float32")
+    parser.add_argument("--prefill", choices=PREFILLS, default="float32")
     args = parser.parse_args(argv)
-    print(profile(args.base, dict(args.adapter), args.streams, args.steps, args.prompt_tokens, args.head, args.threads, args.activations))
+    print(profile(args.base, dict(args.adapter), args.streams, args.steps, args.prompt_tokens, args.head, args.threads, args.activations, args.prefill))
     return 0
 
 

@@ -39,7 +39,7 @@ def head_weight(weight: torch.Tensor, head: str) -> KernelWeight:
 class TorchBackend:
     """A base loaded with :func:`compressor.loading.load`, its linear layers wrapped for per-row adapters."""
 
-    def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32"):
+    def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32", prefill: str = "float32"):
         self.model = load(base_dir, exact=True, activations=activations)
         self.threads = threads
         try:
@@ -51,7 +51,7 @@ class TorchBackend:
         output = self.model.get_output_embeddings()
         self.model.set_output_embeddings(multilora.RowwiseLinear(output, head_weight(output.weight, head), threads, activations))
         try:
-            self.decoder = Decoder(self.model, self.routing, threads)
+            self.decoder = Decoder(self.model, self.routing, threads, prefill=prefill)
         except UnsupportedModel as e:
             raise ValueError(f"{base_dir}: the server cannot run this model: {e}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)

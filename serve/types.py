@@ -10,6 +10,9 @@ BACKENDS = ("torch", "onnx")  # see serve.backend.open_backend
 # The output head: "float" as the checkpoint holds it (exact), or a copy in bfloat16 or int8 per row
 # (int8-sym's codes), which the head's product reads a half or a quarter of; embeddings stay exact.
 HEADS = ("float", "bfloat16", "int8")
+# A prompt's long chunks (the GEMM path): float32 (exact), or weights and activations rounded to
+# bfloat16 for the CPU's bfloat16 matrix units, several times faster; decode steps are not affected.
+PREFILLS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class EngineConfig:
     head: str = "float"  # the output head as the torch backend multiplies by it: one of HEADS
     activations: str = "float32"  # how the torch backend's packed products take their input: compressor.native.matmul.ACTIVATIONS
     threads: int | None = None  # cores the torch backend's kernels use; None: every core this process may run on
+    prefill: str = "float32"  # the dtype of the torch backend's prompt GEMMs: one of PREFILLS
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -39,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILLS)}, got {self.prefill!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
 

@@ -31,7 +31,7 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {
     "matmul": (_P, _P, _I64, _I64, _P, _P, _I64, _I32, _I32, _I32),
     "int8_activations_supported": (_I32, _I64),
-    "unpack": (_P, _P, _I32),
+    "unpack": (_P, _P, _I32, _I32),
     "rms_norm": (_P, _I64, _I64, _I64, _P, _F32, _F32, _P, _I64),
     "act_mul": (_P, _I64, _I64, _I64, _I64, _I32, _P, _I64),
     "rope": (_P, _I64, _I64, _I64, _I64, _P, _P, _I64),

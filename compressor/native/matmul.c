@@ -494,14 +494,22 @@ static void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx,
 
 /* ---- the weight itself, for products that go to a GEMM library (prompts) ----------------------- */
 
-typedef struct { const weight_t *w; float *out; } unpack_job;
+typedef struct { const weight_t *w; void *out; int bf16; } unpack_job;
+
+/* float32 to bfloat16, rounding to nearest even (as torch's conversion does; weights are finite). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
 
 static void unpack_rows(void *arg, int64_t begin, int64_t end) {
     const unpack_job *j = arg;
     const weight_t *w = j->w;
     const int64_t K = w->cols;
+    float *scratch = j->bf16 ? malloc(sizeof(float) * K) : NULL;
     for (int64_t n = begin; n < end; n++) {
-        float *row = j->out + n * K;
+        float *row = j->bf16 ? scratch : (float *)j->out + n * K;
         if (w->kind == W_Q4) {
             const uint8_t *codes = (const uint8_t *)w->data + n * w->data_stride;
             const float *scales = w->scales + n * w->scale_stride;
@@ -524,13 +532,18 @@ static void unpack_rows(void *arg, int64_t begin, int64_t end) {
                 memcpy(row + k, &v, sizeof v);
             }
         }
+        if (j->bf16)
+            for (int64_t k = 0; k < K; k++) ((uint16_t *)j->out)[n * K + k] = to_bf16(row[k]);
     }
+    free(scratch);
 }
 
-/* out (N, K) = the weight's float32 values, exactly as the products above use them. */
-void unpack(const weight_t *w, float *out, int threads) {
-    unpack_job job = {w, out};
-    parallel_for(threads, w->rows, unpack_rows, &job);
+/* out (N, K) = the weight's values exactly as the products above use them: float32, or (bf16 set)
+   rounded to bfloat16. The pool's workers sleep right after, instead of spinning for the next
+   call: what follows an unpack is a GEMM library's product, on the same cores. */
+void unpack(const weight_t *w, void *out, int bf16, int threads) {
+    unpack_job job = {w, out, bf16};
+    parallel_for_then_sleep(threads, w->rows, unpack_rows, &job);
 }
 
 /* out (M, ldo) [+]= x (M, ldx) @ W.T (+ bias), with the activations quantized to int8 when int8 is

@@ -90,10 +90,12 @@ def supports(weight_shape: tuple[int, ...], blocksize: int | None = None) -> boo
     return in_features % 32 == 0 and blocksize >= 32 and blocksize & (blocksize - 1) == 0
 
 
-def unpack(weight: KernelWeight, threads: int | None = None) -> torch.Tensor:
-    """The weight's float32 values ``(out, in)``, exactly those the products multiply by (for a GEMM library's product)."""
-    out = torch.empty(weight.shape, dtype=torch.float32)
-    library().unpack(ctypes.byref(weight.described), out.data_ptr(), threads or all_cores())
+def unpack(weight: KernelWeight, threads: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight's values ``(out, in)`` exactly as the products multiply by them, in float32 or rounded to bfloat16 (for a GEMM library's product)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"unpack writes float32 or bfloat16, not {dtype}")
+    out = torch.empty(weight.shape, dtype=dtype)
+    library().unpack(ctypes.byref(weight.described), out.data_ptr(), int(dtype == torch.bfloat16), threads or all_cores())
     return out
 
 

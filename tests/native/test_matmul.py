@@ -94,6 +94,15 @@ def test_unpack_gives_exactly_the_dequantized_weight(method):
     assert torch.equal(unpack(formats.kernel_weight(q, state)), formats.dequantize(q, state).float())
 
 
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_unpack_to_bfloat16_rounds_as_torch_does(method):
+    q, state = packed(method, seed=4)
+    weight = formats.kernel_weight(q, state)
+    assert torch.equal(unpack(weight, dtype=torch.bfloat16), unpack(weight).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        unpack(weight, dtype=torch.float16)
+
+
 def test_a_machine_without_a_c_compiler_gets_one_line_naming_what_is_missing(monkeypatch, tmp_path):
     import compressor.native as native
 

@@ -127,3 +127,14 @@ def test_the_native_step_over_packed_weights_and_int8_activations_gives_the_pyth
         results.append(torch.stack([decoder.forward([[5, 6, 7], [8, 9, 10]], ["a", None], caches),
                                     decoder.forward([[1], [2]], [None, "a"], caches)]))  # fmt: skip
     assert torch.equal(results[0], results[1])
+
+
+def test_bfloat16_prefill_stays_close_to_the_exact_prompt_and_leaves_decode_steps_alone(bases):
+    exact, fast = TorchBackend(bases["nf4"]), TorchBackend(bases["nf4"], prefill="bfloat16")
+    ids = list(range(5, 45))  # past gemm_rows: the GEMM path
+    caches = [exact.new_cache(41), fast.new_cache(41)]
+    a = exact.prompt_forward(ids, None, caches[0], logits_to_keep=0)
+    b = fast.prompt_forward(ids, None, caches[1], logits_to_keep=0)
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.05 * a.abs().max()
+    short = ids[:8]  # under gemm_rows: row-wise kernels, untouched by the option
+    assert torch.equal(exact.prompt_forward(short, None, exact.new_cache(8), 1), fast.prompt_forward(short, None, fast.new_cache(8), 1))
