@@ -151,6 +151,30 @@ void rope(float *x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, const
     }
 }
 
+#ifdef __AVX512F__
+/* dot(q, keys + t * dim, dim) for the 16 positions t0 .. t0 + 15, bit for bit as dot() computes
+   each (dim a multiple of 16): each position's 16 lanes are summed over dim in the same order,
+   then the 16 positions' lanes are folded together by halves (8 + 8, 4 + 4, 2 + 2, 1 + 1) with
+   shuffles across registers instead of one register at a time. Slot s of the fold ends in lane
+   FOLD_SLOT[s], so slot s takes the position that lane stands for. */
+static const int FOLD_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+static inline __m512 dot16_positions(const float *q, const float *keys, int64_t t0, int64_t dim) {
+    __m512 v[16];
+    for (int s = 0; s < 16; s++) {
+        const float *k = keys + (t0 + FOLD_SLOT[s]) * dim;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < dim; d += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d)));
+        v[s] = acc;
+    }
+    __m512 w[8], u[4], r[2];
+    for (int i = 0; i < 8; i++) w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++) u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++) r[i] = _mm512_add_ps(_mm512_shuffle_ps(u[i], u[i + 2], 0x44), _mm512_shuffle_ps(u[i], u[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], 0x88), _mm512_shuffle_ps(r[0], r[1], 0xDD));
+}
+#endif
+
 typedef struct {
     const float *q; int64_t ldq, nseq; const int64_t *seq_start, *past; const float *const *keys, *const *values;
     const int64_t *capacity; int64_t heads, kv_heads, dim; float scale, softcap; int64_t window; float *out; int64_t ldo, longest;
@@ -171,7 +195,14 @@ static void attention_part(void *arg, int64_t begin, int64_t end) {
         int64_t first = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0, span = pos + 1 - first;
         const float *kh = j->keys[b] + g * j->capacity[b] * dim, *vh = j->values[b] + g * j->capacity[b] * dim;
         const float *q0 = j->q + row * j->ldq + g * group * dim;
-        for (int64_t t = first; t <= pos; t++)
+        int64_t t = first;
+#ifdef __AVX512F__
+        if (dim % 16 == 0)
+            for (; t + 16 <= pos + 1; t += 16)
+                for (int64_t h = 0; h < group; h++)
+                    _mm512_storeu_ps(scores + h * longest + t, _mm512_mul_ps(dot16_positions(q0 + h * dim, kh, t, dim), _mm512_set1_ps(j->scale)));
+#endif
+        for (; t <= pos; t++)
             for (int64_t h = 0; h < group; h++) scores[h * longest + t] = dot(q0 + h * dim, kh + t * dim, dim) * j->scale;
         float *o0 = j->out + row * j->ldo + g * group * dim;
         for (int64_t h = 0; h < group; h++) {
@@ -187,6 +218,22 @@ static void attention_part(void *arg, int64_t begin, int64_t end) {
             for (int64_t t = first; t <= pos; t++) sc[t] /= norm;
             for (int64_t d = 0; d < dim; d++) o0[h * dim + d] = 0;
         }
+#ifdef __AVX512F__
+        if (dim % 64 == 0) { /* the same sums, four registers of o at a time held across the positions */
+            for (int64_t h = 0; h < group; h++)
+                for (int64_t d = 0; d < dim; d += 64) {
+                    __m512 o4[4];
+                    for (int i = 0; i < 4; i++) o4[i] = _mm512_loadu_ps(o0 + h * dim + d + 16 * i);
+                    for (int64_t t = first; t <= pos; t++) {
+                        __m512 p = _mm512_set1_ps(scores[h * longest + t]);
+                        for (int i = 0; i < 4; i++)
+                            o4[i] = _mm512_add_ps(o4[i], _mm512_mul_ps(p, _mm512_loadu_ps(vh + t * dim + d + 16 * i)));
+                    }
+                    for (int i = 0; i < 4; i++) _mm512_storeu_ps(o0 + h * dim + d + 16 * i, o4[i]);
+                }
+            continue;
+        }
+#endif
         for (int64_t t = first; t <= pos; t++) {
             const float *vt = vh + t * dim;
             for (int64_t h = 0; h < group; h++) {

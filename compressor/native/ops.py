@@ -46,12 +46,13 @@ def rope(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: tor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start: np.ndarray, past: np.ndarray, keys: list[torch.Tensor],
               values: list[torch.Tensor], heads: int, scale: float, out: torch.Tensor, softcap: float = 0.0, window: int = 0,
-              threads: int | None = None) -> torch.Tensor:  # fmt: skip
+              threads: int | None = None, portable: bool = False) -> torch.Tensor:  # fmt: skip
     """Write each sequence's new keys and values into its cache, then attend causally (see ``ops.c``).
 
     ``q``/``out`` rows are ``heads * dim``, ``k``/``v`` rows ``kv_heads * dim``; sequence ``b`` owns
     rows ``seq_start[b]:seq_start[b + 1]`` at positions from ``past[b]``; ``keys[b]``/``values[b]``
-    are its caches ``(kv_heads, capacity, dim)`` with room for them.
+    are its caches ``(kv_heads, capacity, dim)`` with room for them. ``portable`` runs the plain-C
+    build (tests check it gives the same bits).
     """
     _rows(q), _rows(k), _rows(out)
     kv_heads, _, dim = keys[0].shape
@@ -59,7 +60,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start: np.n
     value_ptrs = np.array([t.data_ptr() for t in values], dtype=np.uint64)
     capacity = np.array([t.shape[1] for t in keys], dtype=np.int64)
     starts, pasts = np.ascontiguousarray(seq_start, dtype=np.int64), np.ascontiguousarray(past, dtype=np.int64)
-    library().attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), len(keys), starts.ctypes.data,
+    library(portable).attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), len(keys), starts.ctypes.data,
                         pasts.ctypes.data, key_ptrs.ctypes.data, value_ptrs.ctypes.data, capacity.ctypes.data, heads, kv_heads, dim,
                         scale, softcap, window, out.data_ptr(), out.stride(0), threads or all_cores())  # fmt: skip
     return out

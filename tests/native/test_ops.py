@@ -77,3 +77,23 @@ def test_a_sequences_attention_does_not_depend_on_the_others_in_the_call():
     alone = torch.empty(1, heads * dim)
     ops.attention(q[1:2], k[1:2], v[1:2], np.arange(2), np.array([2]), [caches[1][0]], [caches[1][1]], heads, 0.25, alone)
     assert torch.equal(alone, together[1:2])
+
+
+@pytest.mark.parametrize("window", [0, 21])
+def test_attention_over_long_caches_gives_the_portable_builds_bits(window):
+    # Past 16 positions the scores take a 16-at-a-time path on AVX-512; it must sum as the plain loop does.
+    heads, kv_heads, dim = 6, 2, 64
+    g = torch.Generator().manual_seed(2)
+    plans = [(0, 3), (37, 1), (60, 2)]
+    rows = sum(n for _, n in plans)
+    q, k, v = (torch.randn(rows, h * dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    starts, past = np.cumsum([0] + [n for _, n in plans]), np.array([p for p, _ in plans])
+    outs = []
+    for portable in (False, True):
+        caches = [(torch.randn(kv_heads, 64, dim, generator=torch.Generator().manual_seed(b)),
+                   torch.randn(kv_heads, 64, dim, generator=torch.Generator().manual_seed(10 + b))) for b in range(3)]  # fmt: skip
+        out = torch.empty(rows, heads * dim)
+        ops.attention(q, k, v, starts, past, [c[0] for c in caches], [c[1] for c in caches], heads, 0.125, out, window=window,
+                      portable=portable)  # fmt: skip
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
