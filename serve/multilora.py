@@ -76,12 +76,17 @@ class MultiLoraLinear(nn.Module):
         else:
             y = gemm_rows(x, self.base, out=out, accumulate=accumulate, threads=threads, dtype=gemm)
         if self.routing.groups:
-            flat_x = x.reshape(-1, self.in_features).float().contiguous().numpy()
-            flat_y = y.view(-1, self.out_features).numpy()
+            flat_x = x.reshape(-1, self.in_features).float().contiguous()
+            flat_y = y.view(-1, self.out_features)
             for name, rows in self.routing.groups:
                 entry = self.adapters.get(name)
-                if entry is not None:  # else this adapter does not target this layer
-                    step.lora_add(flat_x, entry[2], rows, flat_y, threads)
+                if entry is None:  # this adapter does not target this layer
+                    continue
+                if gemm is None:
+                    step.lora_add(flat_x.numpy(), entry[2], rows, flat_y.numpy(), threads)
+                else:  # a prompt's chunk, alone: every row is its, and GEMMs compute the term
+                    a, b_t, term = entry
+                    flat_y.addmm_(flat_x @ torch.from_numpy(a).T, torch.from_numpy(b_t), alpha=term.scaling)
         return y
 
 
@@ -129,7 +134,9 @@ def gemm_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
     """
     if isinstance(layer, QuantLinear):
         kernel = layer.kernel_weight()
-        weight = unpack(kernel, threads=threads, dtype=dtype) if kernel is not None else layer.weight_dequantized().to(dtype)
+        # On the calling thread alone: torch's GEMM threads spin for a while after each product,
+        # and the kernels' pool would run its share of the unpacking against them.
+        weight = unpack(kernel, threads=1, dtype=dtype) if kernel is not None else layer.weight_dequantized().to(dtype)
     else:
         weight = layer.weight.detach().to(dtype)
     flat = x.reshape(-1, layer.in_features).to(dtype)
