@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from compressor.cli import named_path
@@ -73,12 +76,41 @@ def main(argv: list[str] | None = None) -> int:
     except CompressorError as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 1
+    return serve(engine, keys, args.host, args.port)
+
+
+def serve(engine, keys, host: str, port: int) -> int:
+    """HTTP in a thread, the engine's steps on this (the main) thread, until SIGINT or SIGTERM; then re-raise the signal, as uvicorn does."""
     import uvicorn
 
     from .api import create_app
 
-    uvicorn.run(create_app(engine, keys), host=args.host, port=args.port)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, keys, start_engine=False), host=host, port=port))
+    caught: list[int] = []
+
+    def on_signal(sig, frame):
+        caught.append(sig)
+        server.should_exit = True  # uvicorn shuts down gracefully; its lifespan then stops the engine
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    def http_main():
+        try:
+            server.run()
+        finally:
+            engine.stop()  # also when the server could not start: the engine's loop below ends
+
+    http = threading.Thread(target=http_main, name="serve-http")  # off the main thread, uvicorn leaves signals to us
+    http.start()
+    try:
+        engine.run()  # torch's bfloat16 GEMMs run faster from the main thread (see Engine.run)
+    finally:
+        server.should_exit = True
+        http.join()
+    if caught:
+        signal.signal(caught[0], signal.SIG_DFL)
+        os.kill(os.getpid(), caught[0])
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ class _Job:
             self.handle.cancel()
 
 
-def create_app(engine: Engine, keys: ApiKeys | None = None) -> FastAPI:
-    """An app serving ``engine``; it starts the engine on startup and stops it on shutdown.
+def create_app(engine: Engine, keys: ApiKeys | None = None, start_engine: bool = True) -> FastAPI:
+    """An app serving ``engine``; it starts the engine on startup (unless ``start_engine`` is false: the caller runs it) and stops it on shutdown.
 
     With ``keys``, every route but ``/health`` needs ``Authorization: Bearer KEY``; without, all is open.
     """
@@ -93,7 +93,8 @@ def create_app(engine: Engine, keys: ApiKeys | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if start_engine:
+            engine.start()
         try:
             yield
         finally:
