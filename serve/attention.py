@@ -22,6 +22,7 @@ class SequenceKV:
         self.length = 0  # tokens whose keys all layers hold
         self.limit = limit  # growth never goes past it (the sequence's whole length, when known)
         self._shape = (kv_heads, capacity, head_dim)
+        self._capacity = capacity  # the least any layer holds
         self.keys = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
         self.values = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
         self._addresses: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -36,9 +37,12 @@ class SequenceKV:
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` positions in every layer (keys beyond ``length`` are not kept)."""
+        if needed <= self._capacity:  # every layer has room (a decode step's usual case)
+            return
         for layer in range(len(self.keys)):
             if needed > self.keys[layer].shape[1]:
                 self._grow(layer, needed)
+        self._capacity = min(k.shape[1] for k in self.keys)
 
     def _grow(self, layer: int, needed: int) -> None:
         capacity = self.keys[layer].shape[1]
