@@ -57,6 +57,9 @@ class Backend(Protocol):
     def prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: Cache, logits_to_keep: int) -> torch.Tensor:
         """Run one prompt, or its next chunk, alone into ``cache`` after what it holds: float32 logits ``(positions, vocab)`` of the last ``logits_to_keep`` (0: all)."""
 
+    def prompts_forward(self, chunks: list[list[int]], adapter_keys: list[str | None], caches: list[Cache]) -> torch.Tensor:
+        """Several prompts' next chunks, each into its cache with the numbers it gets alone: float32 logits ``(len(chunks), vocab)`` of each chunk's last token."""
+
     def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[Cache]) -> torch.Tensor:
         """One step for each sequence (its last token, adapter and cache): float32 logits ``(len(tokens), vocab)``."""
 

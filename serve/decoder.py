@@ -150,6 +150,36 @@ def _embed_scale(model: nn.Module) -> float:
     return 1.0 if abs(ratio - 1) < 1e-6 else ratio
 
 
+@dataclass
+class _Rows:
+    """A step's rows: the hidden states of every new token, its rotary tables, and where each sequence's rows start."""
+
+    h: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    counts: list[int]
+    starts: np.ndarray
+    past: np.ndarray
+
+    @staticmethod
+    def of(decoder: Decoder, tokens: list[list[int]], adapters: list[str | None], caches: list) -> _Rows:
+        """Embed the sequences' new tokens (with room made in their caches)."""
+        t = time.perf_counter() if decoder.timings is not None else 0.0
+        counts = [len(seq) for seq in tokens]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        past = np.array([c.length for c in caches], dtype=np.int64)
+        positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for p, n in zip(past, counts)]))
+        for cache, n in zip(caches, counts):
+            cache.reserve(cache.length + n)
+        h = decoder.embed(torch.tensor([t for seq in tokens for t in seq])).float()
+        if decoder.embed_scale != 1.0:
+            h = h * torch.tensor(decoder.embed_scale, dtype=torch.float32)
+        h = h.contiguous()
+        cos, sin = decoder.rotary(h[None], positions[None])
+        decoder._mark("embed, rotary tables", t)
+        return _Rows(h, cos[0].float().contiguous(), sin[0].float().contiguous(), counts, starts, past)
+
+
 class Decoder:
     """The step of one loaded causal LM whose linear layers are :class:`MultiLoraLinear`, and whose head is row-wise."""
 
@@ -229,33 +259,52 @@ class Decoder:
 
         Rows are the sequences' tokens one after another; ``caches`` are :class:`serve.attention.SequenceKV`.
         """
-        t = time.perf_counter() if self.timings is not None else 0.0
-        counts = [len(seq) for seq in tokens]
-        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        past = np.array([c.length for c in caches], dtype=np.int64)
-        positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for p, n in zip(past, counts)]))
-        ids = torch.tensor([t for seq in tokens for t in seq])
-        self.routing.set_rows(adapters, counts)
-        gemm = self.prefill if len(counts) == 1 and counts[0] >= self.gemm_rows else None
-        for cache, n in zip(caches, counts):
-            cache.reserve(cache.length + n)
-        h = self.embed(ids).float()
-        if self.embed_scale != 1.0:
-            h = h * torch.tensor(self.embed_scale, dtype=torch.float32)
-        h = h.contiguous()
-        cos, sin = self.rotary(h[None], positions[None])
-        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        t = self._mark("embed, rotary tables", t)
+        rows = _Rows.of(self, tokens, adapters, caches)
+        gemm = self.prefill if len(tokens) == 1 and len(tokens[0]) >= self.gemm_rows else None
+        self.routing.set_rows(adapters, rows.counts)
         if self.native is not None and gemm is None:
-            self._native_step(h, cos, sin, starts, past, caches, adapters, counts)
-            t = time.perf_counter() if self.timings is not None else t
+            self._native_step(rows.h, rows.cos, rows.sin, rows.starts, rows.past, caches, adapters, rows.counts)
         else:
             for layer in self.layers:
-                t = self._layer(layer, h, cos, sin, starts, past, caches, gemm, t)
-        for cache, n in zip(caches, counts):
+                self._layer(layer, rows, caches, gemm, None)
+        return self._logits(rows, caches, logit_rows)
+
+    @torch.inference_mode()
+    def prompts(self, chunks: list[list[int]], adapters: list[str | None], caches: list) -> torch.Tensor:
+        """Each prompt chunk into its own cache, as if alone (the same bits); the logits of each chunk's last token ``(len(chunks), vocab)``.
+
+        Chunks under ``gemm_rows`` tokens share one row-wise step. Longer ones take torch's GEMM
+        each on its own rows, but layer by layer together, so that each weight is unpacked once
+        for all of them: every product is then the very call the chunk would make alone.
+        """
+        short = [i for i, c in enumerate(chunks) if len(c) < self.gemm_rows]
+        long = [i for i, c in enumerate(chunks) if len(c) >= self.gemm_rows]
+        out = [None] * len(chunks)
+        if short:
+            logits = self.forward([chunks[i] for i in short], [adapters[i] for i in short], [caches[i] for i in short])
+            for i, row in zip(short, logits):
+                out[i] = row
+        if len(long) == 1:
+            (i,) = long
+            out[i] = self.forward([chunks[i]], [adapters[i]], [caches[i]])[0]
+        elif long:
+            every = [_Rows.of(self, [chunks[i]], [adapters[i]], [caches[i]]) for i in long]
+            for layer in self.layers:
+                unpacked: dict = {}  # this layer's weights, unpacked by the first chunk, used by all
+                for i, rows in zip(long, every):
+                    self.routing.set_rows([adapters[i]], rows.counts)
+                    self._layer(layer, rows, [caches[i]], self.prefill, unpacked)
+            for i, rows in zip(long, every):
+                out[i] = self._logits(rows, [caches[i]], None)[0]
+        return torch.stack(out)
+
+    def _logits(self, rows: _Rows, caches: list, logit_rows: list[int] | None) -> torch.Tensor:
+        # The step is done: the caches hold its tokens; the head's logits of the rows asked for.
+        for cache, n in zip(caches, rows.counts):
             cache.length += n
-        rows = starts[1:] - 1 if logit_rows is None else np.asarray(logit_rows)
-        last = self.final_norm(h[torch.from_numpy(rows)].contiguous())
+        t = time.perf_counter() if self.timings is not None else 0.0
+        picked = rows.starts[1:] - 1 if logit_rows is None else np.asarray(logit_rows)
+        last = self.final_norm(rows.h[torch.from_numpy(picked)].contiguous())
         t = self._mark("norms", t)
         logits = self.head(last)
         if self.final_softcap:
@@ -320,8 +369,8 @@ class Decoder:
             for phase, seconds in zip(step.PHASES, timings):
                 self.timings[phase] += seconds
 
-    def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor, gemm: torch.dtype | None) -> list[torch.Tensor]:
-        return [m.rows(x, threads=self.threads, gemm=gemm) for m in modules]
+    def _linear(self, modules: tuple[MultiLoraLinear, ...], x: torch.Tensor, gemm: torch.dtype | None, unpacked: dict | None) -> list[torch.Tensor]:
+        return [m.rows(x, threads=self.threads, gemm=gemm, unpacked=unpacked) for m in modules]
 
     def _prompt_attention(self, q, k, v, past: int, keys: torch.Tensor, values: torch.Tensor, layer: Layer) -> torch.Tensor:
         # A prompt's chunk (one sequence, many tokens): its keys into the cache, then torch's fused
@@ -336,11 +385,15 @@ class Decoder:
                                            values[None, :, : past + n], attn_mask=mask, scale=layer.scale, enable_gqa=True)  # fmt: skip
         return o[0].transpose(0, 1).reshape(n, -1)
 
-    def _layer(self, layer: Layer, h: torch.Tensor, cos, sin, starts, past, caches, gemm: torch.dtype | None, t: float) -> float:
+    def _layer(self, layer: Layer, step_rows: _Rows, caches, gemm: torch.dtype | None, unpacked: dict | None) -> None:
+        # One layer in Python: the GEMM path of prompt chunks (``unpacked``: weights shared by the
+        # chunks of Decoder.prompts), and the row-wise kernels when native_step is off.
+        t = time.perf_counter() if self.timings is not None else 0.0
+        h, cos, sin, starts, past = step_rows.h, step_rows.cos, step_rows.sin, step_rows.starts, step_rows.past
         rows, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
         x = layer.attn_norm(h)
         t = self._mark("norms", t)
-        outs = self._linear(layer.qkv, x, gemm)
+        outs = self._linear(layer.qkv, x, gemm, unpacked)
         t = self._mark("q, k, v projections", t)
         if len(outs) == 1:  # fused: q | k | v along each row
             q, k, v = outs[0].split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
@@ -363,20 +416,20 @@ class Decoder:
                           softcap=self.attn_softcap, window=layer.window, threads=self.threads)  # fmt: skip
         t = self._mark("attention", t)
         if layer.attn_out_norm is None:
-            layer.o.rows(attn, out=h, accumulate=True, threads=self.threads, gemm=gemm)
+            layer.o.rows(attn, out=h, accumulate=True, threads=self.threads, gemm=gemm, unpacked=unpacked)
         else:
-            h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads, gemm=gemm))
+            h += layer.attn_out_norm(layer.o.rows(attn, threads=self.threads, gemm=gemm, unpacked=unpacked))
         t = self._mark("o projection", t)
         x = layer.mlp_norm(h)
         t = self._mark("norms", t)
-        outs = self._linear(layer.gate_up, x, gemm)
+        outs = self._linear(layer.gate_up, x, gemm, unpacked)
         width = layer.down.in_features
         gate_up = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         t = self._mark("gate, up projections", t)
         act = ops.act_mul(gate_up, width, layer.act, torch.empty(rows, width))
         t = self._mark("activation", t)
         if layer.mlp_out_norm is None:
-            layer.down.rows(act, out=h, accumulate=True, threads=self.threads, gemm=gemm)
+            layer.down.rows(act, out=h, accumulate=True, threads=self.threads, gemm=gemm, unpacked=unpacked)
         else:
-            h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads, gemm=gemm))
-        return self._mark("down projection", t)
+            h += layer.mlp_out_norm(layer.down.rows(act, threads=self.threads, gemm=gemm, unpacked=unpacked))
+        self._mark("down projection", t)

@@ -209,12 +209,14 @@ class Engine:
             for r in cancelled:
                 self._finish(r, "cancelled")
             self._prefilling += admitted
-            budget = self.config.prefill_chunk
-            for r in list(self._prefilling):
+            budget, chunks = self.config.prefill_chunk, []
+            for r in self._prefilling:
                 if budget <= 0:
                     break
                 budget -= self._chunk_size(r)
-                self._guarded([r], self._prefill)
+                chunks.append(r)
+            if chunks:  # in one forward: long chunks then unpack each weight once for all of them
+                self._guarded(chunks, self._prefill)
             prefilled = [r for r in self._prefilling if r.done or r.prefilled == len(r.prompt_ids)]
             self._prefilling = [r for r in self._prefilling if r not in prefilled]
             for r in self._running:
@@ -245,19 +247,25 @@ class Engine:
         return min(len(r.prompt_ids), (r.prefilled // chunk + 1) * chunk) - r.prefilled
 
     def _prefill(self, requests: list[Request]) -> None:
-        (r,) = requests
-        if r.cancelled:
-            self._finish(r, "cancelled")
+        live = []
+        for r in requests:
+            if r.cancelled:
+                self._finish(r, "cancelled")
+                continue
+            if r.kv is None:
+                # Room for a short answer now, doubling later up to the whole length the budget reserved.
+                whole = len(r.prompt_ids) + r.params.max_tokens
+                r.kv = self.backend.new_cache(capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
+            live.append(r)
+        if not live:
             return
-        if r.kv is None:
-            # Room for a short answer now, doubling later up to the whole length the budget reserved.
-            whole = len(r.prompt_ids) + r.params.max_tokens
-            r.kv = self.backend.new_cache(capacity=min(whole, len(r.prompt_ids) + 256), limit=whole)
-        end = r.prefilled + self._chunk_size(r)
-        logits = self.backend.prompt_forward(r.prompt_ids[r.prefilled : end], r.adapter_key, r.kv, logits_to_keep=1)
-        r.prefilled = end
-        if end == len(r.prompt_ids):
-            self._emit(r, pick(logits[-1], r.params, r.generator))
+        ends = [r.prefilled + self._chunk_size(r) for r in live]
+        logits = self.backend.prompts_forward([r.prompt_ids[r.prefilled : end] for r, end in zip(live, ends)],
+                                              [r.adapter_key for r in live], [r.kv for r in live])  # fmt: skip
+        for r, end, row in zip(live, ends, logits):
+            r.prefilled = end
+            if end == len(r.prompt_ids):
+                self._emit(r, pick(row, r.params, r.generator))
 
     def _decode(self, requests: list[Request]) -> None:
         logits = self.backend.decode([r.text.ids[-1] for r in requests], [r.adapter_key for r in requests], [r.kv for r in requests])

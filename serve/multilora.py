@@ -69,12 +69,12 @@ class MultiLoraLinear(nn.Module):
         return self.rows(x)
 
     def rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, threads: int | None = None,
-             gemm: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+             gemm: torch.dtype | None = None, unpacked: dict | None = None) -> torch.Tensor:  # fmt: skip
         """:meth:`forward` into ``out`` if given (added to it with ``accumulate``); ``gemm``: the base product by torch's GEMM in that dtype (see :func:`gemm_rows`)."""
         if gemm is None:
             y = base_rows(x, self.base, out=out, accumulate=accumulate, threads=threads)
         else:
-            y = gemm_rows(x, self.base, out=out, accumulate=accumulate, threads=threads, dtype=gemm)
+            y = gemm_rows(x, self.base, out=out, accumulate=accumulate, threads=threads, dtype=gemm, unpacked=unpacked)
         if self.routing.groups:
             flat_x = x.reshape(-1, self.in_features).float().contiguous()
             flat_y = y.view(-1, self.out_features)
@@ -123,22 +123,21 @@ def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
 
 
 def gemm_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None, accumulate: bool = False,
-              threads: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+              threads: int | None = None, dtype: torch.dtype = torch.float32, unpacked: dict | None = None) -> torch.Tensor:  # fmt: skip
     """:func:`base_rows` for many rows of one sequence (a prompt): the weight unpacked once, then torch's GEMM, in ``dtype``.
 
     Faster than the row-wise kernels from a few dozen rows on; its sums run in another order,
     so a prompt's rows must take it by their own count alone (see :class:`serve.decoder.Decoder`).
     In bfloat16 the weight and the rows are rounded to bfloat16 and multiplied by the CPU's
     bfloat16 units (AMX, where it has them), the product coming back as float32: several times
-    faster, at an accuracy cost ``benchmarks.precision`` reports.
+    faster, at an accuracy cost ``benchmarks.precision`` reports. ``unpacked``, if given, keeps the
+    unpacked weight by layer for later calls (several prompts' chunks through one layer).
     """
-    if isinstance(layer, QuantLinear):
-        kernel = layer.kernel_weight()
-        # On the calling thread alone: torch's GEMM threads spin for a while after each product,
-        # and the kernels' pool would run its share of the unpacking against them.
-        weight = unpack(kernel, threads=1, dtype=dtype) if kernel is not None else layer.weight_dequantized().to(dtype)
-    else:
-        weight = layer.weight.detach().to(dtype)
+    weight = None if unpacked is None else unpacked.get(id(layer))
+    if weight is None:
+        weight = _gemm_weight(layer, dtype)
+        if unpacked is not None:
+            unpacked[id(layer)] = weight
     flat = x.reshape(-1, layer.in_features).to(dtype)
     if out is None:
         out = torch.empty(*x.shape[:-1], layer.out_features)
@@ -156,6 +155,16 @@ def gemm_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
     if layer.bias is not None:
         flat_out += layer.bias
     return out
+
+
+def _gemm_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    # The weight as gemm_rows multiplies by it.
+    if isinstance(layer, QuantLinear):
+        kernel = layer.kernel_weight()
+        # On the calling thread alone: torch's GEMM threads spin for a while after each product,
+        # and the kernels' pool would run its share of the unpacking against them.
+        return unpack(kernel, threads=1, dtype=dtype) if kernel is not None else layer.weight_dequantized().to(dtype)
+    return layer.weight.detach().to(dtype)
 
 
 def install(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:

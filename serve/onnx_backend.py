@@ -88,6 +88,10 @@ class OnnxBackend:
         logits = self._forward(prompt_ids, adapter_key, cache)
         return torch.from_numpy(logits[-logits_to_keep:] if logits_to_keep else logits)
 
+    def prompts_forward(self, chunks: list[list[int]], adapter_keys: list[str | None], caches: list[OnnxKV]) -> torch.Tensor:
+        """One forward per chunk: logits ``(len(chunks), vocab)`` of each chunk's last token."""
+        return torch.from_numpy(np.stack([self._forward(ids, key, cache)[-1] for ids, key, cache in zip(chunks, adapter_keys, caches)]))
+
     def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[OnnxKV]) -> torch.Tensor:
         """One batch-1 forward per sequence: logits ``(len(tokens), vocab)``."""
         return torch.from_numpy(np.stack([self._forward([t], key, cache)[-1] for t, key, cache in zip(tokens, adapter_keys, caches)]))

@@ -75,6 +75,10 @@ class TorchBackend:
         keep = len(prompt_ids) if logits_to_keep == 0 else min(logits_to_keep, len(prompt_ids))
         return self.decoder.forward([prompt_ids], [adapter_key], [cache], logit_rows=list(range(len(prompt_ids) - keep, len(prompt_ids))))
 
+    def prompts_forward(self, chunks: list[list[int]], adapter_keys: list[str | None], caches: list[attention.SequenceKV]) -> torch.Tensor:
+        """Several prompts' next chunks at once (see :meth:`serve.decoder.Decoder.prompts`): logits ``(len(chunks), vocab)`` of each last token."""
+        return self.decoder.prompts(chunks, adapter_keys, caches)
+
     def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[attention.SequenceKV]) -> torch.Tensor:
         """One token for every sequence in a single step: logits ``(len(tokens), vocab)``."""
         return self.decoder.forward([[t] for t in tokens], adapter_keys, caches)

@@ -138,3 +138,17 @@ def test_bfloat16_prefill_stays_close_to_the_exact_prompt_and_leaves_decode_step
     assert not torch.equal(a, b) and (a - b).abs().max() < 0.05 * a.abs().max()
     short = ids[:8]  # under gemm_rows: row-wise kernels, untouched by the option
     assert torch.equal(exact.prompt_forward(short, None, exact.new_cache(8), 1), fast.prompt_forward(short, None, fast.new_cache(8), 1))
+
+
+@pytest.mark.parametrize("prefill", ["float32", "bfloat16"])
+def test_prompts_prefilled_together_get_the_bits_each_gets_alone(bases, prefill):
+    backend = TorchBackend(bases["nf4"], prefill=prefill)
+    backend.layers["model.layers.1.mlp.down_proj"].attach("a", torch.randn(4, 128), torch.randn(64, 4), 0.5)
+    chunks = [list(range(3, 63)), list(range(9, 79)), list(range(5, 15)), list(range(40, 60))]  # two GEMM chunks, two row-wise
+    adapters = ["a", None, None, "a"]
+    caches = [backend.new_cache(len(c)) for c in chunks]
+    together = backend.prompts_forward(chunks, adapters, caches)
+    for chunk, adapter, cache, row in zip(chunks, adapters, caches, together):
+        alone = backend.new_cache(len(chunk))
+        assert torch.equal(backend.prompt_forward(chunk, adapter, alone, logits_to_keep=1)[0], row)
+        assert cache.length == len(chunk) and torch.equal(cache.keys[1][:, : len(chunk)], alone.keys[1][:, : len(chunk)])
