@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.native import ops, step
-from compressor.native.matmul import KernelWeight, all_cores
-from compressor.nn import QuantLinear
+from compressor.native.matmul import all_cores
 
-from .multilora import MultiLoraLinear, Routing
+from .multilora import MultiLoraLinear, Routing, row_weight
 
 PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # by serve.types.PREFILLS name
 
@@ -112,15 +111,10 @@ def _check_rotary(attn: nn.Module, head_dim: int, rotary_dim: int, where: str) -
         raise UnsupportedModel(f"{where}: its rotary embedding is not transformers' rotate_half form")
 
 
-def _row_weight(layer: nn.Module) -> tuple[KernelWeight, torch.Tensor | None, bool]:
-    # What serve.multilora.base_rows multiplies by: the packed weight where the kernels take it (with
-    # the layer's activation mode), else the float weight; and the bias in float32.
-    weight = layer.kernel_weight() if isinstance(layer, QuantLinear) else None
-    int8 = weight is not None and layer.activations == "int8"
-    if weight is None:
-        weight = KernelWeight.of_float(layer.weight_dequantized() if isinstance(layer, QuantLinear) else layer.weight)
-    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
-    return weight, bias, int8
+def _slots(layer: Layer) -> list[tuple[int, MultiLoraLinear]]:
+    # The layer's modules by step.c's slot numbers.
+    return [*zip(range(step.Q, step.Q + 3), layer.qkv), (step.O, layer.o), *zip(range(step.GATE, step.GATE + 2), layer.gate_up),
+            (step.DOWN, layer.down)]  # fmt: skip
 
 
 class _Seen(Exception):
@@ -162,7 +156,7 @@ class _Rows:
     past: np.ndarray
 
     @staticmethod
-    def of(decoder: Decoder, tokens: list[list[int]], adapters: list[str | None], caches: list) -> _Rows:
+    def of(decoder: Decoder, tokens: list[list[int]], caches: list) -> _Rows:
         """Embed the sequences' new tokens (with room made in their caches)."""
         t = time.perf_counter() if decoder.timings is not None else 0.0
         counts = [len(seq) for seq in tokens]
@@ -259,11 +253,11 @@ class Decoder:
 
         Rows are the sequences' tokens one after another; ``caches`` are :class:`serve.attention.SequenceKV`.
         """
-        rows = _Rows.of(self, tokens, adapters, caches)
+        rows = _Rows.of(self, tokens, caches)
         gemm = self.prefill if len(tokens) == 1 and len(tokens[0]) >= self.gemm_rows else None
         self.routing.set_rows(adapters, rows.counts)
         if self.native is not None and gemm is None:
-            self._native_step(rows.h, rows.cos, rows.sin, rows.starts, rows.past, caches, adapters, rows.counts)
+            self._native_step(rows, caches, adapters)
         else:
             for layer in self.layers:
                 self._layer(layer, rows, caches, gemm, None)
@@ -284,11 +278,8 @@ class Decoder:
             logits = self.forward([chunks[i] for i in short], [adapters[i] for i in short], [caches[i] for i in short])
             for i, row in zip(short, logits):
                 out[i] = row
-        if len(long) == 1:
-            (i,) = long
-            out[i] = self.forward([chunks[i]], [adapters[i]], [caches[i]])[0]
-        elif long:
-            every = [_Rows.of(self, [chunks[i]], [adapters[i]], [caches[i]]) for i in long]
+        if long:
+            every = [_Rows.of(self, [chunks[i]], [caches[i]]) for i in long]
             for layer in self.layers:
                 unpacked: dict = {}  # this layer's weights, unpacked by the first chunk, used by all
                 for i, rows in zip(long, every):
@@ -321,10 +312,10 @@ class Decoder:
             width = layer.down.in_features
             qkv_offsets = (0,) if len(layer.qkv) == 1 else (0, q_width, q_width + kv_width)
             gate_up_offsets = (0,) if len(layer.gate_up) == 1 else (0, width)
-            slots = [*zip(range(step.Q, step.Q + 3), layer.qkv, qkv_offsets), (step.O, layer.o, 0),
-                     *zip(range(step.GATE, step.GATE + 2), layer.gate_up, gate_up_offsets), (step.DOWN, layer.down, 0)]  # fmt: skip
-            for slot, module, offset in slots:
-                weight, bias, int8 = _row_weight(module.base)
+            offsets = dict(zip(range(step.Q, step.Q + 3), qkv_offsets)) | dict(zip(range(step.GATE, step.GATE + 2), gate_up_offsets))
+            for slot, module in _slots(layer):
+                offset = offsets.get(slot, 0)
+                weight, bias, int8 = row_weight(module.base)
                 keep += [weight, bias]
                 described.linear[slot] = step.linear(weight, bias, offset, int8)
             described.n_qkv, described.n_gate_up = len(layer.qkv), len(layer.gate_up)
@@ -344,19 +335,18 @@ class Decoder:
         if table is None:
             table = (step.Lora * (len(self.layers) * step.SLOTS))()
             for layer in self.layers:
-                modules = [*zip(range(step.Q, step.Q + 3), layer.qkv), (step.O, layer.o), *zip(range(step.GATE, step.GATE + 2), layer.gate_up),
-                           (step.DOWN, layer.down)]  # fmt: skip
-                for slot, module in modules:
+                for slot, module in _slots(layer):
                     entry = module.adapters.get(key)
                     if entry is not None:
                         table[layer.index * step.SLOTS + slot] = entry[2]
             self._tables[key] = table
         return table
 
-    def _native_step(self, h, cos, sin, starts, past, caches, adapters, counts) -> None:
+    def _native_step(self, rows: _Rows, caches: list, adapters: list[str | None]) -> None:
+        h, cos, sin, starts, past = rows.h, rows.cos, rows.sin, rows.starts, rows.past
         keys = list(dict.fromkeys(a for a in adapters if a is not None))
         tables = (ctypes.c_void_p * max(len(keys), 1))(*(ctypes.addressof(self._table(k)) for k in keys))
-        group = np.repeat(np.array([-1 if a is None else keys.index(a) for a in adapters], dtype=np.int32), counts)
+        group = np.repeat(np.array([-1 if a is None else keys.index(a) for a in adapters], dtype=np.int32), rows.counts)
         addresses = [c.addresses() for c in caches]
         key_ptrs, value_ptrs, capacity = (np.ascontiguousarray(np.stack([a[i] for a in addresses], axis=1)) for i in range(3))
         timings = (ctypes.c_double * len(step.PHASES))() if self.timings is not None else None

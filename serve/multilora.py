@@ -110,16 +110,20 @@ def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
     """``layer(x)`` for an ``nn.Linear`` or a :class:`QuantLinear`, each row on its own (float32, no gradients), into ``out`` if given.
 
     Packed weights run the native kernel on their codes; float weights, and the rare packed layout
-    it does not take (4-bit blocks straddling rows), run it over the float weight.
+    it does not take (4-bit blocks straddling rows), run it over the float weight (see :func:`row_weight`).
     """
-    if isinstance(layer, QuantLinear):
-        y = layer.fused(x, out=out, accumulate=accumulate, threads=threads)
-        if y is not None:
-            return y
-        weight = KernelWeight.of_float(layer.weight_dequantized())
-    else:
-        weight = KernelWeight.of_float(layer.weight)
-    return matmul(x, weight, layer.bias, out=out, accumulate=accumulate, threads=threads)
+    weight, bias, int8 = row_weight(layer)
+    return matmul(x, weight, bias, out=out, accumulate=accumulate, threads=threads, activations="int8" if int8 else "float32")
+
+
+def row_weight(layer: nn.Module) -> tuple[KernelWeight, torch.Tensor | None, bool]:
+    """What :func:`base_rows` multiplies by: the packed weight where the kernels take it, else the float weight; the bias in float32; whether activations enter as int8 (the layer's mode)."""
+    weight = layer.kernel_weight() if isinstance(layer, QuantLinear) else None
+    int8 = weight is not None and layer.activations == "int8"
+    if weight is None:
+        weight = KernelWeight.of_float(layer.weight_dequantized() if isinstance(layer, QuantLinear) else layer.weight)
+    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+    return weight, bias, int8
 
 
 def gemm_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None, accumulate: bool = False,
