@@ -539,11 +539,10 @@ static void unpack_rows(void *arg, int64_t begin, int64_t end) {
 }
 
 /* out (N, K) = the weight's values exactly as the products above use them: float32, or (bf16 set)
-   rounded to bfloat16. The pool's workers sleep right after, instead of spinning for the next
-   call: what follows an unpack is a GEMM library's product, on the same cores. */
+   rounded to bfloat16. */
 void unpack(const weight_t *w, void *out, int bf16, int threads) {
     unpack_job job = {w, out, bf16};
-    parallel_for_then_sleep(threads, w->rows, unpack_rows, &job);
+    parallel_for(threads, w->rows, unpack_rows, &job);
 }
 
 /* out (M, ldo) [+]= x (M, ldx) @ W.T (+ bias), with the activations quantized to int8 when int8 is

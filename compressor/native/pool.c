@@ -44,7 +44,6 @@ static struct {
     /* A cache line each for what the caller writes once per call, the claim counter everyone
        updates, and the finished count the caller waits on: no false sharing among them. */
     _Alignas(64) int64_t n;
-    _Atomic int64_t spin_ns;    /* how long workers spin for the next call after this one */
     task_fn fn;
     void *ctx;
     _Alignas(64) _Atomic uint64_t claim; /* see CALL, COUNT, NEXT */
@@ -89,7 +88,7 @@ static void *worker(void *arg) {
         uint32_t call;
         while ((call = CALL(atomic_load_explicit(&P.claim, memory_order_acquire))) == seen) {
             RELAX();
-            if (++spins % 256 == 0 && now_ns() - start > P.spin_ns) {
+            if (++spins % 256 == 0 && now_ns() - start > SPIN_NS) {
                 pthread_mutex_lock(&P.lock);
                 P.sleepers++;
                 while ((call = CALL(atomic_load(&P.claim))) == seen) pthread_cond_wait(&P.wake, &P.lock);
@@ -116,7 +115,7 @@ static void after_fork_child(void) {
 static pthread_once_t registered = PTHREAD_ONCE_INIT;
 static void register_fork(void) { pthread_atfork(0, 0, after_fork_child); }
 
-static void run(int threads, int64_t n, task_fn fn, void *ctx, int64_t spin_ns) {
+void parallel_for(int threads, int64_t n, task_fn fn, void *ctx) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = (int)n;
     if (threads <= 1) {
@@ -136,7 +135,6 @@ static void run(int threads, int64_t n, task_fn fn, void *ctx, int64_t spin_ns) 
     P.fn = fn;
     P.ctx = ctx;
     P.n = n;
-    P.spin_ns = spin_ns;
     atomic_store(&P.done, 0);
     uint32_t call = CALL(atomic_load(&P.claim)) + 1;
     atomic_store_explicit(&P.claim, (uint64_t)call << 32 | (uint64_t)chunks << 16, memory_order_release); /* opens the call */
@@ -147,7 +145,3 @@ static void run(int threads, int64_t n, task_fn fn, void *ctx, int64_t spin_ns) 
     while (atomic_load_explicit(&P.done, memory_order_acquire) < chunks) RELAX();
     pthread_mutex_unlock(&P.call);
 }
-
-void parallel_for(int threads, int64_t n, task_fn fn, void *ctx) { run(threads, n, fn, ctx, SPIN_NS); }
-
-void parallel_for_then_sleep(int threads, int64_t n, task_fn fn, void *ctx) { run(threads, n, fn, ctx, 0); }
