@@ -21,10 +21,10 @@ class SequenceKV:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64, limit: int | None = None):
         self.length = 0  # tokens whose keys all layers hold
         self.limit = limit  # growth never goes past it (the sequence's whole length, when known)
-        self._shape = (kv_heads, capacity, head_dim)
+        shape = (kv_heads, capacity, head_dim)
         self._capacity = capacity  # the least any layer holds
-        self.keys = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.empty(self._shape, dtype=dtype) for _ in range(layers)]
+        self.keys = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
         self._addresses: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def addresses(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """The serving engine: one base, many adapters, continuous batching on one scheduler thread.
 
 Requests wait in a queue; between decode steps the scheduler admits as many as the batch has room
-for and prefills prompts, each alone, a chunk of ``prefill_chunk`` tokens at a time and at most
-that many tokens a step, so that a long prompt delays the running streams by one chunk per step
+for and prefills prompts, a chunk of ``prefill_chunk`` tokens at a time and at most that many
+tokens a step (a step's chunks in one forward, each computed as if alone), so that a long prompt delays the running streams by one chunk per step
 rather than by its whole length; then it decodes one token for every running sequence, each with
 its own adapter and its own key/value cache. Chunks always start at multiples of
 ``prefill_chunk`` in their prompt, so how a prompt is cut, and so its numbers, depends on the

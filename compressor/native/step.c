@@ -46,6 +46,7 @@ typedef struct {
 static void lora_part(void *arg, int64_t begin, int64_t end) {
     const lora_job *j = arg;
     float *t = NULL, *acc = malloc(sizeof(float) * j->out);
+    int64_t held = 0; /* room in t */
     for (int64_t i = begin; i < end; i++) {
         const lora_t *l = j->one;
         if (!l) {
@@ -53,7 +54,7 @@ static void lora_part(void *arg, int64_t begin, int64_t end) {
             l = &j->tables[j->group[i]][j->slot];
         }
         if (!l->a) continue;
-        t = realloc(t, sizeof(float) * (l->rank > 0 ? l->rank : 1));
+        if (l->rank > held) t = realloc(t, sizeof(float) * (held = l->rank));
         int64_t row = j->rows ? j->rows[i] : i;
         lora_row(j->x + row * j->ldx, j->in, l, j->out, j->y + row * j->ldy, t, acc);
     }
