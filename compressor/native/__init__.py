@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import CompressorError
 
-SOURCES = ("pool.c", "matmul.c", "ops.c", "step.c")
+SOURCES = ("pool.c", "matmul.c", "int8_activations.c", "ops.c", "step.c")
 HEADERS = ("pool.h", "kernels.h")
 FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 NATIVE = ("-march=native", "-mprefer-vector-width=512")  # this CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64

@@ -2,6 +2,8 @@
 #pragma once
 #include <stdint.h>
 
+enum { W_I8_AFFINE = 0, W_I8_SYM = 1, W_F32 = 2, W_BF16 = 3, W_Q4 = 4 }; /* weight_t.kind */
+
 /* A weight as compressor.native.matmul describes it (built once per weight, so that a call passes
    one pointer instead of a dozen fields). */
 typedef struct {
@@ -19,6 +21,9 @@ typedef struct {
 
 void matmul(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
             int accumulate, int threads, int int8);
+int int8_activations_supported(int kind, int64_t K);
+void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
+               int accumulate, int threads, int tiles);
 void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const float *weight, float offset, float eps,
               float *out, int64_t ldo);
 void act_mul(const float *gate_up, int64_t rows, int64_t width, int64_t ld, int64_t up_offset, int act, float *out, int64_t ldo);

@@ -196,8 +196,6 @@ static void q4_matmul(const float *x, int64_t M, int64_t ldx, const uint8_t *cod
 
 /* ---- i8 and float weights: 16 values per decode ---------------------------------------------- */
 
-enum { W_I8_AFFINE = 0, W_I8_SYM = 1, W_F32 = 2, W_BF16 = 3, W_Q4 = 4 };
-
 static inline lanes decode16(int kind, const void *row, int64_t k, int32_t zero, float scale, float c) {
 #ifdef __AVX512F__
     switch (kind) {
@@ -290,208 +288,6 @@ static void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const
     parallel_for(threads, N, fn, &job);
 }
 
-/* ---- int8 activations ------------------------------------------------------------------------ */
-
-/* Dynamic int8 activations, as llama.cpp's Q8 and onnxruntime's accuracy level 4 do it: each run
-   of 32 elements of a row gets scale = absmax / 127 and codes round(x / scale) in [-127, 127],
-   held as unsigned bytes code + 128 so that VNNI's unsigned-by-signed byte dot product takes
-   them (128 * the sum of the weights is subtracted back, exactly, in integers). Integer sums are
-   exact, so the order question is only the float accumulation across runs, fixed as above. A
-   row is quantized on its own: batching does not change it. Weights become signed bytes: q4
-   codes through a table (nf4/fp4: round(127 * value), scale absmax / 127; int4: code - zero,
-   exact), int8 codes as they are. Needs K a multiple of 64 and AVX-512 VNNI; the caller falls
-   back to float32 activations otherwise. */
-
-typedef struct {
-    int64_t M;
-    uint8_t *codes;   /* M x K: code + 128, q4 order (each 32 as 16 even then 16 odd elements) or natural */
-    float *scales;    /* M x K/64 x 16: lanes 0-7 the scale of the chunk's first 32, lanes 8-15 of its second */
-    float *sums;      /* M: sum over runs of scale * sum of codes (int8 affine's zero-point term) */
-} qx_t;
-
-static int qx_make(const float *x, int64_t M, int64_t ldx, int64_t K, int q4_order, qx_t *q) {
-    q->M = M;
-    q->codes = malloc(M * K);
-    q->scales = malloc(sizeof(float) * M * (K / 64) * 16);
-    q->sums = malloc(sizeof(float) * M);
-    if (!q->codes || !q->scales || !q->sums) return 0;
-    for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * ldx;
-        float total = 0;
-        for (int64_t k = 0; k < K; k += 32) {
-            float amax = 0;
-            for (int i = 0; i < 32; i++) amax = fabsf(row[k + i]) > amax ? fabsf(row[k + i]) : amax;
-            float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-            int32_t sum = 0;
-            for (int i = 0; i < 32; i++) {
-                int e = q4_order ? (i < 16 ? 2 * i : 2 * (i - 16) + 1) : i;
-                int32_t c = (int32_t)lrintf(row[k + e] * inv);
-                c = c > 127 ? 127 : c < -127 ? -127 : c;
-                q->codes[m * K + k + i] = (uint8_t)(c + 128);
-                sum += c;
-            }
-            float *lanes8 = q->scales + (m * (K / 64) + k / 64) * 16 + (k % 64 ? 8 : 0);
-            for (int l = 0; l < 8; l++) lanes8[l] = scale;
-            total += scale * (float)sum;
-        }
-        q->sums[m] = total;
-    }
-    return 1;
-}
-
-static void qx_free(qx_t *q) { free(q->codes); free(q->scales); free(q->sums); }
-
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define HAVE_VNNI 1
-
-/* 64 signed weights of a chunk (two runs of 32 codes, q4 order) and 128 * their sums per lane. */
-static inline __m512i q4_bytes(const uint8_t *codes, __m512i table) {
-    __m256i b = _mm256_loadu_si256((const __m256i *)codes);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
-    __m256i lo = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
-    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(hi), lo, 1);            /* hi0 hi1 lo0 lo1 */
-    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));                        /* hi0 lo0 hi1 lo1 */
-    return _mm512_shuffle_epi8(table, z);
-}
-
-static inline __m128i q4_table8(const int8_t *table8, const uint8_t *zero) {
-    if (!zero) return _mm_loadu_si128((const __m128i *)table8);
-    const __m128i iota = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm_sub_epi8(iota, _mm_set1_epi8((char)*zero));
-}
-
-/* Weight rows n .. n + nr against activation rows m0 .. m0 + mt (nr > 1 only interleaves, as in q4_row). */
-static inline __attribute__((always_inline)) void q4_row_i8(
-    const int mt, const qx_t *qx, int64_t m0, const int nr, int64_t K, const uint8_t *codes, int64_t code_stride, const float *scales,
-    const uint8_t *zeros, int64_t block_stride, const int8_t *table8, float table_scale, int shift, const float *bias, int64_t n,
-    float *out, int64_t ldo, int accumulate) {
-    __m512 acc[4][TILE];
-    for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mt; m++) acc[r][m] = _mm512_setzero_ps();
-    const __m512i bias128 = _mm512_set1_epi8((char)0x80);
-    /* Blocks of 64 or more: one table and scale per block. Blocks of 32: two per chunk of 64. */
-    const int64_t step = shift >= 6 ? (int64_t)1 << shift : 64;
-    for (int64_t start = 0; start < K; start += step) {
-        int64_t end = start + step < K ? start + step : K;
-        int64_t b0 = start >> shift, b1 = (start + 32) >> shift;
-        __m512i table[4];
-        __m512 ws[4];
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *z = zeros ? zeros + r * block_stride : 0;
-            const float *sc = scales + r * block_stride;
-            table[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(q4_table8(table8, z ? z + b0 : 0))),
-                                          _mm256_broadcastsi128_si256(q4_table8(table8, z ? z + b1 : 0)), 1);
-            ws[r] = _mm512_insertf32x8(_mm512_set1_ps(sc[b0] * table_scale), _mm256_set1_ps(sc[b1] * table_scale), 1);
-        }
-        for (int64_t k = start; k < end; k += 64) {
-            for (int r = 0; r < nr; r++) {
-                __m512i w = q4_bytes(codes + r * code_stride + k / 2, table[r]);
-                __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
-#pragma GCC unroll 8
-                for (int m = 0; m < mt; m++) {
-                    __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
-                    __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
-                    __m512 sc = _mm512_mul_ps(ws[r], _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16));
-                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[r][m]);
-                }
-            }
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mt; m++) store(out + m * ldo + n + r, lanes_fold(acc[r][m]), bias, n + r, accumulate);
-}
-
-static inline __attribute__((always_inline)) void i8_row_i8(
-    const int mt, const qx_t *qx, int64_t m0, int64_t K, const int8_t *row, int kind, float scale, int32_t zero, float c,
-    const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
-    __m512 acc[TILE];
-    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
-    const __m512i bias128 = _mm512_set1_epi8((char)0x80);
-    for (int64_t k = 0; k < K; k += 64) {
-        __m512i w = _mm512_loadu_si512((const void *)(row + k));
-        __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w);
-#pragma GCC unroll 8
-        for (int m = 0; m < mt; m++) {
-            __m512i xu = _mm512_loadu_si512((const void *)(qx->codes + (m0 + m) * K + k));
-            __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), corr);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(qx->scales + ((m0 + m) * (K / 64) + k / 64) * 16), acc[m]);
-        }
-    }
-    for (int m = 0; m < mt; m++) {
-        float dot = lanes_fold(acc[m]);
-        /* sum (q - zero) x = sum q x - zero sum x; sym: (q * scale) * c per weight, here once. */
-        dot = kind == W_I8_AFFINE ? (dot - (float)zero * qx->sums[m0 + m]) * scale : dot * (scale * c);
-        store(out + m * ldo + n, dot, bias, n, accumulate);
-    }
-}
-#endif
-
-/* Whether the int8-activation kernels take this weight. */
-int int8_activations_supported(int kind, int64_t K) {
-#ifdef HAVE_VNNI
-    return (kind == W_Q4 || kind == W_I8_AFFINE || kind == W_I8_SYM) && K % 64 == 0;
-#else
-    (void)kind; (void)K;
-    return 0;
-#endif
-}
-
-/* ---- the one entry point ---------------------------------------------------------------------- */
-
-
-#ifdef HAVE_VNNI
-#define TILES(ROW, ...)                                                                  \
-    int64_t m = 0;                                                                       \
-    for (; m + TILE <= M; m += TILE) ROW(TILE, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate); \
-    if (M - m >= 4) { ROW(4, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate); m += 4; }      \
-    if (M - m >= 2) { ROW(2, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate); m += 2; }      \
-    if (M - m >= 1) ROW(1, qx, m, __VA_ARGS__, out + m * ldo, ldo, accumulate);
-
-typedef struct {
-    const weight_t *w; const qx_t *qx; int8_t table8[16]; float table_scale; const float *bias; float *out; int64_t ldo; int accumulate;
-} i8_job;
-
-static void i8_rows(void *arg, int64_t begin, int64_t end) {
-    const i8_job *j = arg;
-    const weight_t *w = j->w;
-    const qx_t *qx = j->qx;
-    const int64_t K = w->cols, M = qx->M, ldo = j->ldo;
-    const float *bias = j->bias;
-    float *out = j->out;
-    const int accumulate = j->accumulate;
-    for (int64_t n = begin; n < end; n++) {
-        if (w->kind == W_Q4) {
-            const uint8_t *codes = (const uint8_t *)w->data + n * w->data_stride;
-            const float *scales = w->scales + n * w->scale_stride;
-            const uint8_t *zeros = w->zeros ? (const uint8_t *)w->zeros + n * w->scale_stride : 0;
-#define Q4_ARGS K, codes, w->data_stride, scales, zeros, w->scale_stride, j->table8, j->table_scale, w->shift, bias, n
-            if (M == 1) { /* one activation row: four weight rows at a time */
-                if (n + 3 < end) { q4_row_i8(1, qx, 0, 4, Q4_ARGS, out, ldo, accumulate); n += 3; }
-                else q4_row_i8(1, qx, 0, 1, Q4_ARGS, out, ldo, accumulate);
-                continue;
-            }
-            TILES(q4_row_i8, 1, Q4_ARGS)
-#undef Q4_ARGS
-        } else {
-            const int8_t *row = (const int8_t *)w->data + n * K;
-            float scale = w->scales[n * w->scale_stride];
-            int32_t zero = w->zeros ? ((const int32_t *)w->zeros)[n * w->scale_stride] : 0;
-            TILES(i8_row_i8, K, row, w->kind, scale, zero, w->constant, bias, n)
-        }
-    }
-}
-
-static void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
-                      int accumulate, int threads) {
-    qx_t q;
-    if (!qx_make(x, M, ldx, w->cols, w->kind == W_Q4, &q)) { qx_free(&q); return; }
-    i8_job job = {w, &q, {0}, w->zeros ? 1.0f : 1.0f / 127.0f, bias, out, ldo, accumulate};
-    for (int c = 0; c < 16; c++) job.table8[c] = w->kind == W_Q4 && !w->zeros ? (int8_t)lrintf(127.0f * w->table[c]) : 0;
-    parallel_for(threads, w->rows, i8_rows, &job);
-    qx_free(&q);
-}
-#endif
-
 /* ---- the weight itself, for products that go to a GEMM library (prompts) ----------------------- */
 
 typedef struct { const weight_t *w; void *out; int bf16; } unpack_job;
@@ -546,17 +342,14 @@ void unpack(const weight_t *w, void *out, int bf16, int threads) {
 }
 
 /* out (M, ldo) [+]= x (M, ldx) @ W.T (+ bias), with the activations quantized to int8 when int8 is
-   set and int8_activations_supported says the kernels take the weight. */
+   set and int8_activations_supported says the kernels take the weight (int8_activations.c; 2:
+   without AMX tiles, for tests). */
 void matmul(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
             int accumulate, int threads, int int8) {
-#ifdef HAVE_VNNI
     if (int8 && int8_activations_supported(w->kind, w->cols)) {
-        matmul_i8(w, x, M, ldx, bias, out, ldo, accumulate, threads);
+        matmul_i8(w, x, M, ldx, bias, out, ldo, accumulate, threads, int8 == 1);
         return;
     }
-#else
-    (void)int8;
-#endif
     if (w->kind == W_Q4)
         q4_matmul(x, M, ldx, w->data, w->data_stride, w->scales, w->zeros, w->scale_stride, w->table, w->rows, w->cols,
                   w->shift, bias, out, ldo, accumulate, threads);

@@ -111,13 +111,14 @@ def all_cores() -> int:
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
            accumulate: bool = False, threads: int | None = None, activations: str = "float32",
-           portable: bool = False) -> torch.Tensor:  # fmt: skip
+           portable: bool = False, tiles: bool = True) -> torch.Tensor:  # fmt: skip
     """``x @ W.T (+ bias)`` for float32 ``x (..., in)``, written to (or, with ``accumulate``, added to) ``out (..., out)``.
 
     ``threads`` (default: :func:`all_cores`) is how many of the kernels' own pool's threads the
     product uses (see ``pool.c``; torch's thread settings do not apply). ``activations`` is
     one of :data:`ACTIVATIONS`. ``portable`` runs the plain-C build instead of this CPU's (tests
-    check they agree bit for bit).
+    check they agree bit for bit); ``tiles=False`` keeps int8 products off the AMX tiles where
+    the CPU has them (the same bits; tests compare the two).
     """
     n, k = weight.shape
     rows = x.reshape(-1, k)
@@ -134,5 +135,5 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = No
         bias = bias.detach().float().contiguous()
     if m and n:
         library(portable).matmul(ctypes.byref(weight.described), rows.data_ptr(), m, rows.stride(0), _ptr(bias), out.data_ptr(), n,
-                                 int(accumulate), threads or all_cores(), int(activations == "int8"))  # fmt: skip
+                                 int(accumulate), threads or all_cores(), 0 if activations != "int8" else 1 if tiles else 2)  # fmt: skip
     return out

@@ -81,6 +81,21 @@ def test_int8_activations_stay_within_a_percent_and_keep_rows_independent(method
         assert torch.equal(matmul(x[:rows], weight, activations="int8"), quick[:rows])
 
 
+@pytest.mark.parametrize("method", ("nf4", "int4", "int8", "int8-sym"))
+def test_int8_products_give_the_same_bits_on_amx_tiles_and_vnni_lanes_in_any_batch(method):
+    q, state = packed(method, shape=(90, 256), seed=3)  # 90: a last block of 10 weight rows
+    weight = formats.kernel_weight(q, state)
+    if not takes_int8_activations(weight):
+        pytest.skip("this CPU has no AVX-512 VNNI: int8 activations fall back to float32")
+    x, bias = torch.randn(37, 256), torch.randn(90)  # 37: two full tiles of activation rows and 5
+    start = torch.randn(37, 90)
+    every = matmul(x, weight, bias=bias, out=start.clone(), accumulate=True, activations="int8")
+    for tiles in (True, False):
+        for rows in (1, 2, 16, 17, 37):
+            got = matmul(x[:rows], weight, bias=bias, out=start[:rows].clone(), accumulate=True, activations="int8", tiles=tiles)
+            assert torch.equal(got, every[:rows]), (tiles, rows)
+
+
 def test_products_the_int8_kernels_do_not_take_stay_exact():
     w, x = torch.randn(64, 96), torch.randn(4, 96)  # float weight; rows of 96, not a multiple of 64
     weight = KernelWeight.of_float(w)
