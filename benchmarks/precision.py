@@ -1,11 +1,11 @@
-"""What int8 activations, a packed output head and bfloat16 prefill cost in accuracy, against the base quantization's own cost.
+"""What int8 activations, a packed output head and bfloat16 or row-wise prefill cost in accuracy, against the base quantization's own cost.
 
 ``python -m benchmarks.precision --model ~/.cache/compressor/models/SmolLM2-135M-Instruct --work bench-results/precision``
 
 Every configuration serves the same NF4 base through the torch backend; held-out licence text is
 fed one token per decode step (the path these options change; prompts take the GEMM path in every
-configuration), except for bfloat16 prefill, which changes the prompt path only and so gets each
-held-out window as one prompt; each position's next-token distribution is compared with exact
+configuration), except for the configurations that change the prompt path (bfloat16 prefill, and
+fast mode, whose int8 products then take prompts too), which get each held-out window as one prompt; each position's next-token distribution is compared with exact
 mode's (float32 activations, float head): mean KL per token, top-1 agreement, and greedy continuations of held-out
 prompts matched token by token. The float32 model through the same path gives the base
 quantization's own KL, which the issue asks the options to stay under a tenth of.
@@ -25,6 +25,7 @@ CONFIGS = {
     "int8 activations": dict(activations="int8", head="float"),
     "int8 activations + int8 head": dict(activations="int8", head="int8"),
     "bfloat16 prefill": dict(activations="float32", head="float", prefill="bfloat16"),
+    "fast mode: int8 activations + int8 head + rowwise prefill": dict(activations="int8", head="int8", prefill="rowwise"),
 }
 
 

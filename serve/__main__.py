@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", choices=ACTIVATIONS, default="float32",
                    help="float32: packed products take activations exactly; int8: quantized per run of 32 (faster; its cost is in the README)")  # fmt: skip
     p.add_argument("--prefill", choices=PREFILLS, default="float32",
-                   help="float32: prompts' long chunks exactly; bfloat16: rounded for the CPU's bfloat16 matrix units (faster; its cost is in the README)")  # fmt: skip
+                   help="float32: prompts' long chunks by an exact GEMM; bfloat16: rounded for the CPU's bfloat16 matrix units; rowwise: by the decode step's kernels (with --activations int8, the fastest; costs in the README)")  # fmt: skip
     p.add_argument("--threads", type=_positive, help="cores the kernels use (default: every core this process may run on)")
     p.add_argument("--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
     return p

@@ -30,7 +30,7 @@ from compressor.native.matmul import all_cores
 
 from .multilora import MultiLoraLinear, Routing, row_weight
 
-PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # by serve.types.PREFILLS name
+PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "rowwise": None}  # by serve.types.PREFILLS name; None: no GEMM
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,8 @@ class Decoder:
         # a prompt takes the same path, and gets the same bits, whatever else is served. 48: where
         # the two cross for SmolLM2-135M here (32 tokens: row-wise 73-76 ms against GEMM 96-143;
         # 64 tokens: GEMM 116-168 against row-wise 140-201; exact and fast modes).
-        self.gemm_rows = gemm_rows
         self.prefill = PREFILL_DTYPES[prefill]  # the dtype of those GEMMs (serve.types.PREFILLS)
+        self.gemm_rows = gemm_rows if self.prefill is not None else None  # "rowwise": none, every chunk takes the row-wise kernels
         decoder = model.get_decoder()
         self.model, self.routing, self.threads = model, routing, threads
         self.embed = decoder.embed_tokens
@@ -254,7 +254,7 @@ class Decoder:
         Rows are the sequences' tokens one after another; ``caches`` are :class:`serve.attention.SequenceKV`.
         """
         rows = _Rows.of(self, tokens, caches)
-        gemm = self.prefill if len(tokens) == 1 and len(tokens[0]) >= self.gemm_rows else None
+        gemm = self.prefill if len(tokens) == 1 and self._gemm(tokens[0]) else None
         self.routing.set_rows(adapters, rows.counts)
         if self.native is not None and gemm is None:
             self._native_step(rows, caches, adapters)
@@ -267,12 +267,12 @@ class Decoder:
     def prompts(self, chunks: list[list[int]], adapters: list[str | None], caches: list) -> torch.Tensor:
         """Each prompt chunk into its own cache, as if alone (the same bits); the logits of each chunk's last token ``(len(chunks), vocab)``.
 
-        Chunks under ``gemm_rows`` tokens share one row-wise step. Longer ones take torch's GEMM
+        Chunks under ``gemm_rows`` tokens (every chunk, with ``prefill="rowwise"``) share one row-wise step. Longer ones take torch's GEMM
         each on its own rows, but layer by layer together, so that each weight is unpacked once
         for all of them: every product is then the very call the chunk would make alone.
         """
-        short = [i for i, c in enumerate(chunks) if len(c) < self.gemm_rows]
-        long = [i for i, c in enumerate(chunks) if len(c) >= self.gemm_rows]
+        short = [i for i, c in enumerate(chunks) if not self._gemm(c)]
+        long = [i for i, c in enumerate(chunks) if self._gemm(c)]
         out = [None] * len(chunks)
         if short:
             logits = self.forward([chunks[i] for i in short], [adapters[i] for i in short], [caches[i] for i in short])
@@ -288,6 +288,10 @@ class Decoder:
             for i, rows in zip(long, every):
                 out[i] = self._logits(rows, [caches[i]], None)[0]
         return torch.stack(out)
+
+    def _gemm(self, chunk: list[int]) -> bool:
+        # Whether a sequence's chunk alone in a step takes the GEMM path: by its length only.
+        return self.gemm_rows is not None and len(chunk) >= self.gemm_rows
 
     def _logits(self, rows: _Rows, caches: list, logit_rows: list[int] | None) -> torch.Tensor:
         # The step is done: the caches hold its tokens; the head's logits of the rows asked for.

@@ -10,9 +10,11 @@ BACKENDS = ("torch", "onnx")  # see serve.backend.open_backend
 # The output head: "float" as the checkpoint holds it (exact), or a copy in bfloat16 or int8 per row
 # (int8-sym's codes), which the head's product reads a half or a quarter of; embeddings stay exact.
 HEADS = ("float", "bfloat16", "int8")
-# A prompt's long chunks (the GEMM path): float32 (exact), or weights and activations rounded to
-# bfloat16 for the CPU's bfloat16 matrix units, several times faster; decode steps are not affected.
-PREFILLS = ("float32", "bfloat16")
+# A prompt's long chunks: torch's GEMM in float32 (exact) or in bfloat16 for the CPU's bfloat16
+# matrix units (weights and activations rounded; several times faster), or "rowwise": the decode
+# step's own kernels at any length, which with int8 activations run on the CPU's int8 matrix units
+# (AMX) where it has them and beat either GEMM. Decode steps are not affected.
+PREFILLS = ("float32", "bfloat16", "rowwise")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class EngineConfig:
     head: str = "float"  # the output head as the torch backend multiplies by it: one of HEADS
     activations: str = "float32"  # how the torch backend's packed products take their input: compressor.native.matmul.ACTIVATIONS
     threads: int | None = None  # cores the torch backend's kernels use; None: every core this process may run on
-    prefill: str = "float32"  # the dtype of the torch backend's prompt GEMMs: one of PREFILLS
+    prefill: str = "float32"  # how the torch backend multiplies prompts' long chunks: one of PREFILLS
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

@@ -224,12 +224,18 @@ static void block_vnni(const job_t *j, int64_t n0, int nr, float *acc) {
     int32_t row[BLOCK];
     _mm512_storeu_si512(row, rows);
     memset(acc, 0, sizeof(float) * 16 * M);
+    const weight_t *wt = j->w;
+    const int w_q4 = wt->kind == W_Q4;
+    const int64_t row_bytes = w_q4 ? wt->data_stride : K;
+    const uint8_t *next_block = n0 + 2 * BLOCK <= wt->rows ? (const uint8_t *)wt->data + (n0 + BLOCK) * row_bytes : 0;
     for (int64_t k = 0; k < K; k += 64) {
         const int64_t r = k / 32;
         __m512 ws0, ws1;
         chunk_scales(j, n0, rows, k, &ws0, &ws1);
         __m512i w[BLOCK];
         for (int i = 0; i < BLOCK; i++) w[i] = chunk_bytes(j, n0 + row[i], k, 1);
+        if (next_block && (k & 64) == 0) /* a cache line of every row of the next block: 16 short streams outrun the prefetchers */
+            for (int i = 0; i < BLOCK; i++) _mm_prefetch((const char *)next_block + i * row_bytes + (w_q4 ? k / 2 : k), _MM_HINT_T1);
         for (int64_t m = 0; m < M; m++) {
             const __m512i x = _mm512_loadu_si512((const void *)(qx->codes + m * K + k));
             __m512i d[BLOCK], run0, run1;
@@ -294,9 +300,17 @@ static const int8_t *block_bytes(const job_t *j, int64_t n0, int nr, int8_t *scr
         _mm512_storeu_ps(wscale + (k / 32 + 1) * BLOCK, ws1);
     }
     *stride = K;
-    if (w->kind != W_Q4 && nr == BLOCK) return (const int8_t *)w->data + n0 * K;
+    const int64_t row_bytes = w->kind == W_Q4 ? w->data_stride : K;
+    const uint8_t *next = n0 + 2 * BLOCK <= w->rows ? (const uint8_t *)w->data + (n0 + BLOCK) * row_bytes : 0;
+    if (w->kind != W_Q4 && nr == BLOCK) { /* read where they lie; the next block asked for meanwhile */
+        for (int64_t at = 0; next && at < BLOCK * row_bytes; at += 64) _mm_prefetch((const char *)next + at, _MM_HINT_T1);
+        return (const int8_t *)w->data + n0 * K;
+    }
     for (int i = 0; i < BLOCK; i++)
-        for (int64_t k = 0; k < K; k += 64) _mm512_storeu_si512(scratch + i * K + k, chunk_bytes(j, n0 + row[i], k, 0));
+        for (int64_t k = 0; k < K; k += 64) {
+            _mm512_storeu_si512(scratch + i * K + k, chunk_bytes(j, n0 + row[i], k, 0));
+            if (next && (k & 64) == 0) _mm_prefetch((const char *)next + i * row_bytes + k / 2, _MM_HINT_T1);
+        }
     return scratch;
 }
 

@@ -123,6 +123,10 @@ static inline __attribute__((always_inline)) void q4_row(
         for (int r = 0; r < nr; r++)
             values[r] = q4_values(table, zeros ? zeros + r * block_stride + block : 0, scales[r * block_stride + block]);
         for (int64_t k = start; k < end; k += 32) {
+#ifdef __AVX512F__
+            if (mt == 1 && (k & 127) == 0) /* the next rows' codes, a line at a time (see int8_activations.c) */
+                for (int r = 0; r < nr; r++) _mm_prefetch((const char *)codes + (nr + r) * code_stride + k / 2, _MM_HINT_T1);
+#endif
             for (int r = 0; r < nr; r++) {
                 lanes even, odd;
                 q4_decode(codes + r * code_stride + k / 2, values[r], &even, &odd);
@@ -236,8 +240,14 @@ static inline __attribute__((always_inline)) void dense_row(
     int64_t K, const float *bias, int64_t n, float *out, int64_t ldo, int accumulate) {
     lanes acc0[TILE], acc1[TILE];
     for (int m = 0; m < mt; m++) acc0[m] = acc1[m] = lanes_zero();
+    const int64_t itemsize = kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1;
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
+#ifdef __AVX512F__
+        if (mt == 1) /* two rows ahead, a line at a time (see int8_activations.c) */
+            for (int64_t at = k * itemsize; at < (k + 32) * itemsize; at += 64)
+                _mm_prefetch((const char *)row + 2 * K * itemsize + at, _MM_HINT_T1);
+#endif
         lanes w0 = decode16(kind, row, k, zero, scale, c), w1 = decode16(kind, row, k + 16, zero, scale, c);
 #pragma GCC unroll 8
         for (int m = 0; m < mt; m++) {

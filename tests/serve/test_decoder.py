@@ -140,7 +140,20 @@ def test_bfloat16_prefill_stays_close_to_the_exact_prompt_and_leaves_decode_step
     assert torch.equal(exact.prompt_forward(short, None, exact.new_cache(8), 1), fast.prompt_forward(short, None, fast.new_cache(8), 1))
 
 
-@pytest.mark.parametrize("prefill", ["float32", "bfloat16"])
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_rowwise_prefill_gives_a_long_prompt_the_bits_of_feeding_it_token_by_token(bases, activations):
+    backend = TorchBackend(bases["nf4"], activations=activations, prefill="rowwise")
+    backend.layers["model.layers.0.mlp.up_proj"].attach("a", torch.randn(4, 64), torch.randn(128, 4), 0.5)
+    ids = list(range(5, 65))  # past gemm_rows, which the GEMM path would have taken
+    whole = backend.prompt_forward(ids, "a", backend.new_cache(60), logits_to_keep=0)
+    cache = backend.new_cache(60)
+    halves = torch.cat([backend.prompt_forward(ids[:25], "a", cache, logits_to_keep=0), backend.prompt_forward(ids[25:], "a", cache, logits_to_keep=0)])
+    stepped = [backend.prompt_forward(ids[:1], "a", cache := backend.new_cache(60), logits_to_keep=1)[0]]
+    stepped += [backend.decode([t], ["a"], [cache])[0] for t in ids[1:]]
+    assert torch.equal(whole, halves) and torch.equal(whole, torch.stack(stepped))
+
+
+@pytest.mark.parametrize("prefill", ["float32", "bfloat16", "rowwise"])
 def test_prompts_prefilled_together_get_the_bits_each_gets_alone(bases, prefill):
     backend = TorchBackend(bases["nf4"], prefill=prefill)
     backend.layers["model.layers.1.mlp.down_proj"].attach("a", torch.randn(4, 128), torch.randn(64, 4), 0.5)
