@@ -4,7 +4,8 @@
 
 Each row is the folder ``compressor quantize`` writes (made once into WORK), loaded with
 ``compressor.load`` and run by transformers' ``generate`` (greedy, KV cache, a 48-token prompt of
-licence text, 32 new tokens): the same model code and overhead for every row, so the ratios are
+licence text, 32 new tokens, timed from the first new token to the last inside one ``generate``, so
+the prompt's prefill is left out): the same model code and overhead for every row, so the ratios are
 the packed products against float32's. Rows are measured in interleaved rounds, keeping each
 row's best; the NF4 folder also loads in stock transformers + bitsandbytes.
 """
@@ -51,17 +52,24 @@ def loaders(model: Path, packed: dict[str, Path]) -> dict[str, callable]:
 
 
 def tokens_per_second(model, prompt, new_tokens: int) -> float:
-    """Greedy batch-1 decode speed, prefill excluded (the 2-token warm-up's cost is subtracted)."""
+    """Greedy batch-1 decode speed: tokens after the first over the time between the first and the last, within one ``generate``."""
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
+    class Clock(StoppingCriteria):
+        # Called once per generated token; never stops (min/max_new_tokens do).
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    clock = Clock()
     options = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
     with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **options)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
-        return (new_tokens - 1) / (time.perf_counter() - start - first)
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stopping_criteria=StoppingCriteriaList([clock]), **options)
+    return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,8 +126,24 @@ static double mark(const step_t *s, int phase, double since) {
     return t;
 }
 
-static void norm(const norm_t *n, const float *x, int64_t rows, int64_t width, int64_t ldx, float *out, int64_t ldo) {
-    rms_norm(x, rows, width, ldx, n->weight, n->offset, n->eps, out, ldo);
+/* Row-by-row work shared out over the pool for a prompt's many rows (every row is computed on
+   its own, so the split changes no bits); a decode step's few rows stay on the caller. */
+#define SHARED_ROWS 32
+typedef struct { const norm_t *n; const float *x; int64_t width, ldx; float *out; int64_t ldo; int act; } rows_job;
+
+static void norm_part(void *arg, int64_t begin, int64_t end) {
+    const rows_job *j = arg;
+    rms_norm(j->x + begin * j->ldx, end - begin, j->width, j->ldx, j->n->weight, j->n->offset, j->n->eps, j->out + begin * j->ldo, j->ldo);
+}
+
+static void act_part(void *arg, int64_t begin, int64_t end) {
+    const rows_job *j = arg;
+    act_mul(j->x + begin * j->ldx, end - begin, j->width, j->ldx, j->width, j->act, j->out + begin * j->ldo, j->ldo);
+}
+
+static void norm(const step_t *s, const norm_t *n, const float *x, int64_t rows, int64_t width, int64_t ldx, float *out, int64_t ldo) {
+    rows_job job = {n, x, width, ldx, out, ldo, 0};
+    parallel_for(rows >= SHARED_ROWS ? s->threads : 1, rows, norm_part, &job);
 }
 
 /* out (rows, ldo) [+]= the product of x with slot's module, plus each row's adapter term. */
@@ -159,14 +175,14 @@ void decoder_step(const model_t *md, const step_t *s) {
     double t = s->timings ? now_s() : 0;
     for (int64_t i = 0; i < md->n_layers; i++) {
         const layer_t *L = &md->layers[i];
-        norm(&L->attn_norm, s->h, rows, hidden, hidden, x, hidden);
+        norm(s, &L->attn_norm, s->h, rows, hidden, hidden, x, hidden);
         t = mark(s, T_NORMS, t);
         for (int p = 0; p < L->n_qkv; p++) linear(s, L, i, S_Q + p, x, hidden, qkv, qkv_width, 0);
         t = mark(s, T_QKV, t);
         if (L->q_norm.weight)
             for (int64_t m = 0; m < rows; m++) {
-                norm(&L->q_norm, q + m * qkv_width, heads, dim, dim, q + m * qkv_width, dim);
-                norm(&L->k_norm, k + m * qkv_width, kv, dim, dim, k + m * qkv_width, dim);
+                norm(s, &L->q_norm, q + m * qkv_width, heads, dim, dim, q + m * qkv_width, dim);
+                norm(s, &L->k_norm, k + m * qkv_width, kv, dim, dim, k + m * qkv_width, dim);
             }
         rope(q, rows, heads, dim, qkv_width, s->cos, s->sin, md->rotary_dim);
         rope(k, rows, kv, dim, qkv_width, s->cos, s->sin, md->rotary_dim);
@@ -178,21 +194,22 @@ void decoder_step(const model_t *md, const step_t *s) {
             linear(s, L, i, S_O, attn, heads * dim, s->h, hidden, 1);
         } else {
             linear(s, L, i, S_O, attn, heads * dim, tmp, hidden, 0);
-            norm(&L->attn_out_norm, tmp, rows, hidden, hidden, tmp, hidden);
+            norm(s, &L->attn_out_norm, tmp, rows, hidden, hidden, tmp, hidden);
             add_rows(s->h, tmp, rows * hidden);
         }
         t = mark(s, T_O, t);
-        norm(&L->mlp_norm, s->h, rows, hidden, hidden, x, hidden);
+        norm(s, &L->mlp_norm, s->h, rows, hidden, hidden, x, hidden);
         t = mark(s, T_NORMS, t);
         for (int p = 0; p < L->n_gate_up; p++) linear(s, L, i, S_GATE + p, x, hidden, gate_up, 2 * L->inter, 0);
         t = mark(s, T_GATE_UP, t);
-        act_mul(gate_up, rows, L->inter, 2 * L->inter, L->inter, L->act, act, L->inter);
+        rows_job act_rows = {NULL, gate_up, L->inter, 2 * L->inter, act, L->inter, L->act};
+        parallel_for(rows >= SHARED_ROWS ? s->threads : 1, rows, act_part, &act_rows);
         t = mark(s, T_ACT, t);
         if (!L->mlp_out_norm.weight) {
             linear(s, L, i, S_DOWN, act, L->inter, s->h, hidden, 1);
         } else {
             linear(s, L, i, S_DOWN, act, L->inter, tmp, hidden, 0);
-            norm(&L->mlp_out_norm, tmp, rows, hidden, hidden, tmp, hidden);
+            norm(s, &L->mlp_out_norm, tmp, rows, hidden, hidden, tmp, hidden);
             add_rows(s->h, tmp, rows * hidden);
         }
         t = mark(s, T_DOWN, t);
