@@ -2,7 +2,7 @@
 
 Loads the base as the server does, prefills ``--streams`` prompts of ``--prompt-tokens`` tokens
 (adapters assigned round-robin), then times ``--steps`` decode steps twice: plainly (the step
-time) and with each phase of :class:`serve.decoder.Decoder` timed (the breakdown, which costs a
+time) and with each phase of :class:`compressor.inference.decoder.Decoder` timed (the breakdown, which costs a
 little itself). The same for one prompt's prefill.
 """
 

@@ -2,7 +2,7 @@
 
 The registry validates an adapter against the base once, at load (fingerprint, module names,
 shapes), then hands each of the backend's adapter layers (:class:`~serve.backend.AdapterLayer`: a
-:class:`~serve.multilora.MultiLoraLinear`, or an ONNX export's LoRA inputs) its A and B under a key
+:class:`~compressor.inference.multilora.MultiLoraLinear`, or an ONNX export's LoRA inputs) its A and B under a key
 unique to that load. A request *acquires* a name at submission, gets the key, and *releases* the
 key when it finishes. Unloading a name frees it at once (it can be loaded again, from new files);
 the old weights stay attached under their key until the last request using them is done. Eviction,

@@ -1,8 +1,8 @@
-"""The torch backend: a compressor checkpoint (packed or float) loaded with transformers, stepped by :mod:`serve.decoder`.
+"""The torch backend: a compressor checkpoint (packed or float) loaded with transformers, stepped by :mod:`compressor.inference.decoder`.
 
-A decode step is one pass of :class:`~serve.decoder.Decoder` over every running sequence, each
-row with its own adapter (:mod:`serve.multilora`) and its own key/value cache
-(:mod:`serve.attention`); a prompt chunk runs alone. Every product of a decode step is a native
+A decode step is one pass of :class:`~compressor.inference.decoder.Decoder` over every running sequence, each
+row with its own adapter (:mod:`compressor.inference.multilora`) and its own key/value cache
+(:mod:`compressor.inference.kv_cache`); a prompt chunk runs alone. Every product of a decode step is a native
 row-wise kernel (packed layers on their codes, float layers and the output head on their weights),
 which gives every row the same bits whatever the batch; a prompt chunk of many tokens takes
 torch's GEMM by its own length. So a request's tokens do not depend on what else is served.
@@ -18,12 +18,14 @@ from transformers import AutoTokenizer
 from compressor import formats
 from compressor.adapters import base_fingerprint
 from compressor.architecture import kv_shape
+from compressor.inference import multilora
+from compressor.inference.decoder import Decoder, UnsupportedModel
+from compressor.inference.kv_cache import SequenceKV
 from compressor.loading import load
 from compressor.native.matmul import KernelWeight, all_cores
 
-from . import attention, multilora
+from . import attention
 from .backend import eos_set
-from .decoder import Decoder, UnsupportedModel
 
 
 def head_weight(weight: torch.Tensor, head: str) -> KernelWeight:
@@ -66,19 +68,19 @@ class TorchBackend:
         # The setting is per thread; the kernels have their own pool (compressor/native/pool.c).
         torch.set_num_threads(self.threads or all_cores())
 
-    def new_cache(self, capacity: int, limit: int | None = None) -> attention.SequenceKV:
-        """An empty float32 :class:`~serve.attention.SequenceKV`."""
-        return attention.SequenceKV(*self.kv_shape, dtype=torch.float32, capacity=capacity, limit=limit)
+    def new_cache(self, capacity: int, limit: int | None = None) -> SequenceKV:
+        """An empty float32 :class:`~compressor.inference.kv_cache.SequenceKV`."""
+        return SequenceKV(*self.kv_shape, dtype=torch.float32, capacity=capacity, limit=limit)
 
-    def prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: attention.SequenceKV, logits_to_keep: int) -> torch.Tensor:
+    def prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: SequenceKV, logits_to_keep: int) -> torch.Tensor:
         """One prompt alone, filling ``cache``: logits ``(positions, vocab)`` of the last ``logits_to_keep`` (0: all)."""
         keep = len(prompt_ids) if logits_to_keep == 0 else min(logits_to_keep, len(prompt_ids))
         return self.decoder.forward([prompt_ids], [adapter_key], [cache], logit_rows=list(range(len(prompt_ids) - keep, len(prompt_ids))))
 
-    def prompts_forward(self, chunks: list[list[int]], adapter_keys: list[str | None], caches: list[attention.SequenceKV]) -> torch.Tensor:
-        """Several prompts' next chunks at once (see :meth:`serve.decoder.Decoder.prompts`): logits ``(len(chunks), vocab)`` of each last token."""
+    def prompts_forward(self, chunks: list[list[int]], adapter_keys: list[str | None], caches: list[SequenceKV]) -> torch.Tensor:
+        """Several prompts' next chunks at once (see :meth:`compressor.inference.decoder.Decoder.prompts`): logits ``(len(chunks), vocab)`` of each last token."""
         return self.decoder.prompts(chunks, adapter_keys, caches)
 
-    def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[attention.SequenceKV]) -> torch.Tensor:
+    def decode(self, tokens: list[int], adapter_keys: list[str | None], caches: list[SequenceKV]) -> torch.Tensor:
         """One token for every sequence in a single step: logits ``(len(tokens), vocab)``."""
         return self.decoder.forward([[t] for t in tokens], adapter_keys, caches)

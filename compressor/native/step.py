@@ -3,7 +3,7 @@
 ``step.c`` runs every layer of a step on the kernels of ``matmul.c`` and ``ops.c``, calling them
 exactly as a Python loop over layers would: same kernels, same rows, same bits, without the
 interpreter between them. The structures here mirror its ``lora_t``, ``norm_t``, ``linear_t``,
-``layer_t``, ``model_t`` and ``step_t`` field for field; callers (``serve.decoder``) fill them once
+``layer_t``, ``model_t`` and ``step_t`` field for field; callers (``compressor.inference.decoder``) fill them once
 per model, per adapter and per step, and keep alive every tensor they point into.
 """
 

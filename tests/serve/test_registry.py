@@ -1,7 +1,7 @@
 import pytest
 
 import compressor
-from serve import multilora
+from compressor.inference import multilora
 from serve.errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
 from serve.registry import AdapterRegistry
 from compressor.adapters import base_fingerprint

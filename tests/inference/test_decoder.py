@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import compressor
-from serve.decoder import Decoder, UnsupportedModel
-from serve.multilora import Routing
+from compressor.inference.decoder import Decoder, UnsupportedModel
+from compressor.inference.multilora import Routing
 from serve.torch_backend import TorchBackend
 
 
@@ -86,8 +86,8 @@ def _family(name: str):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"])
 def test_the_native_step_gives_the_python_steps_bits_in_every_family(family):
-    from serve.attention import SequenceKV
-    from serve.multilora import install
+    from compressor.inference.kv_cache import SequenceKV
+    from compressor.inference.multilora import install
 
     model = _family(family)
     with torch.no_grad():

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.native import ops, step
-from compressor.native.matmul import all_cores
+from ..native import ops, step
+from ..native.matmul import all_cores
 
 from .multilora import MultiLoraLinear, Routing, row_weight
 
-PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "rowwise": None}  # by serve.types.PREFILLS name; None: no GEMM
+PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "rowwise": None}  # by name (serve.types.PREFILLS); None: no GEMM
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class Decoder:
     def forward(self, tokens: list[list[int]], adapters: list[str | None], caches: list, logit_rows: list[int] | None = None) -> torch.Tensor:
         """Run each sequence's new ``tokens`` through the model into its cache; logits of ``logit_rows`` (default: each sequence's last).
 
-        Rows are the sequences' tokens one after another; ``caches`` are :class:`serve.attention.SequenceKV`.
+        Rows are the sequences' tokens one after another; ``caches`` are :class:`compressor.inference.kv_cache.SequenceKV`.
         """
         rows = _Rows.of(self, tokens, caches)
         gemm = self.prefill if len(tokens) == 1 and self._gemm(tokens[0]) else None

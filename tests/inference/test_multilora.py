@@ -1,7 +1,7 @@
 import torch
 
 from compressor.lora import LoraConfig, LoraLinear
-from serve.multilora import MultiLoraLinear, Routing
+from compressor.inference.multilora import MultiLoraLinear, Routing
 
 
 def lora(base, rank, seed):

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.native import step
-from compressor.native.matmul import KernelWeight, matmul, unpack
-from compressor.nn import QuantLinear
+from ..native import step
+from ..native.matmul import KernelWeight, matmul, unpack
+from ..nn import QuantLinear
 
 
 @dataclass
@@ -131,7 +131,7 @@ def gemm_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None
     """:func:`base_rows` for many rows of one sequence (a prompt): the weight unpacked once, then torch's GEMM, in ``dtype``.
 
     Faster than the row-wise kernels from a few dozen rows on; its sums run in another order,
-    so a prompt's rows must take it by their own count alone (see :class:`serve.decoder.Decoder`).
+    so a prompt's rows must take it by their own count alone (see :class:`compressor.inference.decoder.Decoder`).
     In bfloat16 the weight and the rows are rounded to bfloat16 and multiplied by the CPU's
     bfloat16 units (AMX, where it has them), the product coming back as float32: several times
     faster, at an accuracy cost ``benchmarks.precision`` reports. ``unpacked``, if given, keeps the
