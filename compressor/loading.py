@@ -29,7 +29,7 @@ def quant_method(model_dir: str | Path) -> str:
 LAYOUTS = {"compressor": native_layout, "bitsandbytes": bnb_layout}
 
 
-def load(model_dir: str | Path, exact: bool = False, activations: str = "float32") -> PreTrainedModel:
+def load(model_dir: str | Path, exact: bool = False, activations: str = "float32", native_generate: bool = True) -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
     Packed folders (ours, and bitsandbytes' nf4/fp4/int8-sym as transformers writes them) get
@@ -39,6 +39,9 @@ def load(model_dir: str | Path, exact: bool = False, activations: str = "float32
     path computes the same numbers. ``activations`` (one of
     :data:`compressor.native.matmul.ACTIVATIONS`) is how those kernels take their input: float32
     exactly, or int8 per run of 32 (faster, slightly less accurate; see the serving benchmark).
+    ``native_generate`` gives the model a forward that runs batch-1 inference into a cache (what
+    ``generate`` does) through the native decoder step, and everything else through its own
+    modules (:mod:`compressor.inference.generate`).
     """
     root = Path(model_dir)
     method = quant_method(root)
@@ -50,6 +53,10 @@ def load(model_dir: str | Path, exact: bool = False, activations: str = "float32
         raise CompressorError(root / "config.json", f"unknown quant_method {method!r}")
     if exact:
         model.float()  # packed codes are integer buffers and stay as they are
+    if native_generate:
+        from .inference import generate  # the step's modules import this one's
+
+        generate.install(model)
     return model.eval()
 
 

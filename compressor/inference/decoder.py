@@ -28,6 +28,7 @@ from torch import nn
 from ..native import ops, step
 from ..native.matmul import all_cores
 
+from ..nn import QuantLinear
 from .multilora import MultiLoraLinear, Routing, row_weight
 
 PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "rowwise": None}  # by name (serve.types.PREFILLS); None: no GEMM
@@ -178,7 +179,7 @@ class Decoder:
     """The step of one loaded causal LM whose linear layers are :class:`MultiLoraLinear`, and whose head is row-wise."""
 
     def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None, gemm_rows: int = 48, native_step: bool = True,
-                 prefill: str = "float32"):  # fmt: skip
+                 prefill: str = "float32", head: nn.Module | None = None):  # fmt: skip
         config = model.config
         # A step of one sequence with at least this many new tokens (a prompt's chunk) multiplies by
         # torch's GEMM instead of the row-wise kernels: the choice depends on that count alone, so
@@ -193,7 +194,7 @@ class Decoder:
         self.embed_scale = _embed_scale(model)
         self.final_norm = _probe_norm(decoder.norm, "final norm")
         self.rotary = decoder.rotary_emb
-        self.head = model.get_output_embeddings()
+        self.head = head if head is not None else model.get_output_embeddings()  # a row-wise one keeps a row's bits batch-independent
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -229,23 +230,32 @@ class Decoder:
             _check_rotary(attn, self.head_dim, self.rotary_dim, where)
         qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
         gate_up = (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
-        for module in (*qkv, attn.o_proj, *gate_up, mlp.down_proj):
-            if not isinstance(module, MultiLoraLinear):
-                raise UnsupportedModel(f"{where}: {type(module).__name__} is not an adaptable linear layer")
+        qkv, gate_up = tuple(self._adaptable(m, where) for m in qkv), tuple(self._adaptable(m, where) for m in gate_up)
+        o, down = self._adaptable(attn.o_proj, where), self._adaptable(mlp.down_proj, where)
         gemma_style = hasattr(layer, "pre_feedforward_layernorm")  # norms around both blocks (Gemma 2/3)
         optional = lambda name, owner=layer: _probe_norm(getattr(owner, name), f"{where} {name}") if getattr(owner, name, None) is not None else None  # noqa: E731
         return Layer(
             index=index,
             attn_norm=_probe_norm(layer.input_layernorm, f"{where} input_layernorm"),
-            qkv=qkv, q_norm=optional("q_norm", attn), k_norm=optional("k_norm", attn), o=attn.o_proj,
+            qkv=qkv, q_norm=optional("q_norm", attn), k_norm=optional("k_norm", attn), o=o,
             attn_out_norm=optional("post_attention_layernorm") if gemma_style else None,
             mlp_norm=_probe_norm(layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm, f"{where} mlp norm"),
-            gate_up=gate_up, down=mlp.down_proj,
+            gate_up=gate_up, down=down,
             mlp_out_norm=optional("post_feedforward_layernorm") if gemma_style else None,
             act=_probe_act(getattr(mlp, "act_fn", None) or mlp.activation_fn, where),  # activation_fn: Phi-3
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
             window=int(getattr(attn, "sliding_window", None) or 0),
         )  # fmt: skip
+
+    def _adaptable(self, module: nn.Module, where: str) -> MultiLoraLinear:
+        # A serving layer as it is; a plain or packed linear layer as one with no adapters (held
+        # here, not put in the model). Anything else (a subclass with its own forward, PEFT's
+        # LoRA layer) computes something the step would not.
+        if isinstance(module, MultiLoraLinear):
+            return module
+        if type(module) is nn.Linear or isinstance(module, QuantLinear):
+            return MultiLoraLinear(module, self.routing)
+        raise UnsupportedModel(f"{where}: {type(module).__name__} is not a linear layer the step computes")
 
     @torch.inference_mode()
     def forward(self, tokens: list[list[int]], adapters: list[str | None], caches: list, logit_rows: list[int] | None = None) -> torch.Tensor:
