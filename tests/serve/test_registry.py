@@ -1,10 +1,10 @@
 import pytest
 
 import compressor
+from compressor.adapters import base_fingerprint
 from compressor.inference import multilora
 from serve.errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
 from serve.registry import AdapterRegistry
-from compressor.adapters import base_fingerprint
 from tests.helpers import random_adapter, tiny_checkpoint, with_tokenizer
 
 
