@@ -9,8 +9,9 @@ otherwise hands the call to the model's own forward unchanged:
 - no gradients, token ids (not embeddings), one sequence without padding, no labels, no
   attentions or hidden states asked for;
 - a cache (``generate`` makes one per call) that is empty or that this path filled: the native
-  keys and values live beside it (:class:`~compressor.inference.kv_cache.SequenceKV`), and the
-  cache object itself stays empty;
+  keys and values live beside it (:class:`~compressor.inference.kv_cache.SequenceKV`), the cache
+  object itself stays empty, and its ``crop`` (assisted generation's rejected candidates) crops
+  the native keys;
 - layers the step knows: plain or packed linear layers. A model whose layers were replaced since
   (PEFT's LoRA layers, for one) is planned again at the next empty cache, refused, and runs
   through its own forward, adapters included.
@@ -85,10 +86,19 @@ class NativeGeneration:
             kv = SequenceKV(len(self.decoder.layers), self.decoder.kv_heads, self.decoder.head_dim, torch.float32,
                             capacity=max(64, input_ids.shape[1] * 2), limit=getattr(config, "max_position_embeddings", None))  # fmt: skip
             self.caches[cache] = kv
+            cache.crop = types.MethodType(_crop_native(kv), cache)
         ids = input_ids[0].tolist()
         keep = len(ids) if not logits_to_keep or not isinstance(logits_to_keep, int) else min(logits_to_keep, len(ids))
         logits = self.decoder.forward([ids], [None], [kv], logit_rows=list(range(len(ids) - keep, len(ids))))
         return CausalLMOutputWithPast(logits=logits[None].to(self.model.dtype), cache=cache)
+
+
+def _crop_native(kv: SequenceKV):
+    # Cache.crop's contract (a negative length counts back from the end), on the native keys.
+    def crop(cache, max_length: int) -> None:
+        kv.length = min(kv.length, max_length if max_length >= 0 else kv.length + max_length)
+
+    return crop
 
 
 def install(model: nn.Module, threads: int | None = None) -> NativeGeneration:

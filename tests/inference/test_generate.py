@@ -4,7 +4,7 @@ from torch import nn
 from transformers import DynamicCache
 
 import compressor
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, tiny_model
 
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0, max_new_tokens=8, min_new_tokens=8)
 PROMPT = torch.tensor([[5, 17, 42, 8, 9, 10, 61, 7, 2, 30]])
@@ -59,3 +59,11 @@ def test_a_layer_replaced_after_loading_is_honoured_by_its_own_forward(tmp_path)
             model.model.layers[1].mlp.down_proj = Shifted(model.model.layers[1].mlp.down_proj)
         assert torch.equal(native.generate(PROMPT, **GREEDY), own.generate(PROMPT, **GREEDY))
     assert "Shifted" in native._native_generation.refused
+
+
+def test_assisted_generation_crops_the_native_keys_with_its_cache(tmp_path):
+    native, own = both(tiny_checkpoint(tmp_path))
+    tiny_model(seed=1).save_pretrained(tmp_path / "helper")  # other weights: most candidates rejected, the cache cropped back
+    helper = compressor.load(tmp_path / "helper", native_generate=False)
+    with torch.inference_mode():
+        assert torch.equal(native.generate(PROMPT, assistant_model=helper, **GREEDY), own.generate(PROMPT, **GREEDY))
