@@ -24,7 +24,6 @@ from compressor.inference.kv_cache import SequenceKV
 from compressor.loading import load
 from compressor.native.matmul import KernelWeight, all_cores
 
-from . import attention
 from .backend import eos_set
 
 
@@ -44,10 +43,6 @@ class TorchBackend:
     def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32", prefill: str = "float32"):
         self.model = load(base_dir, exact=True, activations=activations)
         self.threads = threads
-        try:
-            attention.check_supported(self.model.config)
-        except ValueError as e:
-            raise ValueError(f"{base_dir}: {e}") from None
         self.routing = multilora.Routing()
         self.layers = multilora.install(self.model, self.routing)
         output = self.model.get_output_embeddings()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
@@ -16,12 +17,23 @@ CONFIGS = {
     "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=64),
 }
+# Every family users run, each with its own features small enough for a test's prompts to reach
+# them (windows of 4 tokens).
+FAMILIES = {
+    **CONFIGS,
+    "qwen2-sliding": lambda: Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),
+    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=16, sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
+    "gemma3": lambda: Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "mistral-window": lambda: MistralConfig(**_COMMON, sliding_window=4),
+    "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, eos_token_id=2, bos_token_id=1, sliding_window=4),
+}
 
 
 def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A randomly initialised causal LM of family ``arch``."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).to(dtype)
+    model = AutoModelForCausalLM.from_config(FAMILIES[arch]()).to(dtype)
     # Random init leaves some weights tiny; scale them up so quantization error is visible.
     with torch.no_grad():
         for p in model.parameters():

@@ -15,6 +15,7 @@ sequence's numbers do not depend on what else is in the step.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
 import time
 from collections import defaultdict
@@ -66,6 +67,7 @@ class Layer:
     act: int
     scale: float
     window: int  # sliding-window length (0: attends to everything)
+    rotary: int  # which of the step's rotary tables (Decoder.rotary_types) the layer rotates by
 
 
 class UnsupportedModel(ValueError):
@@ -150,8 +152,8 @@ class _Rows:
     """A step's rows: the hidden states of every new token, its rotary tables, and where each sequence's rows start."""
 
     h: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: list[torch.Tensor]  # one table per rotary kind (Decoder.rotary_types)
+    sin: list[torch.Tensor]
     counts: list[int]
     starts: np.ndarray
     past: np.ndarray
@@ -170,9 +172,9 @@ class _Rows:
         if decoder.embed_scale != 1.0:
             h = h * torch.tensor(decoder.embed_scale, dtype=torch.float32)
         h = h.contiguous()
-        cos, sin = decoder.rotary(h[None], positions[None])
+        tables = [decoder._rotary(h[None], positions[None], kind) for kind in decoder.rotary_types]
         decoder._mark("embed, rotary tables", t)
-        return _Rows(h, cos[0].float().contiguous(), sin[0].float().contiguous(), counts, starts, past)
+        return _Rows(h, [c[0].float().contiguous() for c, _ in tables], [s[0].float().contiguous() for _, s in tables], counts, starts, past)
 
 
 class Decoder:
@@ -189,6 +191,9 @@ class Decoder:
         self.prefill = PREFILL_DTYPES[prefill]  # the dtype of those GEMMs (serve.types.PREFILLS)
         self.gemm_rows = gemm_rows if self.prefill is not None else None  # "rowwise": none, every chunk takes the row-wise kernels
         decoder = model.get_decoder()
+        kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+        if kinds:  # chunked, linear or other attention: not the step's softmax over a (windowed) cache
+            raise UnsupportedModel(f"attention layer types {sorted(kinds)}")
         self.model, self.routing, self.threads = model, routing, threads
         self.embed = decoder.embed_tokens
         self.embed_scale = _embed_scale(model)
@@ -200,7 +205,12 @@ class Decoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.final_softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
         self.attn_softcap = float(getattr(config, "attn_logit_softcapping", None) or 0.0)
-        cos, _ = self.rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long))
+        # One rotary table for the model, or one per layer type where the module takes the type
+        # (Gemma 3: its local layers have a base of their own).
+        typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.layer_types = list(getattr(config, "layer_types", None) or []) if typed else []
+        self.rotary_types: list[str | None] = sorted(set(self.layer_types)) if typed else [None]
+        cos, _ = self._rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long), self.rotary_types[0])
         self.rotary_dim = cos.shape[-1]
         self.layers = [self._plan(i, layer) for i, layer in enumerate(decoder.layers)]
         # Steps of the row-wise kernels run all layers in one native call (compressor/native/step.c),
@@ -210,6 +220,9 @@ class Decoder:
         self._tables: dict[str, ctypes.Array] = {}  # each adapter's terms for the native step, by routing key
         self._tables_version = -1
         self.timings: dict[str, float] | None = None  # seconds per phase, summed over steps, while profiling
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor, kind: str | None):
+        return self.rotary(x, positions) if kind is None else self.rotary(x, positions, kind)
 
     def profile(self, on: bool = True) -> None:
         """Start (clearing) or stop summing each phase's time into :attr:`timings`."""
@@ -244,8 +257,17 @@ class Decoder:
             mlp_out_norm=optional("post_feedforward_layernorm") if gemma_style else None,
             act=_probe_act(getattr(mlp, "act_fn", None) or mlp.activation_fn, where),  # activation_fn: Phi-3
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
-            window=int(getattr(attn, "sliding_window", None) or 0),
+            window=self._window(attn),
+            rotary=self.rotary_types.index(self.layer_types[index]) if self.layer_types else 0,
         )  # fmt: skip
+
+    def _window(self, attn: nn.Module) -> int:
+        # A layer's sliding window: its attention module's own where it keeps one per layer (Qwen 2,
+        # Gemma 2/3: None on full layers), else the config's for every layer (Mistral, Phi-3).
+        if hasattr(attn, "sliding_window"):
+            return int(attn.sliding_window or 0)
+        config = self.model.config
+        return int(getattr(config, "sliding_window", None) or 0) if getattr(config, "use_sliding_window", True) else 0
 
     def _adaptable(self, module: nn.Module, where: str) -> MultiLoraLinear:
         # A serving layer as it is; a plain or packed linear layer as one with no adapters (held
@@ -337,7 +359,7 @@ class Decoder:
                 norm = getattr(layer, name)
                 setattr(described, name, step.norm(None) if norm is None else step.norm(norm.weight, norm.eps, norm.offset))
             described.inter, described.act, described.window = width, layer.act, layer.window
-            described.scale, described.softcap = layer.scale, self.attn_softcap
+            described.scale, described.softcap, described.rotary = layer.scale, self.attn_softcap, layer.rotary
         model = step.Model(len(self.layers), self.embed.embedding_dim, self.heads, self.kv_heads, self.head_dim, self.rotary_dim, layers)
         return model, [layers, keep]
 
@@ -364,8 +386,9 @@ class Decoder:
         addresses = [c.addresses() for c in caches]
         key_ptrs, value_ptrs, capacity = (np.ascontiguousarray(np.stack([a[i] for a in addresses], axis=1)) for i in range(3))
         timings = (ctypes.c_double * len(step.PHASES))() if self.timings is not None else None
+        cos_ptrs, sin_ptrs = ((ctypes.c_void_p * len(t))(*(x.data_ptr() for x in t)) for t in (cos, sin))
         described = step.Step(h.shape[0], len(caches), h.data_ptr(), group.ctypes.data, ctypes.addressof(tables) if keys else None,
-                              cos.data_ptr(), sin.data_ptr(), starts.ctypes.data, past.ctypes.data, key_ptrs.ctypes.data,
+                              ctypes.addressof(cos_ptrs), ctypes.addressof(sin_ptrs), starts.ctypes.data, past.ctypes.data, key_ptrs.ctypes.data,
                               value_ptrs.ctypes.data, capacity.ctypes.data, self.threads or all_cores(),
                               ctypes.addressof(timings) if timings is not None else None)  # fmt: skip
         step.run(self.native[0], described)
@@ -408,8 +431,8 @@ class Decoder:
             k = layer.k_norm(k.contiguous().view(-1, dim)).view(rows, -1)
         if v.stride(0) != k.stride(0):  # the kernel reads k and v with one row stride
             k, v = k.contiguous(), v.contiguous()
-        ops.rope(q, heads, dim, cos, sin)
-        ops.rope(k, kv_heads, dim, cos, sin)
+        ops.rope(q, heads, dim, cos[layer.rotary], sin[layer.rotary])
+        ops.rope(k, kv_heads, dim, cos[layer.rotary], sin[layer.rotary])
         t = self._mark("rotary", t)
         i = layer.index
         if gemm is not None and not self.attn_softcap:

@@ -91,6 +91,7 @@ typedef struct {
     int64_t inter; /* the MLP's width */
     int32_t act, window;
     float scale, softcap;
+    int32_t rotary; /* which of the step's rotary tables (Gemma 3: local layers have their own base) */
 } layer_t;
 
 typedef struct {
@@ -103,7 +104,7 @@ typedef struct {
     float *h;                       /* rows x hidden: the hidden states, updated in place */
     const int32_t *group;           /* per row: its adapter's index in tables, or -1 */
     const lora_t *const *tables;    /* per adapter: n_layers x SLOTS terms */
-    const float *cos, *sin;         /* rows x rotary_dim */
+    const float *const *cos, *const *sin; /* per rotary table: rows x rotary_dim */
     const int64_t *seq_start, *past;
     float *const *keys, *const *values; /* n_layers x nseq caches (kv_heads x capacity x head_dim), layer-major */
     const int64_t *capacity;            /* n_layers x nseq */
@@ -184,8 +185,8 @@ void decoder_step(const model_t *md, const step_t *s) {
                 norm(s, &L->q_norm, q + m * qkv_width, heads, dim, dim, q + m * qkv_width, dim);
                 norm(s, &L->k_norm, k + m * qkv_width, kv, dim, dim, k + m * qkv_width, dim);
             }
-        rope(q, rows, heads, dim, qkv_width, s->cos, s->sin, md->rotary_dim);
-        rope(k, rows, kv, dim, qkv_width, s->cos, s->sin, md->rotary_dim);
+        rope(q, rows, heads, dim, qkv_width, s->cos[L->rotary], s->sin[L->rotary], md->rotary_dim);
+        rope(k, rows, kv, dim, qkv_width, s->cos[L->rotary], s->sin[L->rotary], md->rotary_dim);
         t = mark(s, T_ROTARY, t);
         attention(q, k, v, qkv_width, qkv_width, s->nseq, s->seq_start, s->past, s->keys + i * s->nseq, s->values + i * s->nseq,
                   s->capacity + i * s->nseq, heads, kv, dim, L->scale, L->softcap, L->window, attn, heads * dim, s->threads);

@@ -49,7 +49,7 @@ class Layer(ctypes.Structure):
     _fields_ = [
         ("n_qkv", _I32), ("n_gate_up", _I32), ("linear", Linear * SLOTS),
         ("attn_norm", Norm), ("q_norm", Norm), ("k_norm", Norm), ("attn_out_norm", Norm), ("mlp_norm", Norm), ("mlp_out_norm", Norm),
-        ("inter", _I64), ("act", _I32), ("window", _I32), ("scale", _F32), ("softcap", _F32),
+        ("inter", _I64), ("act", _I32), ("window", _I32), ("scale", _F32), ("softcap", _F32), ("rotary", _I32),
     ]  # fmt: skip
 
 

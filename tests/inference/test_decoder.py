@@ -6,6 +6,7 @@ import compressor
 from compressor.inference.decoder import Decoder, UnsupportedModel
 from compressor.inference.multilora import Routing
 from serve.torch_backend import TorchBackend
+from tests.helpers import FAMILIES
 
 
 def test_a_step_matches_transformers_forward_of_the_same_model(bases):
@@ -71,20 +72,15 @@ def test_int8_activations_serve_every_request_the_tokens_it_gets_alone(bases):
 
 
 def _family(name: str):
-    from transformers import AutoModelForCausalLM, Gemma2Config, Phi3Config, Qwen3Config
+    from transformers import AutoModelForCausalLM
 
-    from tests.helpers import CONFIGS
+    from tests.helpers import FAMILIES
 
-    small = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-    configs = {**CONFIGS, "qwen3": lambda: Qwen3Config(**small, head_dim=16),
-               "gemma2": lambda: Gemma2Config(**small, head_dim=16, sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
-               "phi3": lambda: Phi3Config(**small, pad_token_id=0)}  # fmt: skip
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(configs[name]()).eval()
+    return AutoModelForCausalLM.from_config(FAMILIES[name]()).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_native_step_gives_the_python_steps_bits_in_every_family(family):
     from compressor.inference.kv_cache import SequenceKV
     from compressor.inference.multilora import install

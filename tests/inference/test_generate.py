@@ -4,7 +4,7 @@ from torch import nn
 from transformers import DynamicCache
 
 import compressor
-from tests.helpers import tiny_checkpoint, tiny_model
+from tests.helpers import FAMILIES, tiny_checkpoint, tiny_model
 
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0, max_new_tokens=8, min_new_tokens=8)
 PROMPT = torch.tensor([[5, 17, 42, 8, 9, 10, 61, 7, 2, 30]])
@@ -14,7 +14,7 @@ def both(folder):
     return compressor.load(folder), compressor.load(folder, native_generate=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "mistral"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_generate_through_the_native_step_gives_the_models_own_tokens_and_logits(tmp_path, family):
     native, own = both(tiny_checkpoint(tmp_path, arch=family))
     with torch.inference_mode():
