@@ -161,3 +161,19 @@ def test_prompts_prefilled_together_get_the_bits_each_gets_alone(bases, prefill)
         alone = backend.new_cache(len(chunk))
         assert torch.equal(backend.prompt_forward(chunk, adapter, alone, logits_to_keep=1)[0], row)
         assert cache.length == len(chunk) and torch.equal(cache.keys[1][:, : len(chunk)], alone.keys[1][:, : len(chunk)])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral-window", "qwen2-sliding", "phi3"])
+def test_a_long_prompt_through_the_gemm_path_matches_transformers_in_windowed_families(family):
+    from compressor.architecture import kv_shape
+    from compressor.inference.kv_cache import SequenceKV
+    from compressor.inference.multilora import install
+
+    model = _family(family)
+    ids = list(range(5, 65))  # past gemm_rows, and many windows long
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    routing = Routing()
+    install(model, routing)
+    got = Decoder(model, routing).forward([ids], [None], [SequenceKV(*kv_shape(model.config), dtype=torch.float32)], logit_rows=list(range(60)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
