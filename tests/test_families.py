@@ -1,0 +1,76 @@
+"""Every decoder family through every path: quantize, load, train, merge, serve (the matrix of the README's family table)."""
+
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compressor
+from compressor.adapters import apply_adapter, read_adapter
+from compressor.formats import config_for
+from compressor.merge import MergeJob, merge
+from compressor.nn import QuantLinear
+from compressor.quantize import QuantizeJob, quantize_checkpoint
+from compressor.train import TrainJob, train
+from serve.engine import Engine
+from serve.types import EngineConfig, SamplingParams
+from tests.helpers import ANSWER_FORMAT, FAMILIES, WORD_LEVEL_TOKENIZER, tiny_checkpoint, with_tokenizer
+from tests.serve.test_engine import generate
+
+IDS = torch.tensor([[5, 17, 42, 8, 9, 10, 61, 7, 2, 30, 11, 12]])  # longer than the test families' windows of 4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_family_quantizes_into_bitsandbytes_files_that_load_as_its_dequantized_model(family, tmp_path):
+    src = with_tokenizer(tiny_checkpoint(tmp_path, family))
+    for method in ("nf4", "int4"):  # the packed model is the float model with its weights dequantized
+        quantize_checkpoint(QuantizeJob(src, tmp_path / method, config_for(method), progress=False))
+        packed = compressor.load(tmp_path / method, native_generate=False)
+        reference = AutoModelForCausalLM.from_pretrained(src).eval()
+        with torch.no_grad():
+            for name, module in packed.named_modules():
+                if isinstance(module, QuantLinear):
+                    reference.get_submodule(name).weight.copy_(module.weight_dequantized())
+            torch.testing.assert_close(packed(IDS).logits, reference(IDS).logits, rtol=0, atol=1e-4)
+    # Our nf4 files are bitsandbytes' files: stock transformers loads them into the very same weights.
+    stock = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4").named_modules())
+    ours = [(name, m) for name, m in compressor.load(tmp_path / "nf4", native_generate=False).named_modules() if isinstance(m, QuantLinear)]
+    assert ours and all(type(stock[name]).__name__ == "Linear4bit" for name, _ in ours)
+    for name, module in ours:
+        weight = stock[name].weight
+        assert torch.equal(bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float(), module.weight_dequantized().float())
+
+
+@pytest.mark.parametrize("family", WORD_LEVEL_TOKENIZER)
+def test_a_family_trains_merges_and_serves_its_adapter_as_transformers_computes_it(family, tmp_path):
+    src = with_tokenizer(tiny_checkpoint(tmp_path, family))
+    quantize_checkpoint(QuantizeJob(src, tmp_path / "nf4", config_for("nf4"), progress=False))
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in ANSWER_FORMAT) + "\n")
+    summary = train(TrainJob(tmp_path / "nf4", tmp_path / "data.jsonl", tmp_path / "adapter", rank=4, alpha=8, dropout=0.0, lr=1e-2,
+                             steps=12, batch_size=4, seq_len=32, eval_split=0.2, eval_every=6, progress=False))  # fmt: skip
+    assert summary.train_losses[-1] < summary.train_losses[0]
+
+    adapted = compressor.load(tmp_path / "nf4", exact=True, native_generate=False)
+    apply_adapter(adapted, read_adapter(tmp_path / "adapter"), tmp_path / "nf4")
+    float_adapted = compressor.load(src, exact=True, native_generate=False)
+    apply_adapter(float_adapted, read_adapter(tmp_path / "adapter"))
+    merge(MergeJob(src, tmp_path / "adapter", tmp_path / "merged", progress=False))
+    with torch.no_grad():  # merged into the float base: what the float base plus the adapter computes
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(IDS).logits
+        torch.testing.assert_close(merged, float_adapted.eval()(IDS).logits, rtol=0, atol=1e-4)
+
+    engine = Engine(EngineConfig(tmp_path / "nf4", max_batch=4, adapter_root=tmp_path))
+    engine.load_adapter("a", tmp_path / "adapter")
+    engine.start()
+    try:  # alone and in a batch with the base: the same tokens as transformers' generate on base + adapter
+        ids = IDS[0].tolist()
+        served = [r["text"] for r in generate(engine, [(ids, "a"), (ids, None), (ids, "a")], SamplingParams(max_tokens=8))]
+        eos = sorted(engine.eos_ids)
+    finally:
+        engine.stop()
+    with torch.no_grad():
+        new = adapted.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, len(ids) :].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]  # the engine sends no eos text
+    assert served[0] == served[2] == engine.tokenizer.decode(new, skip_special_tokens=True)
