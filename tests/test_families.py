@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor.adapters import apply_adapter, read_adapter
+from compressor.export.exporter import OnnxExportJob, export_onnx
+from compressor.export.runtime import OnnxDecoder, Sampling
 from compressor.formats import config_for
 from compressor.merge import MergeJob, merge
 from compressor.nn import QuantLinear
@@ -74,3 +76,19 @@ def test_a_family_trains_merges_and_serves_its_adapter_as_transformers_computes_
         new = adapted.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, len(ids) :].tolist()
     new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]  # the engine sends no eos text
     assert served[0] == served[2] == engine.tokenizer.decode(new, skip_special_tokens=True)
+
+
+EXPORTABLE = ["llama", "qwen2", "qwen3", "gemma"]  # the others are refused by name (tests/export/test_decoder.py)
+
+
+@pytest.mark.parametrize("family", EXPORTABLE)
+def test_a_family_exports_to_onnx_and_generates_its_own_greedy_tokens(family, tmp_path):
+    src = with_tokenizer(tiny_checkpoint(tmp_path, family))
+    quantize_checkpoint(QuantizeJob(src, tmp_path / "nf4", config_for("nf4"), progress=False))
+    export_onnx(OnnxExportJob(base_dir=tmp_path / "nf4", out_dir=tmp_path / "onnx"))
+    decoder = OnnxDecoder(tmp_path / "onnx")
+    decoder.meta["eos_token_ids"] = []  # random weights: run the full length
+    model = compressor.load(tmp_path / "nf4", exact=True, native_generate=False)
+    with torch.no_grad():
+        expected = model.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, IDS.shape[1] :].tolist()
+    assert list(decoder.generate(IDS[0].tolist(), Sampling(max_new_tokens=8))) == expected

@@ -1,4 +1,4 @@
-"""The decoder graph of a Llama-family model: embedding, blocks, norm and head, with a KV cache and LoRA inputs.
+"""The decoder graph of a Llama, Mistral, Qwen 2/3 or Gemma model: embedding, blocks, norm and head, with a KV cache and LoRA inputs.
 
 Inputs are ``input_ids`` and ``attention_mask`` (batch, positions so far) plus each layer's past keys
 and values ``(batch, kv_heads, past, head_dim)``; outputs are ``logits`` for every new position and
@@ -25,11 +25,13 @@ from transformers import PreTrainedModel
 
 from ..architecture import attention_problems, kv_shape
 from ..errors import CompressorError
+from ..inference.decoder import UnsupportedModel, embed_scale, probe_act, probe_norm
+from ..native import ops
 from .graph import FLOAT, INT32, INT64, MS_DOMAIN, Graph
 from .linear import emit_linear
 from .names import lora_names, past_names, present_names
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length
 
 
@@ -51,8 +53,6 @@ def check_exportable(model: PreTrainedModel) -> None:
     if config.model_type not in SUPPORTED:
         raise CompressorError(None, f"model type {config.model_type!r} cannot be exported; supported: {', '.join(SUPPORTED)}")
     problems = attention_problems(config)
-    if getattr(config, "hidden_act", "silu") != "silu":
-        problems.append(f"activation {config.hidden_act!r}")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") not in _STATIC_ROPE:
         problems.append(f"rope type {rope['rope_type']!r} (its tables depend on the sequence length)")
@@ -66,6 +66,11 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
     """The ONNX decoder of ``model``, with LoRA inputs on the linear layers whose short name is in ``lora_targets``."""
     check_exportable(model)
     config = model.config
+    try:  # the pieces the kernels' step probes are the ones the graph writes (norm offsets, activation, embedding scale)
+        acts = [probe_act(getattr(b.mlp, "act_fn", None) or b.mlp.activation_fn, f"layer {i}") for i, b in enumerate(model.model.layers)]
+        scale = embed_scale(model)
+    except UnsupportedModel as e:
+        raise CompressorError(None, f"{config.model_type}: cannot export {e}") from None
     layers, kv_heads, head_dim = kv_shape(config)
     g = Graph(config.model_type)
     lora_modules: list[str] = []
@@ -86,6 +91,8 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
     body = model.model
     embedding = g.constant("model.embed_tokens.weight", body.embed_tokens.weight.detach().float().numpy())
     h = g.op("Gather", [embedding, ids], hint="embed")
+    if scale != 1.0:
+        h = g.op("Mul", [h, g.constant("embed.scale", np.array(scale, np.float32))], hint="embed")
     # GroupQueryAttention wants each sequence's last position (seqlens_k) and the longest total length.
     one = g.constant("one", np.array([1], np.int64))
     seqlens = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [mask, one], keepdims=0), one])], to=INT32, hint="seqlens_k")
@@ -100,6 +107,9 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
         q = linear(x, attn.q_proj, f"{prefix}.self_attn.q_proj")
         k = linear(x, attn.k_proj, f"{prefix}.self_attn.k_proj")
         v = linear(x, attn.v_proj, f"{prefix}.self_attn.v_proj")
+        if getattr(attn, "q_norm", None) is not None:  # per head, before the rotary embedding (Qwen 3)
+            q = _head_norm(g, q, attn.q_norm, config.num_attention_heads, head_dim, f"{prefix}.self_attn.q_norm")
+            k = _head_norm(g, k, attn.k_norm, kv_heads, head_dim, f"{prefix}.self_attn.k_norm")
         past_k, past_v = (g.input(n, FLOAT, ["batch", kv_heads, "past", head_dim]) for n in past_names(i))
         out_k, out_v = present_names(i)
         a, _, _ = g.op(
@@ -113,7 +123,8 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
         x = _rms_norm(g, h, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
         gate = linear(x, mlp.gate_proj, f"{prefix}.mlp.gate_proj")
         up = linear(x, mlp.up_proj, f"{prefix}.mlp.up_proj")
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], hint=f"{prefix}.mlp.act")
+        gated = g.op("Mul", [gate, g.op("Sigmoid", [gate])]) if acts[i] == ops.SILU else g.op("Gelu", [gate], approximate="tanh")
+        act = g.op("Mul", [gated, up], hint=f"{prefix}.mlp.act")
         h = g.op("Add", [h, linear(act, mlp.down_proj, f"{prefix}.mlp.down_proj")], hint=f"{prefix}.residual")
 
     h = _rms_norm(g, h, body.norm, "model.norm")
@@ -124,9 +135,15 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
 
 
 def _rms_norm(g: Graph, x: str, norm: nn.Module, name: str) -> str:
-    weight = g.constant(f"{name}.weight", norm.weight.detach().float().numpy())
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
-    return g.op("RMSNormalization", [x, weight], hint=name, axis=-1, epsilon=float(eps), stash_type=1)
+    probed = probe_norm(norm, name)  # Gemma's (1 + weight) goes into the weight
+    weight = g.constant(f"{name}.weight", (probed.weight + probed.offset).numpy())
+    return g.op("RMSNormalization", [x, weight], hint=name, axis=-1, epsilon=probed.eps, stash_type=1)
+
+
+def _head_norm(g: Graph, x: str, norm: nn.Module, heads: int, dim: int, name: str) -> str:
+    # An RMSNorm over each head's slice of every row.
+    split = g.op("Reshape", [x, g.constant(f"{name}.split", np.array([0, 0, heads, dim], np.int64))], hint=name)
+    return g.op("Reshape", [_rms_norm(g, split, norm, name), g.constant(f"{name}.join", np.array([0, 0, heads * dim], np.int64))], hint=name)
 
 
 def _head(g: Graph, h: str, model: PreTrainedModel, embedding: str, accuracy_level: int) -> None:

@@ -74,7 +74,8 @@ class UnsupportedModel(ValueError):
     """The model has a piece the step's kernels do not compute; the message names it."""
 
 
-def _probe_norm(module: nn.Module, where: str) -> Norm:
+def probe_norm(module: nn.Module, where: str) -> Norm:
+    """The module as the kernel's RMSNorm (weight, eps, offset 0 or 1), checked against its own output; UnsupportedModel if it is none."""
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if weight is None or eps is None:
@@ -89,7 +90,8 @@ def _probe_norm(module: nn.Module, where: str) -> Norm:
     raise UnsupportedModel(f"{where}: {type(module).__name__} is not weight * x / rms(x) nor (1 + weight) * x / rms(x)")
 
 
-def _probe_act(module: nn.Module, where: str) -> int:
+def probe_act(module: nn.Module, where: str) -> int:
+    """Which of the kernels' activations (``ops.SILU``, ``ops.GELU_TANH``) the module computes; UnsupportedModel if neither."""
     x = torch.linspace(-6, 6, 97)
     with torch.no_grad():
         y = module(x)
@@ -124,9 +126,10 @@ class _Seen(Exception):
     pass
 
 
-def _embed_scale(model: nn.Module) -> float:
-    # What the model multiplies embeddings by before the first layer (Gemma: sqrt(hidden)), read off
-    # the first layer's input in a real forward (stopped there) rather than known per family.
+def embed_scale(model: nn.Module) -> float:
+    """What the model multiplies its embedding table's rows by before the first layer (1, or Gemma's sqrt(hidden))."""
+    # Read off the first layer's input in a real forward (stopped there) rather than known per
+    # family, against the table's row itself: some versions scale inside the embedding module.
     decoder = model.get_decoder()
     seen = {}
 
@@ -142,7 +145,7 @@ def _embed_scale(model: nn.Module) -> float:
         pass
     finally:
         hook.remove()
-    raw = decoder.embed_tokens(torch.tensor([[1]])).float()
+    raw = decoder.embed_tokens.weight[1].detach().float()
     ratio = (seen["h"].float().norm() / raw.norm()).item()
     return 1.0 if abs(ratio - 1) < 1e-6 else ratio
 
@@ -168,7 +171,7 @@ class _Rows:
         positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for p, n in zip(past, counts)]))
         for cache, n in zip(caches, counts):
             cache.reserve(cache.length + n)
-        h = decoder.embed(torch.tensor([t for seq in tokens for t in seq])).float()
+        h = F.embedding(torch.tensor([t for seq in tokens for t in seq]), decoder.embed.weight).float()  # the table's rows (embed_scale)
         if decoder.embed_scale != 1.0:
             h = h * torch.tensor(decoder.embed_scale, dtype=torch.float32)
         h = h.contiguous()
@@ -196,8 +199,8 @@ class Decoder:
             raise UnsupportedModel(f"attention layer types {sorted(kinds)}")
         self.model, self.routing, self.threads = model, routing, threads
         self.embed = decoder.embed_tokens
-        self.embed_scale = _embed_scale(model)
-        self.final_norm = _probe_norm(decoder.norm, "final norm")
+        self.embed_scale = embed_scale(model)
+        self.final_norm = probe_norm(decoder.norm, "final norm")
         self.rotary = decoder.rotary_emb
         self.head = head if head is not None else model.get_output_embeddings()  # a row-wise one keeps a row's bits batch-independent
         self.heads = config.num_attention_heads
@@ -246,16 +249,16 @@ class Decoder:
         qkv, gate_up = tuple(self._adaptable(m, where) for m in qkv), tuple(self._adaptable(m, where) for m in gate_up)
         o, down = self._adaptable(attn.o_proj, where), self._adaptable(mlp.down_proj, where)
         gemma_style = hasattr(layer, "pre_feedforward_layernorm")  # norms around both blocks (Gemma 2/3)
-        optional = lambda name, owner=layer: _probe_norm(getattr(owner, name), f"{where} {name}") if getattr(owner, name, None) is not None else None  # noqa: E731
+        optional = lambda name, owner=layer: probe_norm(getattr(owner, name), f"{where} {name}") if getattr(owner, name, None) is not None else None  # noqa: E731
         return Layer(
             index=index,
-            attn_norm=_probe_norm(layer.input_layernorm, f"{where} input_layernorm"),
+            attn_norm=probe_norm(layer.input_layernorm, f"{where} input_layernorm"),
             qkv=qkv, q_norm=optional("q_norm", attn), k_norm=optional("k_norm", attn), o=o,
             attn_out_norm=optional("post_attention_layernorm") if gemma_style else None,
-            mlp_norm=_probe_norm(layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm, f"{where} mlp norm"),
+            mlp_norm=probe_norm(layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm, f"{where} mlp norm"),
             gate_up=gate_up, down=down,
             mlp_out_norm=optional("post_feedforward_layernorm") if gemma_style else None,
-            act=_probe_act(getattr(mlp, "act_fn", None) or mlp.activation_fn, where),  # activation_fn: Phi-3
+            act=probe_act(getattr(mlp, "act_fn", None) or mlp.activation_fn, where),  # activation_fn: Phi-3
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
             window=self._window(attn),
             rotary=self.rotary_types.index(self.layer_types[index]) if self.layer_types else 0,

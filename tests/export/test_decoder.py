@@ -35,7 +35,8 @@ class Graph:
         return dict(zip(self.names, self.session.run(None, feeds)))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q/k/v and a head tied to the embedding
+# qwen2: biases on q/k/v and a head tied to the embedding; qwen3: q/k norms; gemma: scaled embeddings, (1 + w) norms, GELU
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma"])
 def test_logits_match_transformers_for_a_prompt_and_the_next_token(arch):
     model = tiny_model(arch)
     graph = Graph(model)
@@ -76,7 +77,7 @@ def test_lora_inputs_are_on_the_named_targets_only():
     assert spec.lora_modules == tuple(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj"))
 
 
-@pytest.mark.parametrize("arch, problem", [("gemma", "model type 'gemma' cannot be exported"), ("mistral", "sliding-window attention")])
+@pytest.mark.parametrize("arch, problem", [("gemma2", "model type 'gemma2' cannot be exported"), ("mistral", "sliding-window attention")])
 def test_architectures_the_graph_would_get_wrong_are_refused(arch, problem):
     model = tiny_model(arch)
     with pytest.raises(CompressorError, match=problem):
