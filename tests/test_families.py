@@ -78,10 +78,7 @@ def test_a_family_trains_merges_and_serves_its_adapter_as_transformers_computes_
     assert served[0] == served[2] == engine.tokenizer.decode(new, skip_special_tokens=True)
 
 
-EXPORTABLE = ["llama", "qwen2", "qwen3", "gemma"]  # the others are refused by name (tests/export/test_decoder.py)
-
-
-@pytest.mark.parametrize("family", EXPORTABLE)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_family_exports_to_onnx_and_generates_its_own_greedy_tokens(family, tmp_path):
     src = with_tokenizer(tiny_checkpoint(tmp_path, family))
     quantize_checkpoint(QuantizeJob(src, tmp_path / "nf4", config_for("nf4"), progress=False))

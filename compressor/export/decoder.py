@@ -1,4 +1,4 @@
-"""The decoder graph of a Llama, Mistral, Qwen 2/3 or Gemma model: embedding, blocks, norm and head, with a KV cache and LoRA inputs.
+"""The decoder graph of a Llama, Mistral, Qwen 2/3, Gemma 1/2/3 or Phi-3 model: embedding, blocks, norm and head, with a KV cache and LoRA inputs.
 
 Inputs are ``input_ids`` and ``attention_mask`` (batch, positions so far) plus each layer's past keys
 and values ``(batch, kv_heads, past, head_dim)``; outputs are ``logits`` for every new position and
@@ -23,15 +23,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..architecture import attention_problems, kv_shape
+from ..architecture import kv_shape
 from ..errors import CompressorError
-from ..inference.decoder import UnsupportedModel, embed_scale, probe_act, probe_norm
+from ..inference.decoder import UnsupportedModel, embed_scale, layer_window, probe_act, probe_norm, rotary_kinds, rotary_table
 from ..native import ops
 from .graph import FLOAT, INT32, INT64, MS_DOMAIN, Graph
 from .linear import emit_linear
 from .names import lora_names, past_names, present_names
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length
 
 
@@ -52,7 +52,7 @@ def check_exportable(model: PreTrainedModel) -> None:
     config = model.config
     if config.model_type not in SUPPORTED:
         raise CompressorError(None, f"model type {config.model_type!r} cannot be exported; supported: {', '.join(SUPPORTED)}")
-    problems = attention_problems(config)
+    problems = []
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") not in _STATIC_ROPE:
         problems.append(f"rope type {rope['rope_type']!r} (its tables depend on the sequence length)")
@@ -97,35 +97,57 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
     one = g.constant("one", np.array([1], np.int64))
     seqlens = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", [mask, one], keepdims=0), one])], to=INT32, hint="seqlens_k")
     total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), g.constant("axis_one", np.array(1, np.int64))])], to=INT32, hint="total")
-    cos, sin = _rotary_tables(model, head_dim)
-    cos, sin = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
+    kinds, layer_types = rotary_kinds(model)
+    tables = {kind: [g.constant(f"{what}_cache{'.' + kind if kind else ''}", t) for what, t in zip(("cos", "sin"), _rotary_tables(model, head_dim, kind))]
+              for kind in kinds}  # fmt: skip
+    heads, softcap = config.num_attention_heads, float(getattr(config, "attn_logit_softcapping", None) or 0.0)
+
+    def split(x: str, widths: list[int], name: str) -> list[str]:
+        # A fused projection's outputs (Phi-3's qkv_proj, gate_up_proj), one after another along a row.
+        return g.op("Split", [x, g.constant(f"{name}.widths", np.array(widths, np.int64))], outputs=[g.fresh(name) for _ in widths], axis=-1)
 
     for i, block in enumerate(body.layers):
         prefix = f"model.layers.{i}"
         attn, mlp = block.self_attn, block.mlp
+        gemma_style = hasattr(block, "pre_feedforward_layernorm")  # norms around both blocks (Gemma 2/3)
         x = _rms_norm(g, h, block.input_layernorm, f"{prefix}.input_layernorm")
-        q = linear(x, attn.q_proj, f"{prefix}.self_attn.q_proj")
-        k = linear(x, attn.k_proj, f"{prefix}.self_attn.k_proj")
-        v = linear(x, attn.v_proj, f"{prefix}.self_attn.v_proj")
-        if getattr(attn, "q_norm", None) is not None:  # per head, before the rotary embedding (Qwen 3)
-            q = _head_norm(g, q, attn.q_norm, config.num_attention_heads, head_dim, f"{prefix}.self_attn.q_norm")
+        if hasattr(attn, "qkv_proj"):
+            q, k, v = split(linear(x, attn.qkv_proj, f"{prefix}.self_attn.qkv_proj"), [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], f"{prefix}.self_attn.qkv")
+        else:
+            q = linear(x, attn.q_proj, f"{prefix}.self_attn.q_proj")
+            k = linear(x, attn.k_proj, f"{prefix}.self_attn.k_proj")
+            v = linear(x, attn.v_proj, f"{prefix}.self_attn.v_proj")
+        if getattr(attn, "q_norm", None) is not None:  # per head, before the rotary embedding (Qwen 3, Gemma 3)
+            q = _head_norm(g, q, attn.q_norm, heads, head_dim, f"{prefix}.self_attn.q_norm")
             k = _head_norm(g, k, attn.k_norm, kv_heads, head_dim, f"{prefix}.self_attn.k_norm")
         past_k, past_v = (g.input(n, FLOAT, ["batch", kv_heads, "past", head_dim]) for n in past_names(i))
         out_k, out_v = present_names(i)
+        cos, sin = tables[layer_types[i] if layer_types else None]
+        window = layer_window(config, attn)
         a, _, _ = g.op(
             "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin], outputs=[g.fresh(f"{prefix}.attn"), out_k, out_v],
-            domain=MS_DOMAIN, num_heads=config.num_attention_heads, kv_num_heads=kv_heads, scale=float(attn.scaling),
-            do_rotary=1, rotary_interleaved=0,
+            domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0,
+            local_window_size=window if window else -1, softcap=softcap,
         )  # fmt: skip
         g.output(out_k, FLOAT, ["batch", kv_heads, "total", head_dim])
         g.output(out_v, FLOAT, ["batch", kv_heads, "total", head_dim])
-        h = g.op("Add", [h, linear(a, attn.o_proj, f"{prefix}.self_attn.o_proj")], hint=f"{prefix}.residual")
-        x = _rms_norm(g, h, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
-        gate = linear(x, mlp.gate_proj, f"{prefix}.mlp.gate_proj")
-        up = linear(x, mlp.up_proj, f"{prefix}.mlp.up_proj")
+        o = linear(a, attn.o_proj, f"{prefix}.self_attn.o_proj")
+        if gemma_style:
+            o = _rms_norm(g, o, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
+        h = g.op("Add", [h, o], hint=f"{prefix}.residual")
+        mlp_norm = block.pre_feedforward_layernorm if gemma_style else block.post_attention_layernorm
+        x = _rms_norm(g, h, mlp_norm, f"{prefix}.mlp_norm")
+        if hasattr(mlp, "gate_up_proj"):
+            gate, up = split(linear(x, mlp.gate_up_proj, f"{prefix}.mlp.gate_up_proj"), [mlp.down_proj.in_features] * 2, f"{prefix}.mlp.gate_up")
+        else:
+            gate = linear(x, mlp.gate_proj, f"{prefix}.mlp.gate_proj")
+            up = linear(x, mlp.up_proj, f"{prefix}.mlp.up_proj")
         gated = g.op("Mul", [gate, g.op("Sigmoid", [gate])]) if acts[i] == ops.SILU else g.op("Gelu", [gate], approximate="tanh")
         act = g.op("Mul", [gated, up], hint=f"{prefix}.mlp.act")
-        h = g.op("Add", [h, linear(act, mlp.down_proj, f"{prefix}.mlp.down_proj")], hint=f"{prefix}.residual")
+        down = linear(act, mlp.down_proj, f"{prefix}.mlp.down_proj")
+        if gemma_style:
+            down = _rms_norm(g, down, block.post_feedforward_layernorm, f"{prefix}.post_feedforward_layernorm")
+        h = g.op("Add", [h, down], hint=f"{prefix}.residual")
 
     h = _rms_norm(g, h, body.norm, "model.norm")
     _head(g, h, model, embedding, accuracy_level)
@@ -147,6 +169,16 @@ def _head_norm(g: Graph, x: str, norm: nn.Module, heads: int, dim: int, name: st
 
 
 def _head(g: Graph, h: str, model: PreTrainedModel, embedding: str, accuracy_level: int) -> None:
+    # The logits, soft-capped where the model caps them (Gemma 2: cap * tanh(logits / cap)).
+    cap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
+    logits = _head_product(g, h, model, embedding, accuracy_level)
+    if cap:
+        c = g.constant("head.softcap", np.array(cap, np.float32))
+        logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c])]), c], hint="head.softcap")
+    g.op("Identity", [logits], outputs=["logits"])
+
+
+def _head_product(g: Graph, h: str, model: PreTrainedModel, embedding: str, accuracy_level: int) -> str:
     head = model.lm_head
     if head.weight is model.model.embed_tokens.weight:
         # Tied: Gemm reads the embedding transposed in place, so the file holds it once.
@@ -154,17 +186,16 @@ def _head(g: Graph, h: str, model: PreTrainedModel, embedding: str, accuracy_lev
         flat = g.op("Reshape", [h, g.constant("head.flat", np.array([-1, hidden], np.int64))], hint="head")
         logits = g.op("Gemm", [flat, embedding], hint="head", transB=1)
         shape = g.op("Concat", [g.op("Shape", [h], end=2), g.constant("head.vocab", np.array([head.out_features], np.int64))], axis=0)
-        g.op("Reshape", [logits, shape], outputs=["logits"])
-        return
-    g.op("Identity", [emit_linear(g, h, head, "lm_head", accuracy_level)], outputs=["logits"])
+        return g.op("Reshape", [logits, shape], hint="head")
+    return emit_linear(g, h, head, "lm_head", accuracy_level)
 
 
-def _rotary_tables(model: PreTrainedModel, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _rotary_tables(model: PreTrainedModel, head_dim: int, kind: str | None) -> tuple[np.ndarray, np.ndarray]:
     # transformers' own rotary module, so scaled RoPE variants give the tables the model uses;
     # cos and sin repeat their first half (rotate_half layout), GroupQueryAttention takes that half.
     positions = torch.arange(model.config.max_position_embeddings)[None]
     probe = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
-        cos, sin = model.model.rotary_emb(probe, positions)
+        cos, sin = rotary_table(model, probe, positions, kind)
     half = head_dim // 2
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()

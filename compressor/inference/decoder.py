@@ -122,6 +122,28 @@ def _slots(layer: Layer) -> list[tuple[int, MultiLoraLinear]]:
             (step.DOWN, layer.down)]  # fmt: skip
 
 
+def layer_window(config, attn: nn.Module) -> int:
+    """A layer's sliding window (0: none): its attention module's own where it keeps one per layer (Qwen 2, Gemma 2/3), else the config's for every layer (Mistral, Phi-3)."""
+    if hasattr(attn, "sliding_window"):
+        return int(attn.sliding_window or 0)
+    return int(getattr(config, "sliding_window", None) or 0) if getattr(config, "use_sliding_window", True) else 0
+
+
+def rotary_kinds(model: nn.Module) -> tuple[list[str | None], list[str]]:
+    """The model's rotary tables by kind (``[None]``: one for every layer; else one per layer type, Gemma 3) and each layer's type."""
+    rotary = model.get_decoder().rotary_emb
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return [None], []
+    types = list(model.config.layer_types)
+    return sorted(set(types)), types
+
+
+def rotary_table(model: nn.Module, x: torch.Tensor, positions: torch.Tensor, kind: str | None):
+    """cos and sin of ``positions`` from the model's own rotary module, for layers of ``kind`` (see :func:`rotary_kinds`)."""
+    rotary = model.get_decoder().rotary_emb
+    return rotary(x, positions) if kind is None else rotary(x, positions, kind)
+
+
 class _Seen(Exception):
     pass
 
@@ -201,18 +223,14 @@ class Decoder:
         self.embed = decoder.embed_tokens
         self.embed_scale = embed_scale(model)
         self.final_norm = probe_norm(decoder.norm, "final norm")
-        self.rotary = decoder.rotary_emb
         self.head = head if head is not None else model.get_output_embeddings()  # a row-wise one keeps a row's bits batch-independent
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.final_softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
         self.attn_softcap = float(getattr(config, "attn_logit_softcapping", None) or 0.0)
-        # One rotary table for the model, or one per layer type where the module takes the type
-        # (Gemma 3: its local layers have a base of their own).
-        typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        self.layer_types = list(getattr(config, "layer_types", None) or []) if typed else []
-        self.rotary_types: list[str | None] = sorted(set(self.layer_types)) if typed else [None]
+        # One rotary table for the model, or one per layer type (Gemma 3: its local layers have a base of their own).
+        self.rotary_types, self.layer_types = rotary_kinds(model)
         cos, _ = self._rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long), self.rotary_types[0])
         self.rotary_dim = cos.shape[-1]
         self.layers = [self._plan(i, layer) for i, layer in enumerate(decoder.layers)]
@@ -225,7 +243,7 @@ class Decoder:
         self.timings: dict[str, float] | None = None  # seconds per phase, summed over steps, while profiling
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor, kind: str | None):
-        return self.rotary(x, positions) if kind is None else self.rotary(x, positions, kind)
+        return rotary_table(self.model, x, positions, kind)
 
     def profile(self, on: bool = True) -> None:
         """Start (clearing) or stop summing each phase's time into :attr:`timings`."""
@@ -260,17 +278,9 @@ class Decoder:
             mlp_out_norm=optional("post_feedforward_layernorm") if gemma_style else None,
             act=probe_act(getattr(mlp, "act_fn", None) or mlp.activation_fn, where),  # activation_fn: Phi-3
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
-            window=self._window(attn),
+            window=layer_window(self.model.config, attn),
             rotary=self.rotary_types.index(self.layer_types[index]) if self.layer_types else 0,
         )  # fmt: skip
-
-    def _window(self, attn: nn.Module) -> int:
-        # A layer's sliding window: its attention module's own where it keeps one per layer (Qwen 2,
-        # Gemma 2/3: None on full layers), else the config's for every layer (Mistral, Phi-3).
-        if hasattr(attn, "sliding_window"):
-            return int(attn.sliding_window or 0)
-        config = self.model.config
-        return int(getattr(config, "sliding_window", None) or 0) if getattr(config, "use_sliding_window", True) else 0
 
     def _adaptable(self, module: nn.Module, where: str) -> MultiLoraLinear:
         # A serving layer as it is; a plain or packed linear layer as one with no adapters (held

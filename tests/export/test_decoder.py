@@ -12,7 +12,7 @@ from compressor.export.decoder import build_decoder, check_exportable
 from compressor.export.names import past_names
 from compressor.loading import load
 from compressor.methods import DEFAULT_TARGETS
-from tests.helpers import CONFIGS, tiny_model
+from tests.helpers import CONFIGS, FAMILIES, tiny_model
 
 
 class Graph:
@@ -35,8 +35,9 @@ class Graph:
         return dict(zip(self.names, self.session.run(None, feeds)))
 
 
-# qwen2: biases on q/k/v and a head tied to the embedding; qwen3: q/k norms; gemma: scaled embeddings, (1 + w) norms, GELU
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma"])
+# Every family: biases and tied heads (Qwen 2), q/k norms (Qwen 3, Gemma 3), scaled embeddings, (1 + w) norms and GELU
+# (Gemma), windows (Mistral, Phi-3, Qwen 2's and Gemma 2/3's sliding layers), soft-capping (Gemma 2), fused projections (Phi-3).
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
 def test_logits_match_transformers_for_a_prompt_and_the_next_token(arch):
     model = tiny_model(arch)
     graph = Graph(model)
@@ -77,10 +78,14 @@ def test_lora_inputs_are_on_the_named_targets_only():
     assert spec.lora_modules == tuple(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj"))
 
 
-@pytest.mark.parametrize("arch, problem", [("gemma2", "model type 'gemma2' cannot be exported"), ("mistral", "sliding-window attention")])
-def test_architectures_the_graph_would_get_wrong_are_refused(arch, problem):
-    model = tiny_model(arch)
-    with pytest.raises(CompressorError, match=problem):
+def test_architectures_the_graph_would_get_wrong_are_refused():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    with pytest.raises(CompressorError, match="model type 'gpt2' cannot be exported"):
+        check_exportable(AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)))
+    model = tiny_model("llama")
+    model.config.rope_parameters = {**model.config.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
+    with pytest.raises(CompressorError, match="rope type 'dynamic'"):
         check_exportable(model)
 
 
