@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor.adapters import apply_adapter, read_adapter
+from compressor.cli import main
 from compressor.export.exporter import OnnxExportJob, export_onnx
 from compressor.export.runtime import OnnxDecoder, Sampling
 from compressor.formats import config_for
@@ -89,3 +90,16 @@ def test_a_family_exports_to_onnx_and_generates_its_own_greedy_tokens(family, tm
     with torch.no_grad():
         expected = model.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, IDS.shape[1] :].tolist()
     assert list(decoder.generate(IDS[0].tolist(), Sampling(max_new_tokens=8))) == expected
+
+
+@pytest.mark.parametrize("family", WORD_LEVEL_TOKENIZER)
+def test_a_family_goes_through_the_command_line_end_to_end(family, tmp_path):
+    src = with_tokenizer(tiny_checkpoint(tmp_path, family))
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in ANSWER_FORMAT) + "\n")
+    nf4, adapter, merged, onnx = (str(tmp_path / n) for n in ("nf4", "adapter", "merged", "onnx"))
+    assert main(["quantize", str(src), nf4, "--method", "nf4", "--quiet"]) == 0
+    assert main(["train", nf4, "--data", str(tmp_path / "data.jsonl"), "--out", adapter, "--rank", "4", "--steps", "4", "--batch-size", "4",
+                 "--seq-len", "32", "--quiet"]) == 0  # fmt: skip
+    assert main(["merge", nf4, adapter, merged, "--quiet"]) == 0
+    assert main(["export", "onnx", nf4, onnx, "--adapter", f"a={adapter}"]) == 0
+    assert main(["generate", onnx, "--prompt", "word3 word4", "--adapter", "a", "--max-new-tokens", "4"]) == 0
