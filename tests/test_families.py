@@ -13,13 +13,14 @@ from compressor.cli import main
 from compressor.export.exporter import OnnxExportJob, export_onnx
 from compressor.export.runtime import OnnxDecoder, Sampling
 from compressor.formats import config_for
+from compressor.lora import DEFAULT_TARGETS
 from compressor.merge import MergeJob, merge
 from compressor.nn import QuantLinear
 from compressor.quantize import QuantizeJob, quantize_checkpoint
 from compressor.train import TrainJob, train
 from serve.engine import Engine
 from serve.types import EngineConfig, SamplingParams
-from tests.helpers import ANSWER_FORMAT, FAMILIES, WORD_LEVEL_TOKENIZER, tiny_checkpoint, with_tokenizer
+from tests.helpers import ANSWER_FORMAT, FAMILIES, WORD_LEVEL_TOKENIZER, random_adapter, tiny_checkpoint, with_tokenizer
 from tests.serve.test_engine import generate
 
 IDS = torch.tensor([[5, 17, 42, 8, 9, 10, 61, 7, 2, 30, 11, 12]])  # longer than the test families' windows of 4
@@ -80,16 +81,21 @@ def test_a_family_trains_merges_and_serves_its_adapter_as_transformers_computes_
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_family_exports_to_onnx_and_generates_its_own_greedy_tokens(family, tmp_path):
+def test_a_family_exports_to_onnx_and_generates_its_own_greedy_tokens_with_and_without_its_adapter(family, tmp_path):
     src = with_tokenizer(tiny_checkpoint(tmp_path, family))
     quantize_checkpoint(QuantizeJob(src, tmp_path / "nf4", config_for("nf4"), progress=False))
-    export_onnx(OnnxExportJob(base_dir=tmp_path / "nf4", out_dir=tmp_path / "onnx"))
+    targets = (*DEFAULT_TARGETS, "qkv_proj", "gate_up_proj") if family == "phi3" else DEFAULT_TARGETS  # Phi-3's fused projections
+    random_adapter(tmp_path / "nf4", tmp_path / "a", targets=targets, seed=1)
+    export_onnx(OnnxExportJob(base_dir=tmp_path / "nf4", out_dir=tmp_path / "onnx", adapters=(("a", tmp_path / "a"),), lora_targets=targets))
     decoder = OnnxDecoder(tmp_path / "onnx")
     decoder.meta["eos_token_ids"] = []  # random weights: run the full length
     model = compressor.load(tmp_path / "nf4", exact=True, native_generate=False)
-    with torch.no_grad():
-        expected = model.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, IDS.shape[1] :].tolist()
-    assert list(decoder.generate(IDS[0].tolist(), Sampling(max_new_tokens=8))) == expected
+    for adapter in (None, "a"):
+        if adapter:
+            apply_adapter(model, read_adapter(tmp_path / "a"))
+        with torch.no_grad():
+            expected = model.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, IDS.shape[1] :].tolist()
+        assert list(decoder.generate(IDS[0].tolist(), Sampling(max_new_tokens=8), adapter)) == expected
 
 
 @pytest.mark.parametrize("family", WORD_LEVEL_TOKENIZER)
