@@ -109,3 +109,22 @@ def test_a_family_goes_through_the_command_line_end_to_end(family, tmp_path):
     assert main(["merge", nf4, adapter, merged, "--quiet"]) == 0
     assert main(["export", "onnx", nf4, onnx, "--adapter", f"a={adapter}"]) == 0
     assert main(["generate", onnx, "--prompt", "word3 word4", "--adapter", "a", "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.parametrize("family", WORD_LEVEL_TOKENIZER)
+def test_a_family_serves_the_same_text_from_its_onnx_export_as_from_torch(family, tmp_path):
+    src = with_tokenizer(tiny_checkpoint(tmp_path, family))
+    quantize_checkpoint(QuantizeJob(src, tmp_path / "nf4", config_for("nf4"), progress=False))
+    random_adapter(tmp_path / "nf4", tmp_path / "adapters" / "a", seed=1)
+    export_onnx(OnnxExportJob(base_dir=tmp_path / "nf4", out_dir=tmp_path / "onnx"))
+    texts = []
+    for backend, folder in (("torch", tmp_path / "nf4"), ("onnx", tmp_path / "onnx")):
+        engine = Engine(EngineConfig(folder, backend=backend, max_batch=4, adapter_root=tmp_path / "adapters"))
+        engine.start()
+        try:
+            engine.load_adapter("a", tmp_path / "adapters" / "a")
+            ids = IDS[0].tolist()
+            texts.append([r["text"] for r in generate(engine, [(ids, "a"), (ids, None)], SamplingParams(max_tokens=8))])
+        finally:
+            engine.stop()
+    assert texts[0] == texts[1] and any(texts[0])  # the same words, and some words
