@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from ..architecture import kv_shape
 from ..errors import CompressorError
-from ..inference.decoder import UnsupportedModel, embed_scale, layer_window, probe_act, probe_norm, rotary_kinds, rotary_table
+from ..inference.decoder import UnsupportedModel, embed_scale, layer_parts, layer_window, probe_act, probe_norm, rotary_kinds, rotary_table
 from ..native import ops
 from .graph import FLOAT, INT32, INT64, MS_DOMAIN, Graph
 from .linear import emit_linear
@@ -65,12 +65,15 @@ def check_exportable(model: PreTrainedModel) -> None:
 def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accuracy_level: int) -> tuple[onnx.ModelProto, DecoderSpec]:
     """The ONNX decoder of ``model``, with LoRA inputs on the linear layers whose short name is in ``lora_targets``."""
     check_exportable(model)
-    config = model.config
     try:  # the pieces the kernels' step probes are the ones the graph writes (norm offsets, activation, embedding scale)
-        acts = [probe_act(getattr(b.mlp, "act_fn", None) or b.mlp.activation_fn, f"layer {i}") for i, b in enumerate(model.model.layers)]
-        scale = embed_scale(model)
+        return _graph(model, lora_targets, accuracy_level)
     except UnsupportedModel as e:
-        raise CompressorError(None, f"{config.model_type}: cannot export {e}") from None
+        raise CompressorError(None, f"{model.config.model_type}: cannot export {e}") from None
+
+
+def _graph(model: PreTrainedModel, lora_targets: tuple[str, ...], accuracy_level: int) -> tuple[onnx.ModelProto, DecoderSpec]:
+    config = model.config
+    scale = embed_scale(model)
     layers, kv_heads, head_dim = kv_shape(config)
     g = Graph(config.model_type)
     lora_modules: list[str] = []
@@ -107,19 +110,13 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
         return g.op("Split", [x, g.constant(f"{name}.widths", np.array(widths, np.int64))], outputs=[g.fresh(name) for _ in widths], axis=-1)
 
     for i, block in enumerate(body.layers):
-        prefix = f"model.layers.{i}"
-        attn, mlp = block.self_attn, block.mlp
-        gemma_style = hasattr(block, "pre_feedforward_layernorm")  # norms around both blocks (Gemma 2/3)
-        x = _rms_norm(g, h, block.input_layernorm, f"{prefix}.input_layernorm")
-        if hasattr(attn, "qkv_proj"):
-            q, k, v = split(linear(x, attn.qkv_proj, f"{prefix}.self_attn.qkv_proj"), [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], f"{prefix}.self_attn.qkv")
-        else:
-            q = linear(x, attn.q_proj, f"{prefix}.self_attn.q_proj")
-            k = linear(x, attn.k_proj, f"{prefix}.self_attn.k_proj")
-            v = linear(x, attn.v_proj, f"{prefix}.self_attn.v_proj")
-        if getattr(attn, "q_norm", None) is not None:  # per head, before the rotary embedding (Qwen 3, Gemma 3)
-            q = _head_norm(g, q, attn.q_norm, heads, head_dim, f"{prefix}.self_attn.q_norm")
-            k = _head_norm(g, k, attn.k_norm, kv_heads, head_dim, f"{prefix}.self_attn.k_norm")
+        prefix, attn, parts = f"model.layers.{i}", block.self_attn, layer_parts(block)
+        x = _rms_norm(g, h, parts.attn_norm, f"{prefix}.input_layernorm")
+        qkv = [linear(x, m, f"{prefix}.{name}") for name, m in parts.qkv]
+        q, k, v = split(qkv[0], [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], f"{prefix}.self_attn.qkv") if len(qkv) == 1 else qkv
+        if parts.q_norm is not None:
+            q = _head_norm(g, q, parts.q_norm, heads, head_dim, f"{prefix}.self_attn.q_norm")
+            k = _head_norm(g, k, parts.k_norm, kv_heads, head_dim, f"{prefix}.self_attn.k_norm")
         past_k, past_v = (g.input(n, FLOAT, ["batch", kv_heads, "past", head_dim]) for n in past_names(i))
         out_k, out_v = present_names(i)
         cos, sin = tables[layer_types[i] if layer_types else None]
@@ -131,22 +128,18 @@ def build_decoder(model: PreTrainedModel, lora_targets: tuple[str, ...], accurac
         )  # fmt: skip
         g.output(out_k, FLOAT, ["batch", kv_heads, "total", head_dim])
         g.output(out_v, FLOAT, ["batch", kv_heads, "total", head_dim])
-        o = linear(a, attn.o_proj, f"{prefix}.self_attn.o_proj")
-        if gemma_style:
-            o = _rms_norm(g, o, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
+        o = linear(a, parts.o[1], f"{prefix}.{parts.o[0]}")
+        if parts.attn_out_norm is not None:
+            o = _rms_norm(g, o, parts.attn_out_norm, f"{prefix}.post_attention_layernorm")
         h = g.op("Add", [h, o], hint=f"{prefix}.residual")
-        mlp_norm = block.pre_feedforward_layernorm if gemma_style else block.post_attention_layernorm
-        x = _rms_norm(g, h, mlp_norm, f"{prefix}.mlp_norm")
-        if hasattr(mlp, "gate_up_proj"):
-            gate, up = split(linear(x, mlp.gate_up_proj, f"{prefix}.mlp.gate_up_proj"), [mlp.down_proj.in_features] * 2, f"{prefix}.mlp.gate_up")
-        else:
-            gate = linear(x, mlp.gate_proj, f"{prefix}.mlp.gate_proj")
-            up = linear(x, mlp.up_proj, f"{prefix}.mlp.up_proj")
-        gated = g.op("Mul", [gate, g.op("Sigmoid", [gate])]) if acts[i] == ops.SILU else g.op("Gelu", [gate], approximate="tanh")
-        act = g.op("Mul", [gated, up], hint=f"{prefix}.mlp.act")
-        down = linear(act, mlp.down_proj, f"{prefix}.mlp.down_proj")
-        if gemma_style:
-            down = _rms_norm(g, down, block.post_feedforward_layernorm, f"{prefix}.post_feedforward_layernorm")
+        x = _rms_norm(g, h, parts.mlp_norm, f"{prefix}.mlp_norm")
+        width = parts.down[1].in_features
+        gate_up = [linear(x, m, f"{prefix}.{name}") for name, m in parts.gate_up]
+        gate, up = split(gate_up[0], [width, width], f"{prefix}.mlp.gate_up") if len(gate_up) == 1 else gate_up
+        gated = g.op("Mul", [gate, g.op("Sigmoid", [gate])]) if probe_act(parts.act, prefix) == ops.SILU else g.op("Gelu", [gate], approximate="tanh")
+        down = linear(g.op("Mul", [gated, up], hint=f"{prefix}.mlp.act"), parts.down[1], f"{prefix}.{parts.down[0]}")
+        if parts.mlp_out_norm is not None:
+            down = _rms_norm(g, down, parts.mlp_out_norm, f"{prefix}.post_feedforward_layernorm")
         h = g.op("Add", [h, down], hint=f"{prefix}.residual")
 
     h = _rms_norm(g, h, body.norm, "model.norm")

@@ -116,6 +116,39 @@ def _check_rotary(attn: nn.Module, head_dim: int, rotary_dim: int, where: str) -
         raise UnsupportedModel(f"{where}: its rotary embedding is not transformers' rotate_half form")
 
 
+@dataclass(frozen=True)
+class LayerParts:
+    """One decoder layer's modules by role, as every family lays them out; linear layers with their names in the layer."""
+
+    attn_norm: nn.Module
+    qkv: tuple[tuple[str, nn.Module], ...]  # q, k, v; or one fused qkv_proj (Phi-3)
+    q_norm: nn.Module | None  # per head, before the rotary embedding (Qwen 3, Gemma 3)
+    k_norm: nn.Module | None
+    o: tuple[str, nn.Module]
+    attn_out_norm: nn.Module | None  # on the attention output before the residual (Gemma 2/3)
+    mlp_norm: nn.Module
+    gate_up: tuple[tuple[str, nn.Module], ...]  # gate, up; or one fused gate_up_proj (Phi-3)
+    down: tuple[str, nn.Module]
+    mlp_out_norm: nn.Module | None
+    act: nn.Module
+
+
+def layer_parts(layer: nn.Module) -> LayerParts:
+    """The roles of ``layer``'s modules (shared by the step's plan and the ONNX graph)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    named = lambda owner, prefix, *names: tuple((f"{prefix}.{n}", getattr(owner, n)) for n in names)  # noqa: E731
+    qkv = named(attn, "self_attn", "qkv_proj") if hasattr(attn, "qkv_proj") else named(attn, "self_attn", "q_proj", "k_proj", "v_proj")
+    gate_up = named(mlp, "mlp", "gate_up_proj") if hasattr(mlp, "gate_up_proj") else named(mlp, "mlp", "gate_proj", "up_proj")
+    gemma_style = hasattr(layer, "pre_feedforward_layernorm")  # norms around both blocks (Gemma 2/3)
+    return LayerParts(
+        attn_norm=layer.input_layernorm, qkv=qkv, q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+        o=("self_attn.o_proj", attn.o_proj), attn_out_norm=layer.post_attention_layernorm if gemma_style else None,
+        mlp_norm=layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm, gate_up=gate_up,
+        down=("mlp.down_proj", mlp.down_proj), mlp_out_norm=layer.post_feedforward_layernorm if gemma_style else None,
+        act=getattr(mlp, "act_fn", None) or mlp.activation_fn,  # activation_fn: Phi-3
+    )  # fmt: skip
+
+
 def _slots(layer: Layer) -> list[tuple[int, MultiLoraLinear]]:
     # The layer's modules by step.c's slot numbers.
     return [*zip(range(step.Q, step.Q + 3), layer.qkv), (step.O, layer.o), *zip(range(step.GATE, step.GATE + 2), layer.gate_up),
@@ -197,13 +230,13 @@ class _Rows:
         if decoder.embed_scale != 1.0:
             h = h * torch.tensor(decoder.embed_scale, dtype=torch.float32)
         h = h.contiguous()
-        tables = [decoder._rotary(h[None], positions[None], kind) for kind in decoder.rotary_types]
+        tables = [rotary_table(decoder.model, h[None], positions[None], kind) for kind in decoder.rotary_types]
         decoder._mark("embed, rotary tables", t)
         return _Rows(h, [c[0].float().contiguous() for c, _ in tables], [s[0].float().contiguous() for _, s in tables], counts, starts, past)
 
 
 class Decoder:
-    """The step of one loaded causal LM whose linear layers are :class:`MultiLoraLinear`, and whose head is row-wise."""
+    """The step of one loaded causal LM whose linear layers are plain, packed or :class:`MultiLoraLinear`, and whose head is row-wise."""
 
     def __init__(self, model: nn.Module, routing: Routing, threads: int | None = None, gemm_rows: int = 48, native_step: bool = True,
                  prefill: str = "float32", head: nn.Module | None = None):  # fmt: skip
@@ -231,7 +264,7 @@ class Decoder:
         self.attn_softcap = float(getattr(config, "attn_logit_softcapping", None) or 0.0)
         # One rotary table for the model, or one per layer type (Gemma 3: its local layers have a base of their own).
         self.rotary_types, self.layer_types = rotary_kinds(model)
-        cos, _ = self._rotary(torch.zeros(1), torch.zeros(1, 1, dtype=torch.long), self.rotary_types[0])
+        cos, _ = rotary_table(model, torch.zeros(1), torch.zeros(1, 1, dtype=torch.long), self.rotary_types[0])
         self.rotary_dim = cos.shape[-1]
         self.layers = [self._plan(i, layer) for i, layer in enumerate(decoder.layers)]
         # Steps of the row-wise kernels run all layers in one native call (compressor/native/step.c),
@@ -241,9 +274,6 @@ class Decoder:
         self._tables: dict[str, ctypes.Array] = {}  # each adapter's terms for the native step, by routing key
         self._tables_version = -1
         self.timings: dict[str, float] | None = None  # seconds per phase, summed over steps, while profiling
-
-    def _rotary(self, x: torch.Tensor, positions: torch.Tensor, kind: str | None):
-        return rotary_table(self.model, x, positions, kind)
 
     def profile(self, on: bool = True) -> None:
         """Start (clearing) or stop summing each phase's time into :attr:`timings`."""
@@ -259,24 +289,20 @@ class Decoder:
 
     def _plan(self, index: int, layer: nn.Module) -> Layer:
         where = f"layer {index}"
-        attn, mlp = layer.self_attn, layer.mlp
+        attn, parts = layer.self_attn, layer_parts(layer)
         if index == 0:
             _check_rotary(attn, self.head_dim, self.rotary_dim, where)
-        qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up = (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
-        qkv, gate_up = tuple(self._adaptable(m, where) for m in qkv), tuple(self._adaptable(m, where) for m in gate_up)
-        o, down = self._adaptable(attn.o_proj, where), self._adaptable(mlp.down_proj, where)
-        gemma_style = hasattr(layer, "pre_feedforward_layernorm")  # norms around both blocks (Gemma 2/3)
-        optional = lambda name, owner=layer: probe_norm(getattr(owner, name), f"{where} {name}") if getattr(owner, name, None) is not None else None  # noqa: E731
+        optional = lambda norm, name: probe_norm(norm, f"{where} {name}") if norm is not None else None  # noqa: E731
         return Layer(
             index=index,
-            attn_norm=probe_norm(layer.input_layernorm, f"{where} input_layernorm"),
-            qkv=qkv, q_norm=optional("q_norm", attn), k_norm=optional("k_norm", attn), o=o,
-            attn_out_norm=optional("post_attention_layernorm") if gemma_style else None,
-            mlp_norm=probe_norm(layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm, f"{where} mlp norm"),
-            gate_up=gate_up, down=down,
-            mlp_out_norm=optional("post_feedforward_layernorm") if gemma_style else None,
-            act=probe_act(getattr(mlp, "act_fn", None) or mlp.activation_fn, where),  # activation_fn: Phi-3
+            attn_norm=probe_norm(parts.attn_norm, f"{where} input_layernorm"),
+            qkv=tuple(self._adaptable(m, where) for _, m in parts.qkv), q_norm=optional(parts.q_norm, "q_norm"),
+            k_norm=optional(parts.k_norm, "k_norm"), o=self._adaptable(parts.o[1], where),
+            attn_out_norm=optional(parts.attn_out_norm, "post_attention_layernorm"),
+            mlp_norm=probe_norm(parts.mlp_norm, f"{where} mlp norm"),
+            gate_up=tuple(self._adaptable(m, where) for _, m in parts.gate_up), down=self._adaptable(parts.down[1], where),
+            mlp_out_norm=optional(parts.mlp_out_norm, "post_feedforward_layernorm"),
+            act=probe_act(parts.act, where),
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
             window=layer_window(self.model.config, attn),
             rotary=self.rotary_types.index(self.layer_types[index]) if self.layer_types else 0,

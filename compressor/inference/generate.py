@@ -24,13 +24,13 @@ numbers are those of feeding it token by token.
 from __future__ import annotations
 
 import logging
-import types
 import weakref
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..architecture import kv_shape
 from ..native.matmul import all_cores
 from .decoder import Decoder, UnsupportedModel
 from .kv_cache import SequenceKV
@@ -73,7 +73,7 @@ class NativeGeneration:
             return True
         return cache.get_seq_length() == 0 and self._plan() is not None
 
-    def forward(self, model, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
         """The model's forward, through the native step where it computes the same thing (see the module's docstring)."""
         if not self._takes(input_ids, attention_mask, cache, inputs_embeds, labels, kwargs):
@@ -83,10 +83,10 @@ class NativeGeneration:
         kv = self.caches.get(cache)
         if kv is None:
             config = self.model.config
-            kv = SequenceKV(len(self.decoder.layers), self.decoder.kv_heads, self.decoder.head_dim, torch.float32,
-                            capacity=max(64, input_ids.shape[1] * 2), limit=getattr(config, "max_position_embeddings", None))  # fmt: skip
+            kv = SequenceKV(*kv_shape(config), torch.float32, capacity=max(64, input_ids.shape[1] * 2),
+                            limit=getattr(config, "max_position_embeddings", None))  # fmt: skip
             self.caches[cache] = kv
-            cache.crop = types.MethodType(_crop_native(kv), cache)
+            cache.crop = _crop_native(kv)
         ids = input_ids[0].tolist()
         keep = len(ids) if not logits_to_keep or not isinstance(logits_to_keep, int) else min(logits_to_keep, len(ids))
         logits = self.decoder.forward([ids], [None], [kv], logit_rows=list(range(len(ids) - keep, len(ids))))
@@ -95,7 +95,7 @@ class NativeGeneration:
 
 def _crop_native(kv: SequenceKV):
     # Cache.crop's contract (a negative length counts back from the end), on the native keys.
-    def crop(cache, max_length: int) -> None:
+    def crop(max_length: int) -> None:
         kv.length = min(kv.length, max_length if max_length >= 0 else kv.length + max_length)
 
     return crop
@@ -104,6 +104,6 @@ def _crop_native(kv: SequenceKV):
 def install(model: nn.Module, threads: int | None = None) -> NativeGeneration:
     """Give ``model`` (a causal LM from :func:`compressor.load`) the native forward for batch-1 inference; returns its state."""
     native = NativeGeneration(model, model.forward, threads or all_cores())
-    model.forward = types.MethodType(native.forward, model)
+    model.forward = native.forward
     model._native_generation = native
     return native

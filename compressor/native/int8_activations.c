@@ -168,9 +168,19 @@ static inline void chunk_scales(const job_t *j, int64_t n0, __m512i rows, int64_
     *ws1 = b1 == b0 ? *ws0 : _mm512_mul_ps(_mm512_i32gather_ps(at, base + b1, 4), ts);
 }
 
-/* Row i of a block of nr rows: past the last, the last again (its products are never stored). */
-static inline __m512i block_rows(int nr) {
-    return _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(nr - 1));
+/* Row i of a block of nr rows, by lane and in row[i]: past the last, the last again (its products are never stored). */
+static inline __m512i block_rows(int nr, int32_t row[BLOCK]) {
+    const __m512i rows = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(nr - 1));
+    _mm512_storeu_si512(row, rows);
+    return rows;
+}
+
+/* Where the codes of the block after the one at row n0 start (NULL when that is the last full
+   one), and the bytes a row takes: asked for a line at a time while this block is worked on,
+   since 16 short streams outrun the hardware prefetchers. */
+static inline const uint8_t *next_block(const weight_t *w, int64_t n0, int64_t *row_bytes) {
+    *row_bytes = w->kind == W_Q4 ? w->data_stride : w->cols;
+    return n0 + 2 * BLOCK <= w->rows ? (const uint8_t *)w->data + (n0 + BLOCK) * *row_bytes : 0;
 }
 
 /* acc[i * is + m * ms] (weight row n0 + i, activation row m0 + m) into out, as the order says
@@ -220,22 +230,20 @@ static inline void runs_of(const __m512i d[BLOCK], __m512i *run0, __m512i *run1)
 static void block_vnni(const job_t *j, int64_t n0, int nr, float *acc) {
     const qx_t *qx = j->qx;
     const int64_t K = qx->K, runs = qx->runs, M = qx->M;
-    const __m512i rows = block_rows(nr);
     int32_t row[BLOCK];
-    _mm512_storeu_si512(row, rows);
+    const __m512i rows = block_rows(nr, row);
     memset(acc, 0, sizeof(float) * 16 * M);
-    const weight_t *wt = j->w;
-    const int w_q4 = wt->kind == W_Q4;
-    const int64_t row_bytes = w_q4 ? wt->data_stride : K;
-    const uint8_t *next_block = n0 + 2 * BLOCK <= wt->rows ? (const uint8_t *)wt->data + (n0 + BLOCK) * row_bytes : 0;
+    int64_t row_bytes;
+    const uint8_t *next = next_block(j->w, n0, &row_bytes);
+    const int q4 = j->w->kind == W_Q4;
     for (int64_t k = 0; k < K; k += 64) {
         const int64_t r = k / 32;
         __m512 ws0, ws1;
         chunk_scales(j, n0, rows, k, &ws0, &ws1);
         __m512i w[BLOCK];
         for (int i = 0; i < BLOCK; i++) w[i] = chunk_bytes(j, n0 + row[i], k, 1);
-        if (next_block && (k & 64) == 0) /* a cache line of every row of the next block: 16 short streams outrun the prefetchers */
-            for (int i = 0; i < BLOCK; i++) _mm_prefetch((const char *)next_block + i * row_bytes + (w_q4 ? k / 2 : k), _MM_HINT_T1);
+        if (next && (k & 64) == 0) /* a cache line of every row of the next block */
+            for (int i = 0; i < BLOCK; i++) _mm_prefetch((const char *)next + i * row_bytes + (q4 ? k / 2 : k), _MM_HINT_T1);
         for (int64_t m = 0; m < M; m++) {
             const __m512i x = _mm512_loadu_si512((const void *)(qx->codes + m * K + k));
             __m512i d[BLOCK], run0, run1;
@@ -290,9 +298,8 @@ static int amx_permitted(void) {
 static const int8_t *block_bytes(const job_t *j, int64_t n0, int nr, int8_t *scratch, float *wscale, int64_t *stride) {
     const weight_t *w = j->w;
     const int64_t K = w->cols;
-    const __m512i rows = block_rows(nr);
     int32_t row[BLOCK];
-    _mm512_storeu_si512(row, rows);
+    const __m512i rows = block_rows(nr, row);
     for (int64_t k = 0; k < K; k += 64) {
         __m512 ws0, ws1;
         chunk_scales(j, n0, rows, k, &ws0, &ws1);
@@ -300,12 +307,9 @@ static const int8_t *block_bytes(const job_t *j, int64_t n0, int nr, int8_t *scr
         _mm512_storeu_ps(wscale + (k / 32 + 1) * BLOCK, ws1);
     }
     *stride = K;
-    const int64_t row_bytes = w->kind == W_Q4 ? w->data_stride : K;
-    const uint8_t *next = n0 + 2 * BLOCK <= w->rows ? (const uint8_t *)w->data + (n0 + BLOCK) * row_bytes : 0;
-    if (w->kind != W_Q4 && nr == BLOCK) { /* read where they lie; the next block asked for meanwhile */
-        for (int64_t at = 0; next && at < BLOCK * row_bytes; at += 64) _mm_prefetch((const char *)next + at, _MM_HINT_T1);
-        return (const int8_t *)w->data + n0 * K;
-    }
+    if (w->kind != W_Q4 && nr == BLOCK) return (const int8_t *)w->data + n0 * K; /* read where they lie */
+    int64_t row_bytes;
+    const uint8_t *next = next_block(w, n0, &row_bytes);
     for (int i = 0; i < BLOCK; i++)
         for (int64_t k = 0; k < K; k += 64) {
             _mm512_storeu_si512(scratch + i * K + k, chunk_bytes(j, n0 + row[i], k, 0));

@@ -171,7 +171,7 @@ static void q4_rows(void *arg, int64_t begin, int64_t end) {
         const uint8_t *c = j->codes + n * cs;
         const float *s = j->scales + n * bs;
         const uint8_t *z = j->zeros ? j->zeros + n * bs : 0;
-        if (M == 1) { /* one activation row: two weight rows at a time */
+        if (M == 1) { /* one activation row: four weight rows at a time */
             if (n + 3 < end) { Q4_ROW(1, 4, 0); n += 3; } else if (n + 1 < end) { Q4_ROW(1, 2, 0); n++; } else Q4_ROW(1, 1, 0);
             continue;
         }
