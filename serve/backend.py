@@ -14,6 +14,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.export.names import META
+from compressor.inference.kv_cache import CacheShape
 
 from .types import EngineConfig
 
@@ -45,7 +46,7 @@ class Backend(Protocol):
     tokenizer: object  # a transformers tokenizer
     eos_ids: set[int]
     context_length: int  # positions a sequence may reach, prompt included
-    kv_shape: tuple[int, int, int]  # (layers, kv_heads, head_dim): float32 keys and values per position
+    kv_shape: CacheShape  # what a sequence's float32 keys and values take per position and layer
     fingerprint: str  # the base's :func:`compressor.adapters.base_fingerprint`, that adapters must match
 
     def setup_thread(self) -> None:
@@ -78,7 +79,8 @@ def open_backend(config: EngineConfig) -> Backend:
         raise CompressorError(folder, f"an ONNX export (it has {META}): serve it with --backend onnx")
     from .torch_backend import TorchBackend
 
-    return TorchBackend(folder, head=config.head, threads=config.threads, activations=config.activations, prefill=config.prefill)
+    return TorchBackend(folder, head=config.head, threads=config.threads, activations=config.activations, prefill=config.prefill,
+                        slack=config.prefill_chunk)  # fmt: skip
 
 
 def eos_set(model_eos: int | list[int] | None, tokenizer) -> set[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -73,7 +72,6 @@ class Engine:
         self.eos_ids = self.backend.eos_ids
         budget = None if config.adapter_memory_mb is None else int(config.adapter_memory_mb * 2**20)
         self.registry = AdapterRegistry(self.backend.layers, self.backend.fingerprint, config.adapter_root, config.max_adapters, budget)
-        self._kv_per_token = 2 * math.prod(self.backend.kv_shape) * 4  # keys and values of every layer, float32
         self._kv_budget = None if config.kv_cache_mb is None else int(config.kv_cache_mb * 2**20)
         self._kv_reserved = 0
         self._waiting: deque[Request] = deque()
@@ -141,7 +139,7 @@ class Engine:
             raise PromptTooLong("the prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}")
-        need = (len(prompt_ids) + params.max_tokens) * self._kv_per_token
+        need = self.backend.kv_shape.bytes(len(prompt_ids) + params.max_tokens)  # sliding layers' rings bounded
         if self._kv_budget is not None and need > self._kv_budget:
             raise PromptTooLong(f"prompt plus max_tokens needs {need / 2**20:.1f} MB of key/value cache; the budget is {self._kv_budget / 2**20:.1f} MB")
         key = None if adapter is None else self.registry.acquire(adapter)

@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 from compressor.export.adapters import module_arrays
 from compressor.export.names import META, MODEL, lora_names
 from compressor.export.runtime import OnnxDecoder
+from compressor.inference.kv_cache import CacheShape
 
 from .backend import eos_set
 
@@ -67,7 +68,8 @@ class OnnxBackend:
         shapes = {arg.name: arg.shape for arg in self.decoder.session.get_overridable_initializers()}
         try:
             self.layers = {m: LoraInputs(m, shapes[lora_names(m)[0]][0], shapes[lora_names(m)[1]][1]) for m in meta["lora_modules"]}
-            self.kv_shape = (int(meta["layers"]), int(meta["kv_heads"]), int(meta["head_dim"]))
+            # onnxruntime's cache holds every position, sliding layers' too
+            self.kv_shape = CacheShape(int(meta["layers"]), int(meta["kv_heads"]), int(meta["head_dim"]))
             self.context_length = int(meta["max_positions"])
             self.fingerprint = meta["base_fingerprint"]
             eos = meta["eos_token_ids"]

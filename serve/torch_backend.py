@@ -17,10 +17,9 @@ from transformers import AutoTokenizer
 
 from compressor import formats
 from compressor.adapters import base_fingerprint
-from compressor.architecture import kv_shape
 from compressor.inference import multilora
 from compressor.inference.decoder import Decoder, UnsupportedModel
-from compressor.inference.kv_cache import SequenceKV
+from compressor.inference.kv_cache import CacheShape, SequenceKV
 from compressor.loading import load
 from compressor.native.matmul import KernelWeight, all_cores
 
@@ -40,7 +39,8 @@ def head_weight(weight: torch.Tensor, head: str) -> KernelWeight:
 class TorchBackend:
     """A base loaded with :func:`compressor.loading.load`, its linear layers wrapped for per-row adapters."""
 
-    def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32", prefill: str = "float32"):
+    def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32", prefill: str = "float32",
+                 slack: int = 256):  # fmt: skip
         self.model = load(base_dir, exact=True, activations=activations)
         self.threads = threads
         self.routing = multilora.Routing()
@@ -55,7 +55,7 @@ class TorchBackend:
         generation = self.model.generation_config
         self.eos_ids = eos_set(None if generation is None else generation.eos_token_id, self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.kv_shape = kv_shape(self.model.config)
+        self.kv_shape: CacheShape = self.decoder.cache_shape(slack)  # slack: the engine's prefill chunk, the most tokens a forward writes
         self.fingerprint = base_fingerprint(base_dir)
 
     def setup_thread(self) -> None:
@@ -65,7 +65,7 @@ class TorchBackend:
 
     def new_cache(self, capacity: int, limit: int | None = None) -> SequenceKV:
         """An empty float32 :class:`~compressor.inference.kv_cache.SequenceKV`."""
-        return SequenceKV(*self.kv_shape, dtype=torch.float32, capacity=capacity, limit=limit)
+        return SequenceKV(self.kv_shape, dtype=torch.float32, capacity=capacity, limit=limit)
 
     def prompt_forward(self, prompt_ids: list[int], adapter_key: str | None, cache: SequenceKV, logits_to_keep: int) -> torch.Tensor:
         """One prompt alone, filling ``cache``: logits ``(positions, vocab)`` of the last ``logits_to_keep`` (0: all)."""

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer, Qwen3Config)
 
 _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
@@ -28,10 +37,6 @@ FAMILIES = {
     "mistral-window": lambda: MistralConfig(**_COMMON, sliding_window=4),
     "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, eos_token_id=2, bos_token_id=1, sliding_window=4),
 }
-# transformers builds Qwen 2's own tokenizer class for a qwen2 folder whatever its tokenizer files
-# say, and that class cannot take tiny_tokenizer's word-level vocabulary: paths that read text
-# skip these families (their products, steps and files are tested by token ids).
-WORD_LEVEL_TOKENIZER = sorted(f for f in FAMILIES if not f.startswith("qwen2"))
 
 
 def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -131,9 +136,26 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>", chat_template=CHAT_TEMPLATE)
 
 
+def tiny_byte_level_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer (Qwen 2's class) within the tiny models' 320-entry vocabulary that reads the tiny models' texts, with their chat template and ``</s>`` as eos."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    for word in ("word", "token"):  # the texts' two stems, one token each
+        for i in range(1, len(word)):
+            merges.append((word[:i], word[i]))
+            vocab[word[: i + 1]] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="</s>", chat_template=CHAT_TEMPLATE)
+
+
 def with_tokenizer(folder):
-    """Give a tiny checkpoint :func:`tiny_tokenizer`."""
-    tiny_tokenizer().save_pretrained(folder)
+    """Give a tiny checkpoint :func:`tiny_tokenizer`, or a qwen2 one :func:`tiny_byte_level_tokenizer`.
+
+    transformers builds Qwen 2's own tokenizer class for any qwen2 folder, whatever its files say,
+    and that class is byte-level BPE only.
+    """
+    qwen2 = json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "qwen2"
+    (tiny_byte_level_tokenizer() if qwen2 else tiny_tokenizer()).save_pretrained(folder)
     return folder
 
 
@@ -158,3 +180,38 @@ def random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, targets: tuple[
     from compressor.lora import DEFAULT_TARGETS, LoraConfig
 
     return make(base_dir, out_dir, LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets or DEFAULT_TARGETS), seed)
+
+
+def until(condition, timeout: float = 5.0) -> bool:
+    """Wait for ``condition()`` to hold, up to ``timeout`` seconds; whether it did."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@contextmanager
+def command_line(args: list[str]):
+    """Run ``python -m serve ARGS`` on a free port; yields its base URL once it answers, then checks it stops gracefully on SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "serve", *args, "--port", url.rpartition(":")[2]]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return proc.poll() is not None  # exited: stop waiting
+
+    try:
+        assert until(up, timeout=90) and proc.poll() is None, proc.communicate()[1][-3000:]
+        yield url
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    # uvicorn shuts down gracefully (the lifespan stops the engine), then re-raises the signal it caught.
+    assert "Application shutdown complete" in err and proc.returncode == -signal.SIGTERM, err[-3000:]

@@ -3,6 +3,7 @@
 import json
 
 import bitsandbytes as bnb
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -20,7 +21,7 @@ from compressor.quantize import QuantizeJob, quantize_checkpoint
 from compressor.train import TrainJob, train
 from serve.engine import Engine
 from serve.types import EngineConfig, SamplingParams
-from tests.helpers import ANSWER_FORMAT, FAMILIES, WORD_LEVEL_TOKENIZER, random_adapter, tiny_checkpoint, with_tokenizer
+from tests.helpers import ANSWER_FORMAT, FAMILIES, command_line, random_adapter, tiny_checkpoint, with_tokenizer
 from tests.serve.test_engine import generate
 
 IDS = torch.tensor([[5, 17, 42, 8, 9, 10, 61, 7, 2, 30, 11, 12]])  # longer than the test families' windows of 4
@@ -47,7 +48,7 @@ def test_a_family_quantizes_into_bitsandbytes_files_that_load_as_its_dequantized
         assert torch.equal(bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float(), module.weight_dequantized().float())
 
 
-@pytest.mark.parametrize("family", WORD_LEVEL_TOKENIZER)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_family_trains_merges_and_serves_its_adapter_as_transformers_computes_it(family, tmp_path):
     src = with_tokenizer(tiny_checkpoint(tmp_path, family))
     quantize_checkpoint(QuantizeJob(src, tmp_path / "nf4", config_for("nf4"), progress=False))
@@ -65,7 +66,8 @@ def test_a_family_trains_merges_and_serves_its_adapter_as_transformers_computes_
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(IDS).logits
         torch.testing.assert_close(merged, float_adapted.eval()(IDS).logits, rtol=0, atol=1e-4)
 
-    engine = Engine(EngineConfig(tmp_path / "nf4", max_batch=4, adapter_root=tmp_path))
+    # Prompts in chunks of 3: a sliding layer's cache is a ring of its window (4) and 3, wrapped many times over.
+    engine = Engine(EngineConfig(tmp_path / "nf4", max_batch=4, adapter_root=tmp_path, prefill_chunk=3))
     engine.load_adapter("a", tmp_path / "adapter")
     engine.start()
     try:  # alone and in a batch with the base: the same tokens as transformers' generate on base + adapter
@@ -98,7 +100,7 @@ def test_a_family_exports_to_onnx_and_generates_its_own_greedy_tokens_with_and_w
         assert list(decoder.generate(IDS[0].tolist(), Sampling(max_new_tokens=8), adapter)) == expected
 
 
-@pytest.mark.parametrize("family", WORD_LEVEL_TOKENIZER)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_family_goes_through_the_command_line_end_to_end(family, tmp_path):
     src = with_tokenizer(tiny_checkpoint(tmp_path, family))
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in ANSWER_FORMAT) + "\n")
@@ -109,9 +111,13 @@ def test_a_family_goes_through_the_command_line_end_to_end(family, tmp_path):
     assert main(["merge", nf4, adapter, merged, "--quiet"]) == 0
     assert main(["export", "onnx", nf4, onnx, "--adapter", f"a={adapter}"]) == 0
     assert main(["generate", onnx, "--prompt", "word3 word4", "--adapter", "a", "--max-new-tokens", "4"]) == 0
+    with command_line(["--base", nf4, "--adapter", f"a={adapter}", "--max-batch", "2"]) as url:  # python -m serve, over HTTP
+        chat = {"model": "a", "messages": [{"role": "user", "content": "word3 word4"}], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4, answer.text
 
 
-@pytest.mark.parametrize("family", WORD_LEVEL_TOKENIZER)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_family_serves_the_same_text_from_its_onnx_export_as_from_torch(family, tmp_path):
     src = with_tokenizer(tiny_checkpoint(tmp_path, family))
     quantize_checkpoint(QuantizeJob(src, tmp_path / "nf4", config_for("nf4"), progress=False))

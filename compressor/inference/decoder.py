@@ -30,6 +30,7 @@ from ..native import ops, step
 from ..native.matmul import all_cores
 
 from ..nn import QuantLinear
+from .kv_cache import CacheShape
 from .multilora import MultiLoraLinear, Routing, row_weight
 
 PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "rowwise": None}  # by name (serve.types.PREFILLS); None: no GEMM
@@ -318,12 +319,29 @@ class Decoder:
             return MultiLoraLinear(module, self.routing)
         raise UnsupportedModel(f"{where}: {type(module).__name__} is not a linear layer the step computes")
 
+    def cache_shape(self, slack: int = 256) -> CacheShape:
+        """What a sequence's cache holds for this model, sliding layers' bounded by their window plus ``slack`` (the most tokens one forward writes)."""
+        windows = tuple(layer.window for layer in self.layers)
+        return CacheShape(len(self.layers), self.kv_heads, self.head_dim, windows if any(windows) else (), slack)
+
     @torch.inference_mode()
     def forward(self, tokens: list[list[int]], adapters: list[str | None], caches: list, logit_rows: list[int] | None = None) -> torch.Tensor:
         """Run each sequence's new ``tokens`` through the model into its cache; logits of ``logit_rows`` (default: each sequence's last).
 
         Rows are the sequences' tokens one after another; ``caches`` are :class:`compressor.inference.kv_cache.SequenceKV`.
+        One sequence of more tokens than its cache's slack runs as pieces of that many where sliding layers keep rings.
         """
+        slack = caches[0].shape.slack
+        if len(tokens) == 1 and caches[0].shape.windows and len(tokens[0]) > slack:
+            ids = tokens[0]
+            rows = list(range(len(ids) - 1, len(ids))) if logit_rows is None else list(logit_rows)
+            out = []
+            for at in range(0, len(ids), slack):
+                piece = ids[at : at + slack]
+                mine = [r - at for r in rows if at <= r < at + len(piece)]
+                logits = self.forward([piece], adapters, caches, logit_rows=mine or [len(piece) - 1])
+                out.append(logits if mine else logits[:0])
+            return torch.cat(out)
         rows = _Rows.of(self, tokens, caches)
         gemm = self.prefill if len(tokens) == 1 and self._gemm(tokens[0]) else None
         self.routing.set_rows(adapters, rows.counts)
@@ -474,7 +492,7 @@ class Decoder:
         ops.rope(k, kv_heads, dim, cos[layer.rotary], sin[layer.rotary])
         t = self._mark("rotary", t)
         i = layer.index
-        if gemm is not None and not self.attn_softcap:
+        if gemm is not None and not self.attn_softcap and int(past[0]) + rows <= caches[0].keys[i].shape[1]:  # not across a ring's wrap
             attn = self._prompt_attention(q, k, v, int(past[0]), caches[0].keys[i], caches[0].values[i], layer)
         else:
             attn = torch.empty(rows, heads * dim)

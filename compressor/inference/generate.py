@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..architecture import kv_shape
 from ..native.matmul import all_cores
 from .decoder import Decoder, UnsupportedModel
 from .kv_cache import SequenceKV
@@ -82,9 +81,8 @@ class NativeGeneration:
                                     **kwargs)  # fmt: skip
         kv = self.caches.get(cache)
         if kv is None:
-            config = self.model.config
-            kv = SequenceKV(*kv_shape(config), torch.float32, capacity=max(64, input_ids.shape[1] * 2),
-                            limit=getattr(config, "max_position_embeddings", None))  # fmt: skip
+            kv = SequenceKV(self.decoder.cache_shape(), torch.float32, capacity=max(64, input_ids.shape[1] * 2),
+                            limit=getattr(self.model.config, "max_position_embeddings", None))  # fmt: skip
             self.caches[cache] = kv
             cache.crop = _crop_native(kv)
         ids = input_ids[0].tolist()
@@ -96,7 +94,7 @@ class NativeGeneration:
 def _crop_native(kv: SequenceKV):
     # Cache.crop's contract (a negative length counts back from the end), on the native keys.
     def crop(max_length: int) -> None:
-        kv.length = min(kv.length, max_length if max_length >= 0 else kv.length + max_length)
+        kv.crop(max_length if max_length >= 0 else kv.length + max_length)
 
     return crop
 

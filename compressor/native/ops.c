@@ -182,7 +182,9 @@ typedef struct {
 
 /* (new token, key head) pairs begin .. end of the step: the query heads that read one key head
    together, so that each cached key and value is loaded once for all of them. Each head's
-   numbers are computed exactly as alone. */
+   numbers are computed exactly as alone. A position p sits at slot p % capacity (a sliding
+   layer's ring; below the capacity, slot p), and the window's positions are read in order across
+   the wrap, so the numbers do not depend on where the ring stands. */
 static void attention_part(void *arg, int64_t begin, int64_t end) {
     const attention_job *j = arg;
     const int64_t kv_heads = j->kv_heads, dim = j->dim, group = j->heads / kv_heads, longest = j->longest > 0 ? j->longest : 1;
@@ -191,31 +193,35 @@ static void attention_part(void *arg, int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; pair++) {
         int64_t row = pair / kv_heads, g = pair % kv_heads;
         while (j->seq_start[b + 1] <= row) b++;
-        int64_t pos = j->past[b] + (row - j->seq_start[b]);
+        int64_t pos = j->past[b] + (row - j->seq_start[b]), cap = j->capacity[b];
         int64_t first = j->window > 0 && pos - j->window + 1 > 0 ? pos - j->window + 1 : 0, span = pos + 1 - first;
-        const float *kh = j->keys[b] + g * j->capacity[b] * dim, *vh = j->values[b] + g * j->capacity[b] * dim;
+        int64_t start = first % cap, run = span < cap - start ? span : cap - start; /* slots start .. start + run, then 0 .. span - run */
+        const float *kh = j->keys[b] + g * cap * dim, *vh = j->values[b] + g * cap * dim;
         const float *q0 = j->q + row * j->ldq + g * group * dim;
-        int64_t t = first;
+        for (int part = 0; part < 2; part++) { /* scores[i]: position first + i */
+            int64_t slot = part ? 0 : start, n = part ? span - run : run, at = part ? run : 0, i = 0;
 #ifdef __AVX512F__
-        if (dim % 16 == 0)
-            for (; t + 16 <= pos + 1; t += 16)
-                for (int64_t h = 0; h < group; h++)
-                    _mm512_storeu_ps(scores + h * longest + t, _mm512_mul_ps(dot16_positions(q0 + h * dim, kh, t, dim), _mm512_set1_ps(j->scale)));
+            if (dim % 16 == 0)
+                for (; i + 16 <= n; i += 16)
+                    for (int64_t h = 0; h < group; h++)
+                        _mm512_storeu_ps(scores + h * longest + at + i,
+                                         _mm512_mul_ps(dot16_positions(q0 + h * dim, kh, slot + i, dim), _mm512_set1_ps(j->scale)));
 #endif
-        for (; t <= pos; t++)
-            for (int64_t h = 0; h < group; h++) scores[h * longest + t] = dot(q0 + h * dim, kh + t * dim, dim) * j->scale;
+            for (; i < n; i++)
+                for (int64_t h = 0; h < group; h++) scores[h * longest + at + i] = dot(q0 + h * dim, kh + (slot + i) * dim, dim) * j->scale;
+        }
         float *o0 = j->out + row * j->ldo + g * group * dim;
         for (int64_t h = 0; h < group; h++) {
             float *sc = scores + h * longest;
             if (j->softcap > 0)
-                for (int64_t t = first; t <= pos; t++) sc[t] = j->softcap * tanhf(sc[t] / j->softcap);
+                for (int64_t i = 0; i < span; i++) sc[i] = j->softcap * tanhf(sc[i] / j->softcap);
             float best = -INFINITY;
-            for (int64_t t = first; t <= pos; t++) best = sc[t] > best ? sc[t] : best;
-            for (int64_t t = first; t <= pos; t++) sc[t] -= best;
-            exp_all(sc + first, span);
+            for (int64_t i = 0; i < span; i++) best = sc[i] > best ? sc[i] : best;
+            for (int64_t i = 0; i < span; i++) sc[i] -= best;
+            exp_all(sc, span);
             float norm = 0;
-            for (int64_t t = first; t <= pos; t++) norm += sc[t];
-            for (int64_t t = first; t <= pos; t++) sc[t] /= norm;
+            for (int64_t i = 0; i < span; i++) norm += sc[i];
+            for (int64_t i = 0; i < span; i++) sc[i] /= norm;
             for (int64_t d = 0; d < dim; d++) o0[h * dim + d] = 0;
         }
 #ifdef __AVX512F__
@@ -224,20 +230,20 @@ static void attention_part(void *arg, int64_t begin, int64_t end) {
                 for (int64_t d = 0; d < dim; d += 64) {
                     __m512 o4[4];
                     for (int i = 0; i < 4; i++) o4[i] = _mm512_loadu_ps(o0 + h * dim + d + 16 * i);
-                    for (int64_t t = first; t <= pos; t++) {
-                        __m512 p = _mm512_set1_ps(scores[h * longest + t]);
-                        for (int i = 0; i < 4; i++)
-                            o4[i] = _mm512_add_ps(o4[i], _mm512_mul_ps(p, _mm512_loadu_ps(vh + t * dim + d + 16 * i)));
+                    for (int64_t i = 0, slot = start; i < span; i++, slot = slot + 1 == cap ? 0 : slot + 1) {
+                        __m512 p = _mm512_set1_ps(scores[h * longest + i]);
+                        for (int r = 0; r < 4; r++)
+                            o4[r] = _mm512_add_ps(o4[r], _mm512_mul_ps(p, _mm512_loadu_ps(vh + slot * dim + d + 16 * r)));
                     }
                     for (int i = 0; i < 4; i++) _mm512_storeu_ps(o0 + h * dim + d + 16 * i, o4[i]);
                 }
             continue;
         }
 #endif
-        for (int64_t t = first; t <= pos; t++) {
-            const float *vt = vh + t * dim;
+        for (int64_t i = 0, slot = start; i < span; i++, slot = slot + 1 == cap ? 0 : slot + 1) {
+            const float *vt = vh + slot * dim;
             for (int64_t h = 0; h < group; h++) {
-                float p = scores[h * longest + t], *o = o0 + h * dim;
+                float p = scores[h * longest + i], *o = o0 + h * dim;
                 for (int64_t d = 0; d < dim; d++) o[d] += p * vt[d];
             }
         }
@@ -249,8 +255,10 @@ static void attention_part(void *arg, int64_t begin, int64_t end) {
 
    Sequence b owns rows seq_start[b] .. seq_start[b + 1] of q (heads * dim each), k and v
    (kv_heads * dim each): its new tokens, at positions past[b], past[b] + 1, ... Their keys and
-   values are first written into its cache (keys[b], values[b]: kv_heads x capacity[b] x dim).
-   Then each new token attends causally over the cache, within ``window`` positions when window >
+   values are first written into its cache (keys[b], values[b]: kv_heads x capacity[b] x dim),
+   position p at slot p % capacity[b], so a ring must have room for the window of the first new
+   token beside the new ones. Then each new token attends causally over the cache, within
+   ``window`` positions when window >
    0, with scores soft-capped at ``softcap`` when softcap > 0; query head h reads key head
    h / (heads / kv_heads). out has the rows of q. */
 void attention(const float *q, const float *k, const float *v, int64_t ldq, int64_t ldk, int64_t nseq, const int64_t *seq_start,
@@ -261,11 +269,12 @@ void attention(const float *q, const float *k, const float *v, int64_t ldq, int6
         int64_t n = seq_start[b + 1] - seq_start[b];
         for (int64_t t = 0; t < n; t++)
             for (int64_t g = 0; g < kv_heads; g++) {
-                int64_t at = g * capacity[b] * dim + (past[b] + t) * dim;
+                int64_t at = g * capacity[b] * dim + (past[b] + t) % capacity[b] * dim;
                 memcpy(keys[b] + at, k + (seq_start[b] + t) * ldk + g * dim, sizeof(float) * dim);
                 memcpy(values[b] + at, v + (seq_start[b] + t) * ldk + g * dim, sizeof(float) * dim);
             }
-        if (past[b] + n > longest) longest = past[b] + n;
+        int64_t span = window > 0 && window < past[b] + n ? window : past[b] + n; /* the most positions a new token reads */
+        if (span > longest) longest = span;
     }
     attention_job job = {q, ldq, nseq, seq_start, past, (const float *const *)keys, (const float *const *)values, capacity, heads,
                          kv_heads, dim, scale, softcap, window, out, ldo, longest};

@@ -98,18 +98,17 @@ def test_the_native_step_gives_the_python_steps_bits_in_every_family(family):
                 layer.attach(key, a, b, 0.5)
     native, python = Decoder(model, routing), Decoder(model, routing, native_step=False)
     assert native.native is not None and python.native is None
-    config = model.config
-    shape = (config.num_hidden_layers, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    shape = native.cache_shape()
     prompts, adapters = [[5, 17, 42, 8, 9, 10], [99, 3], [61, 7, 2, 30, 4]], ["a", None, "b"]
     results = []
     for decoder in (native, python):
-        caches = [SequenceKV(*shape, dtype=torch.float32, capacity=2) for _ in prompts]  # grown on the way
+        caches = [SequenceKV(shape, dtype=torch.float32, capacity=2) for _ in prompts]  # grown on the way
         steps = [decoder.forward(prompts, adapters, caches)]
         for token in (11, 12, 13):
             steps.append(decoder.forward([[token]] * 3, adapters, caches))
         results.append(torch.stack(steps))
     assert torch.equal(results[0], results[1])
-    bare = native.forward([prompts[0]], [None], [SequenceKV(*shape, dtype=torch.float32)])[0]
+    bare = native.forward([prompts[0]], [None], [SequenceKV(shape, dtype=torch.float32)])[0]
     torch.testing.assert_close(bare, expected, rtol=0, atol=1e-4)  # and the step is the model's own
 
 
@@ -165,7 +164,6 @@ def test_prompts_prefilled_together_get_the_bits_each_gets_alone(bases, prefill)
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral-window", "qwen2-sliding", "phi3"])
 def test_a_long_prompt_through_the_gemm_path_matches_transformers_in_windowed_families(family):
-    from compressor.architecture import kv_shape
     from compressor.inference.kv_cache import SequenceKV
     from compressor.inference.multilora import install
 
@@ -175,5 +173,51 @@ def test_a_long_prompt_through_the_gemm_path_matches_transformers_in_windowed_fa
         expected = model(torch.tensor([ids])).logits[0]
     routing = Routing()
     install(model, routing)
-    got = Decoder(model, routing).forward([ids], [None], [SequenceKV(*kv_shape(model.config), dtype=torch.float32)], logit_rows=list(range(60)))
+    decoder = Decoder(model, routing)
+    got = decoder.forward([ids], [None], [SequenceKV(decoder.cache_shape(), dtype=torch.float32)], logit_rows=list(range(60)))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("native_step", [True, False])
+@pytest.mark.parametrize("family", ["gemma2", "mistral-window", "qwen2-sliding"])
+def test_a_sliding_layers_ring_gives_the_bits_of_an_unbounded_cache(family, native_step):
+    from dataclasses import replace
+
+    from compressor.inference.kv_cache import SequenceKV
+    from compressor.inference.multilora import install
+
+    model = _family(family)
+    routing = Routing()
+    install(model, routing)
+    decoder = Decoder(model, routing, native_step=native_step, prefill="rowwise")
+    ring = decoder.cache_shape(slack=3)
+    assert ring.windows and ring.positions(40) < ring.layers * 40
+    bounded, unbounded = SequenceKV(ring, torch.float32, capacity=2), SequenceKV(replace(ring, windows=()), torch.float32, capacity=2)
+    prompt = [5, 17, 42, 8, 9, 10, 11, 3, 7]  # longer than the slack: prefilled in pieces of 3
+    steps = [[decoder.forward([prompt], [None], [cache]) for cache in (bounded, unbounded)]]
+    for token in range(20, 50):  # many times around a ring of window 4 + slack 3
+        steps.append([decoder.forward([[token]], [None], [cache]) for cache in (bounded, unbounded)])
+    for a, b in steps:
+        assert torch.equal(a, b)
+    held = {k.shape[1] for k, window in zip(bounded.keys, ring.windows) if window}
+    assert held == {ring.ring(ring.windows.index(4))} == {7}
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral-window"])
+def test_a_long_prompt_wrapping_a_ring_through_the_gemm_path_matches_transformers(family):
+    from compressor.inference.kv_cache import SequenceKV
+    from compressor.inference.multilora import install
+
+    model = _family(family)
+    ids = list(range(5, 105))  # chunks of 50 (past gemm_rows) around rings of 4 + 50
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    routing = Routing()
+    install(model, routing)
+    decoder = Decoder(model, routing)
+    cache = SequenceKV(decoder.cache_shape(slack=50), dtype=torch.float32)
+    got = torch.cat([decoder.forward([ids[:50]], [None], [cache], logit_rows=list(range(50))),
+                     decoder.forward([ids[50:]], [None], [cache], logit_rows=list(range(50)))])  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    shape = cache.shape
+    assert {k.shape[1] for k, window in zip(cache.keys, shape.windows) if window} == {54}

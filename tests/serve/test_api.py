@@ -2,14 +2,9 @@
 
 import asyncio
 import json
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +16,7 @@ from serve.api import create_app
 from serve.auth import ApiKeys
 from serve.engine import Engine
 from serve.types import EngineConfig
+from tests.helpers import command_line, until
 
 KEYS = {
     "tenant-a": {"adapters": ["alpha"]},
@@ -78,15 +74,6 @@ class Tap:
             return submit(prompt_ids, adapter, params, tapped)
 
         engine.submit = tapped_submit
-
-
-def until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def sse(client: httpx.Client, path: str, body: dict) -> list[dict]:
@@ -316,31 +303,6 @@ def test_a_bad_keys_file_is_refused_at_startup_naming_the_file(tmp_path, capsys,
     assert main(["--base", str(tmp_path / "never-loaded"), "--api-keys", str(keys)]) == 1
     err = capsys.readouterr().err
     assert str(keys) in err and "sk-secret-1" not in err  # names the file, never the key
-
-
-@contextmanager
-def command_line(args: list[str]):
-    """Run ``python -m serve ARGS`` on a free port; yields its base URL once it answers, then checks it stops gracefully on SIGTERM."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "serve", *args, "--port", url.rpartition(":")[2]]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return proc.poll() is not None  # exited: stop waiting
-
-    try:
-        assert until(up, timeout=90) and proc.poll() is None, proc.communicate()[1][-3000:]
-        yield url
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    # uvicorn shuts down gracefully (the lifespan stops the engine), then re-raises the signal it caught.
-    assert "Application shutdown complete" in err and proc.returncode == -signal.SIGTERM, err[-3000:]
 
 
 def test_the_command_line_serves_the_base_and_its_adapters(bases, tmp_path):

@@ -7,7 +7,7 @@ import compressor
 from serve.engine import Engine
 from serve.errors import AdapterConflict, AdapterRejected, PromptTooLong, QueueFull, UnknownAdapter
 from serve.types import EngineConfig, SamplingParams
-from tests.helpers import WORD_LEVEL_TOKENIZER, tiny_checkpoint, with_tokenizer
+from tests.helpers import FAMILIES, tiny_checkpoint, with_tokenizer
 
 GREEDY = SamplingParams(max_tokens=10)
 
@@ -170,7 +170,7 @@ def test_cancelling_ends_a_request_with_cancelled(engine):
     assert events[-1].finish_reason in ("cancelled", "stop")
 
 
-@pytest.mark.parametrize("arch", sorted(set(WORD_LEVEL_TOKENIZER) - {"llama"}))  # llama: the bases above; texts compared, so not Qwen 2
+@pytest.mark.parametrize("arch", sorted(set(FAMILIES) - {"llama"}))  # llama: the bases above
 def test_every_family_matches_transformers_alone_and_batched(arch, tmp_path):
     folder = with_tokenizer(tiny_checkpoint(tmp_path, arch))
     reference = compressor.load(folder, exact=True, native_generate=False)  # transformers itself

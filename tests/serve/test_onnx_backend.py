@@ -9,6 +9,7 @@ import compressor
 from compressor.adapters import base_fingerprint, read_adapter
 from compressor.errors import CompressorError
 from compressor.export.adapters import adapter_arrays
+from compressor.inference.kv_cache import CacheShape
 from serve.onnx_backend import OnnxBackend
 
 
@@ -50,7 +51,7 @@ def test_decoding_after_a_prompt_gives_the_logits_of_the_whole_sequence_at_once(
 
 def test_the_backend_reads_its_limits_from_export_json(backend, onnx_base):
     meta = json.loads((onnx_base / "export.json").read_text())
-    assert backend.kv_shape == (2, 2, 16) and backend.context_length == 128
+    assert backend.kv_shape == CacheShape(2, 2, 16) and backend.context_length == 128
     assert backend.fingerprint == meta["base_fingerprint"] == base_fingerprint(meta["source"])
     assert backend.eos_ids == {*meta["eos_token_ids"], backend.tokenizer.eos_token_id}
 

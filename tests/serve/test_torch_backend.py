@@ -30,3 +30,16 @@ def test_a_decode_step_gives_each_sequence_the_bits_it_gets_alone(backend):
     alone = [backend.decode([11], [None], [cache_after(p)])[0] for p in prompts]
     together = backend.decode([11, 11], [None, None], [cache_after(p) for p in prompts])
     assert torch.equal(together, torch.stack(alone))
+
+
+def test_a_sliding_model_sizes_its_caches_as_rings_of_the_window_and_the_prefill_chunk(tmp_path):
+    from tests.helpers import tiny_checkpoint, with_tokenizer
+
+    backend = TorchBackend(with_tokenizer(tiny_checkpoint(tmp_path, "mistral-window")), slack=6)  # every layer: a window of 4
+    shape = backend.kv_shape
+    assert shape.windows == (4, 4) and shape.ring(0) == 10
+    per_position = 2 * shape.kv_heads * shape.head_dim * 4
+    assert shape.bytes(100) == 2 * 10 * per_position and shape.bytes(7) == 2 * 7 * per_position
+    cache = backend.new_cache(4, limit=100)
+    backend.prompt_forward(list(range(5, 25)), None, cache, logits_to_keep=1)  # in pieces of 6 around the ring
+    assert cache.length == 20 and [k.shape[1] for k in cache.keys] == [10, 10]
