@@ -33,7 +33,7 @@ PROMPT_TOKENS, TEXT_TOKENS = 32, 512
 
 def prepare(model_dir: Path, work: Path) -> dict:
     """Quantized bases, two rank-8 adapters on the NF4 one, and the exports; made once into ``work``."""
-    from compressor.adapters import random_adapter
+    from compressor.lora.adapters import random_adapter
     from compressor.export.exporter import OnnxExportJob, export_onnx
     from compressor.formats import config_for
     from compressor.lora import LoraConfig

@@ -90,8 +90,8 @@ def replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batc
 
 def held_out_loss(model, tokenizer, tenant: str, items: list[str]) -> float:
     """Mean loss per trained token of the tenant's answers to ``items``."""
-    from compressor.data import encode
-    from compressor.train import loss_and_tokens
+    from compressor.lora.data import encode
+    from compressor.lora.train import loss_and_tokens
 
     examples = [encode({"messages": [{"role": "user", "content": s}, {"role": "assistant", "content": answer(tenant, s)}]}, tokenizer, 128) for s in items]
     loss, tokens = loss_and_tokens(model, examples, tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -101,7 +101,7 @@ def held_out_loss(model, tokenizer, tenant: str, items: list[str]) -> float:
 def with_adapter(base_dir: Path, adapter_dir: Path | None):
     """Our base (packed weights through QuantLinear) with an adapter applied, or bare."""
     import compressor
-    from compressor.adapters import apply_adapter, read_adapter
+    from compressor.lora.adapters import apply_adapter, read_adapter
 
     model = compressor.load(base_dir, exact=True)
     if adapter_dir is not None:
@@ -124,7 +124,7 @@ def tenants(model_dir: Path, work: Path, steps: int, train_items: int, held: int
     """Train both tenants on the NF4 base and score every adapter on every task."""
     from transformers import AutoTokenizer
 
-    from compressor.train import TrainJob, train
+    from compressor.lora.train import TrainJob, train
 
     nf4 = nf4_base(model_dir, work)
     pool = sentences()
@@ -182,7 +182,7 @@ def peft_checks(float_dir: Path, nf4: Path, adapter_dir: Path, tokenizer, test: 
 def step_cost(base_dir: Path, data: Path, steps: int) -> dict:
     """Seconds per step and peak memory above the import baseline of LoRA training with gradient checkpointing, in this process."""
     from compressor.report.worker import peak_rss
-    from compressor.train import TrainJob, train
+    from compressor.lora.train import TrainJob, train
 
     baseline = peak_rss()
     summary = train(TrainJob(base_dir, data, Path(data).with_name(f"step-cost-{base_dir.name}"), rank=8, steps=steps, batch_size=8,
@@ -218,7 +218,7 @@ def demo(model_dir: Path, work: Path, steps: int) -> None:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from compressor.train import TrainJob, train
+    from compressor.lora.train import TrainJob, train
 
     hf_logging.disable_progress_bar()
     nf4 = nf4_base(model_dir, work)
@@ -242,7 +242,7 @@ def loftq_curves(model_dir: Path, work: Path, steps: int, every: int) -> dict:
     The task is language modelling of licence sentences; the weighted LoftQ calibrates on other
     sentences than the ones trained and held out.
     """
-    from compressor.train import TrainJob, train
+    from compressor.lora.train import TrainJob, train
 
     nf4 = nf4_base(model_dir, work)
     pool = sentences()

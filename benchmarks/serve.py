@@ -32,7 +32,7 @@ STREAMS = 16
 
 def make_adapters(base: Path, work: Path, count: int) -> list[Path]:
     """``count`` rank-8 adapters on every projection of ``base``, made once into ``work``."""
-    from compressor.adapters import random_adapter
+    from compressor.lora.adapters import random_adapter
     from compressor.lora import LoraConfig
 
     out = []
@@ -127,7 +127,7 @@ def reference_check(model_dir: Path, base: Path, adapter: Path, prompts: list[li
     from peft import PeftModel
 
     import compressor
-    from compressor.adapters import apply_adapter, read_adapter
+    from compressor.lora.adapters import apply_adapter, read_adapter
     from serve.engine import Engine
     from serve.types import EngineConfig
 

@@ -99,7 +99,7 @@ def _bench_tradeoffs(args) -> int:
 
 def _train(args) -> int:
     with paused_gc():
-        from .train import TrainJob, train
+        from .lora.train import TrainJob, train
 
     _quiet_transformers()
     job = TrainJob(
@@ -119,7 +119,7 @@ def _train(args) -> int:
 
 def _merge(args) -> int:
     with paused_gc():
-        from .merge import MergeJob, merge
+        from .lora.merge import MergeJob, merge
 
     _quiet_transformers()
     job = MergeJob(

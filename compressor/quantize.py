@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import bnb_layout, native_layout
+from .checkpoint import bnb_layout, manifest, native_layout
 from .checkpoint.atomic import atomic_folder
 from .checkpoint.readahead import ReadAhead
 from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, folder_bytes, open_shard
@@ -26,13 +26,8 @@ from .formats.common import FLOAT_DTYPES
 from .gc_pause import paused_gc
 from .optimize import OptimizeConfig
 
-MANIFEST = "manifest.json"
-# Files of a source folder that are weights or rewritten by us; everything else (tokenizer,
-# generation config, chat template, licence) is copied as it is.
-_NOT_COPIED = {"config.json", MANIFEST, INDEX, "pytorch_model.bin.index.json"}
 _READAHEAD_BYTES = 512 << 20
 _WRITES_IN_FLIGHT = 2
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -150,42 +145,25 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         if ckpt.sharded:
             index = {"metadata": {"total_size": summary.bytes_after}, "weight_map": run.weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        copy_side_files(ckpt.root, tmp)
+        manifest.copy_side_files(ckpt.root, tmp)
         summary.seconds = time.perf_counter() - start
-        _write_manifest(tmp / MANIFEST, job, ckpt, reads.hashes, summary, run.tensor_report, prepared)
+        _write_manifest(tmp, job, ckpt, reads.hashes, summary, run.tensor_report, prepared)
     return summary
 
 
-def _write_manifest(path: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str], summary: QuantizeSummary, tensors: dict, prepared) -> None:
+def _write_manifest(folder: Path, job: QuantizeJob, ckpt, hashes: dict[Path, str], summary: QuantizeSummary, tensors: dict, prepared) -> None:
     options = {k: type(v).__name__ if is_dataclass(v) else v for k, v in vars(job.config).items()}
-    manifest = {
-        "manifest_version": 1,
-        "compressor_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": summary.method,
-        "options": {**options, "skip": list(job.skip), "quantize_head": job.quantize_head,
-                    "optimize": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job.optimize).items()}},
-        "source": {"path": str(ckpt.root.resolve()),
-                   "files": {p.name: {"sha256": hashes[p], "bytes": p.stat().st_size} for p in ckpt.shards}},
-        "summary": {**asdict(summary), "bits_per_param": summary.bits_per_param, "linear_bits_per_param": summary.linear_bits_per_param},
-        "tensors": tensors,
-    }  # fmt: skip
+    options |= {"skip": list(job.skip), "quantize_head": job.quantize_head,
+                "optimize": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(job.optimize).items()}}  # fmt: skip
+    budget = None
     if job.optimize.budget_bits is not None:
         # Which layers the budget kept in float, and why: each layer's measured damage and size.
         kept = {c.name for c in prepared.kept}
-        manifest["budget"] = {"bits": job.optimize.budget_bits, "kept": sorted(kept),
-                              "layers": [{**asdict(c), "kept": c.name in kept} for c in sorted(prepared.measured, key=lambda c: -c.kl)]}  # fmt: skip
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def options_from_manifest(manifest: dict) -> tuple[object, tuple[str, ...], bool]:
-    """The inverse of the manifest's method and options: ``(config, skip, quantize_head)`` to quantize the same way again."""
-    opts = manifest["options"]
-    cfg = config_for(
-        manifest["method"], opts.get("blocksize"), double_quant=opts.get("double_quant", True),
-        per_tensor=opts.get("granularity") == "PerTensor", absmax_rounding=opts.get("absmax_rounding", "lut"),
-    )  # fmt: skip
-    return cfg, tuple(opts.get("skip", ())), opts.get("quantize_head", False)
+        budget = {"bits": job.optimize.budget_bits, "kept": sorted(kept),
+                  "layers": [{**asdict(c), "kept": c.name in kept} for c in sorted(prepared.measured, key=lambda c: -c.kl)]}  # fmt: skip
+    manifest.write(folder, summary.method, options, ckpt.root, {p.name: {"sha256": hashes[p], "bytes": p.stat().st_size} for p in ckpt.shards},
+                   {**asdict(summary), "bits_per_param": summary.bits_per_param, "linear_bits_per_param": summary.linear_bits_per_param},
+                   tensors, budget)  # fmt: skip
 
 
 class _Run:
@@ -301,10 +279,3 @@ def _write_config(src: Path, dst_dir: Path, cfg, skip: tuple[str, ...]) -> None:
     else:
         config["quantization_config"] = native_layout.quantization_config(cfg, list(skip))
     (dst_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def copy_side_files(src_dir: Path, dst_dir: Path) -> None:
-    """Copy tokenizer, generation config and other non-weight files (not config.json or the manifest)."""
-    for path in sorted(src_dir.iterdir()):
-        if path.is_file() and path.name not in _NOT_COPIED and not path.name.endswith(_WEIGHT_SUFFIXES) and not path.name.startswith("."):
-            shutil.copy2(path, dst_dir / path.name)

@@ -47,7 +47,7 @@ class Backend(Protocol):
     eos_ids: set[int]
     context_length: int  # positions a sequence may reach, prompt included
     kv_shape: CacheShape  # what a sequence's float32 keys and values take per position and layer
-    fingerprint: str  # the base's :func:`compressor.adapters.base_fingerprint`, that adapters must match
+    fingerprint: str  # the base's :func:`compressor.lora.adapters.base_fingerprint`, that adapters must match
 
     def setup_thread(self) -> None:
         """Per-thread settings for the scheduler thread, which runs every forward but score()'s."""

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.adapters import NAME, NAME_RULE, Adapter, check_fits, read_adapter
+from compressor.lora.adapters import NAME, NAME_RULE, Adapter, check_fits, read_adapter
 from compressor.errors import CompressorError
 from compressor.lora import LoraConfig
 

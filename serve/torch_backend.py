@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from compressor import formats
-from compressor.adapters import base_fingerprint
+from compressor.lora.adapters import base_fingerprint
 from compressor.inference import multilora
 from compressor.inference.decoder import Decoder, UnsupportedModel
 from compressor.inference.kv_cache import CacheShape, SequenceKV

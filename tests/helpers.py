@@ -176,7 +176,7 @@ ANSWER_FORMAT = [{"prompt": f"word{i} word{i + 1}", "completion": "token3 token5
 
 def random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, targets: tuple[str, ...] | None = None, seed: int = 0) -> Path:
     """A rank-``rank`` adapter with random B for ``base_dir`` (alpha = 2 x rank)."""
-    from compressor.adapters import random_adapter as make
+    from compressor.lora.adapters import random_adapter as make
     from compressor.lora import DEFAULT_TARGETS, LoraConfig
 
     return make(base_dir, out_dir, LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets or DEFAULT_TARGETS), seed)

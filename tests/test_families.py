@@ -9,16 +9,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor.adapters import apply_adapter, read_adapter
+from compressor.lora.adapters import apply_adapter, read_adapter
 from compressor.cli import main
 from compressor.export.exporter import OnnxExportJob, export_onnx
 from compressor.export.runtime import OnnxDecoder, Sampling
 from compressor.formats import config_for
 from compressor.lora import DEFAULT_TARGETS
-from compressor.merge import MergeJob, merge
+from compressor.lora.merge import MergeJob, merge
 from compressor.nn import QuantLinear
 from compressor.quantize import QuantizeJob, quantize_checkpoint
-from compressor.train import TrainJob, train
+from compressor.lora.train import TrainJob, train
 from serve.engine import Engine
 from serve.types import EngineConfig, SamplingParams
 from tests.helpers import ANSWER_FORMAT, FAMILIES, command_line, random_adapter, tiny_checkpoint, with_tokenizer

@@ -199,9 +199,9 @@ def test_allowed_pickle_is_quantized_like_safetensors(tmp_path):
 
 @pytest.mark.parametrize("method", ["nf4", "fp4", "int8", "int3"])
 def test_the_manifest_says_how_to_quantize_the_same_way_again(tmp_path, method):
-    from compressor.quantize import options_from_manifest
+    from compressor.checkpoint.manifest import quantize_options
 
     cfg = config_for(method, 32 if method in ("nf4", "fp4", "int3") else None, per_tensor=method == "int8")
     run(tiny_checkpoint(tmp_path), tmp_path / "out", cfg)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert options_from_manifest(manifest)[0] == cfg
+    assert quantize_options(manifest)[0] == cfg

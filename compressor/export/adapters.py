@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..adapters import Adapter
+from ..lora.adapters import Adapter
 from ..checkpoint.atomic import atomic_file
 from ..errors import CompressorError
 from .names import lora_names

@@ -15,14 +15,14 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from ..adapters import NAME, NAME_RULE, base_fingerprint, check_fits, read_adapter
+from ..lora.adapters import NAME, NAME_RULE, base_fingerprint, check_fits, read_adapter
+from ..checkpoint import manifest
 from ..checkpoint.atomic import atomic_folder
 from ..checkpoint.reader import folder_bytes
 from ..errors import CompressorError
 from ..loading import load, quant_method
 from ..methods import DEFAULT_TARGETS
-from ..merge import MergeJob, merge
-from ..quantize import copy_side_files
+from ..lora.merge import MergeJob, merge
 from .adapters import adapter_arrays, write_adapter_file
 from .decoder import build_decoder
 from .names import ADAPTERS, DATA, META, MODEL, SUFFIX
@@ -96,7 +96,7 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
             except CompressorError as e:
                 raise CompressorError(path, e.problem) from None
             write_adapter_file(arrays, out / ADAPTERS / f"{name}{SUFFIX}")
-        copy_side_files(job.base_dir, out)
+        manifest.copy_side_files(job.base_dir, out)
         (out / "config.json").write_text((job.base_dir / "config.json").read_text())
         meta = {
             **asdict(spec), "source": str(job.base_dir), "source_method": quant_method(job.base_dir),

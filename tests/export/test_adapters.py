@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from compressor.adapters import read_adapter
+from compressor.lora.adapters import read_adapter
 from compressor.errors import CompressorError
 from compressor.export.adapters import adapter_arrays, write_adapter_file
 from compressor.export.names import lora_names

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compressor.adapters import apply_adapter, read_adapter
+from compressor.lora.adapters import apply_adapter, read_adapter
 from compressor.errors import CompressorError
 from compressor.export.adapters import adapter_arrays
 from compressor.export.decoder import build_decoder, check_exportable

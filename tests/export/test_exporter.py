@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from compressor.adapters import apply_adapter, read_adapter
+from compressor.lora.adapters import apply_adapter, read_adapter
 from compressor.checkpoint.reader import folder_bytes
 from compressor.errors import CompressorError
 from compressor.export.exporter import OnnxExportJob, export_onnx
@@ -15,7 +15,7 @@ from compressor.export.names import DATA, MODEL
 from compressor.export.runtime import OnnxDecoder, Sampling
 from compressor.formats import config_for
 from compressor.loading import load
-from compressor.merge import MergeJob, merge
+from compressor.lora.merge import MergeJob, merge
 from compressor.quantize import QuantizeJob, quantize_checkpoint
 from tests.helpers import random_adapter, tiny_checkpoint, with_tokenizer
 

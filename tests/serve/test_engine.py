@@ -66,7 +66,7 @@ def test_a_mixed_batch_gives_every_request_the_tokens_it_gets_alone(engine):
 
 
 def test_base_and_adapters_match_transformers_and_our_lora_layers(engine, bases):
-    from compressor.adapters import apply_adapter, read_adapter
+    from compressor.lora.adapters import apply_adapter, read_adapter
 
     tok = engine.tokenizer
     for name in (None, "a", "b"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import compressor
-from compressor.adapters import base_fingerprint, read_adapter
+from compressor.lora.adapters import base_fingerprint, read_adapter
 from compressor.errors import CompressorError
 from compressor.export.adapters import adapter_arrays
 from compressor.inference.kv_cache import CacheShape

@@ -1,7 +1,7 @@
 import pytest
 
 import compressor
-from compressor.adapters import base_fingerprint
+from compressor.lora.adapters import base_fingerprint
 from compressor.inference import multilora
 from serve.errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
 from serve.registry import AdapterRegistry

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .methods import DEFAULT_TARGETS
-from .nn import QuantLinear
+from ..methods import DEFAULT_TARGETS
+from ..nn import QuantLinear
 
 
 @dataclass(frozen=True)

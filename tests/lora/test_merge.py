@@ -5,10 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor.adapters import apply_adapter, read_adapter, save_adapter
+from compressor.lora.adapters import apply_adapter, read_adapter, save_adapter
 from compressor.errors import CompressorError
 from compressor.lora import LoraConfig, add_lora
-from compressor.merge import MergeJob, merge
+from compressor.lora.merge import MergeJob, merge
 from tests.helpers import TEXT, nf4_twin, tiny_model, token_batch
 
 
@@ -64,4 +64,17 @@ def test_an_adapter_for_other_weights_is_refused_and_nothing_is_written(setup, t
     tiny_model(seed=1).save_pretrained(other)
     with pytest.raises(CompressorError, match="other weights"):
         merge(MergeJob(other, setup / "adapter", tmp_path / "merged", progress=False))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merging_the_same_way_into_a_folder_without_a_manifest_is_refused_before_anything_is_written(setup, tmp_path):
+    import shutil
+
+    bnb_folder = tmp_path / "bnb"  # as transformers + bitsandbytes write it: no manifest
+    shutil.copytree(setup / "nf4", bnb_folder)
+    (bnb_folder / "manifest.json").unlink()
+    cfg = LoraConfig(rank=2, targets=("q_proj",))
+    save_adapter(add_lora(compressor.load(bnb_folder, exact=True), cfg), cfg, tmp_path / "adapter", bnb_folder)
+    with pytest.raises(CompressorError, match=r"manifest\.json: no manifest: merge --to same needs a folder written by 'compressor quantize'"):
+        merge(MergeJob(bnb_folder, tmp_path / "adapter", tmp_path / "merged", progress=False))
     assert not (tmp_path / "merged").exists()

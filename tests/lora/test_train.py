@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from compressor.cli import main
 from compressor.errors import CompressorError
-from compressor.train import TrainJob, train
+from compressor.lora.train import TrainJob, train
 from tests.helpers import ANSWER_FORMAT, nf4_twin
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_chunked_loss_equals_the_loss_over_full_logits_with_the_same_gradients(a
     import torch
     import torch.nn.functional as F
 
-    from compressor import train as train_module
-    from compressor.data import IGNORE
+    from compressor.lora import train as train_module
+    from compressor.lora.data import IGNORE
     from compressor.lora import LoraConfig, add_lora
     from tests.helpers import tiny_model
 

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from ..checkpoint import manifest
 from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
-from .errors import CompressorError
-from .loading import load
-from .loftq import float_source, initialize
-from .lora import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
+from ..errors import CompressorError
+from ..loading import load
+from .loftq import initialize
+from .layer import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 
 
 INITS = ("default", "loftq")  # how a fresh adapter starts: B = 0 (PEFT's), or from the base's quantization error
@@ -127,7 +128,7 @@ def train(job: TrainJob) -> TrainSummary:
     except ValueError as e:
         raise CompressorError(job.base_dir, str(e)) from None
     if job.init == "loftq":
-        initialize(modules, job.float_dir or float_source(job.base_dir), job.calibration, job.calibration_tokens, job.seq_len)
+        initialize(modules, job.float_dir or manifest.float_source(job.base_dir), job.calibration, job.calibration_tokens, job.seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -173,7 +174,7 @@ def train(job: TrainJob) -> TrainSummary:
 
 def _logical_params(module: torch.nn.Module) -> int:
     # Parameters a module stands for, packed weights counted as the weights they encode.
-    from .nn import QuantLinear
+    from ..nn import QuantLinear
 
     if isinstance(module, QuantLinear):
         return math.prod(module.state.shape) + (module.bias.numel() if module.bias is not None else 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CompressorError
+from ..errors import CompressorError
 
 IGNORE = -100
 

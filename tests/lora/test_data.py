@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from compressor.data import IGNORE, collate, encode, read_jsonl
+from compressor.lora.data import IGNORE, collate, encode, read_jsonl
 from compressor.errors import CompressorError
 from tests.helpers import tiny_tokenizer
 

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from .adapters import apply_adapter, read_adapter
-from .checkpoint.atomic import atomic_folder
-from .checkpoint.reader import INDEX, find_checkpoint
-from .checkpoint.writer import ShardWriter
-from .errors import CompressorError
-from .formats import dequantize
-from .loading import LAYOUTS, load, quant_method, read_shard
-from .quantize import MANIFEST, QuantizeJob, QuantizeSummary, copy_side_files, options_from_manifest, quantize_checkpoint
+from ..checkpoint import manifest
+from ..checkpoint.atomic import atomic_folder
+from ..checkpoint.reader import INDEX, find_checkpoint
+from ..checkpoint.writer import ShardWriter
+from ..errors import CompressorError
+from ..formats import dequantize
+from ..loading import LAYOUTS, load, quant_method, read_shard
+from ..quantize import QuantizeJob, QuantizeSummary, quantize_checkpoint
 
 TARGETS = ("same", "float32", "float16", "bfloat16")
 
@@ -85,6 +86,9 @@ def merge(job: MergeJob) -> MergeSummary:
     deltas = {f"{name}.weight": m.delta() for name, m in modules.items()}
     quantized = method != "float"
     requantize = job.to == "same" and quantized
+    # How the base was quantized, read before anything is written: a folder without our manifest
+    # (transformers + bitsandbytes wrote it) cannot be quantized the same way again.
+    made_with = manifest.read(job.base_dir, "merge --to same") if requantize else None
     dtype = None if job.to == "same" else getattr(torch, job.to)
     with tempfile.TemporaryDirectory(dir=job.out_dir.parent if job.out_dir.parent.exists() else None) as tmp:
         merged_float = Path(tmp) / "merged"
@@ -92,12 +96,11 @@ def merge(job: MergeJob) -> MergeSummary:
         _write_merged_float(job.base_dir, merged_float, deltas, method, dtype)
         summary = MergeSummary(modules_merged=len(deltas), written_as=job.to if job.to != "same" else "float, as the base")
         if requantize:
-            manifest = json.loads((job.base_dir / MANIFEST).read_text())
-            cfg, skip, quantize_head = options_from_manifest(manifest)
+            cfg, skip, quantize_head = manifest.quantize_options(made_with)
             summary.requantized = quantize_checkpoint(QuantizeJob(
                 merged_float, job.out_dir, cfg, skip=skip, quantize_head=quantize_head, overwrite=job.overwrite, progress=job.progress,
             ))  # fmt: skip
-            summary.written_as = manifest["method"]
+            summary.written_as = made_with["method"]
         else:
             with atomic_folder(job.out_dir, job.overwrite) as out:
                 for path in merged_float.iterdir():
@@ -138,13 +141,13 @@ def _write_merged_float(base_dir: Path, out: Path, deltas: dict[str, torch.Tenso
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if ckpt.sharded:
         (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
-    copy_side_files(base_dir, out)
+    manifest.copy_side_files(base_dir, out)
 
 
 def _score(job: MergeJob, summary: MergeSummary, base_plus_adapter) -> None:
     from transformers import AutoTokenizer
 
-    from .evaluate import evaluate_models, text_windows
+    from ..evaluate import evaluate_models, text_windows
 
     batches = text_windows(AutoTokenizer.from_pretrained(job.base_dir), job.text, job.windows, job.seq_len)
     result = evaluate_models(load(job.out_dir, exact=True).eval(), batches, base_plus_adapter.eval(), job.progress)

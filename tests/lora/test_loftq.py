@@ -7,9 +7,9 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.loading import load
-from compressor.loftq import float_source, float_weights, loftq_init
+from compressor.lora.loftq import float_weights, loftq_init
 from compressor.lora import LoraConfig, add_lora
-from compressor.train import TrainJob, train
+from compressor.lora.train import TrainJob, train
 from tests.helpers import ANSWER_FORMAT, nf4_twin
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,6 @@ def test_base_plus_adapter_is_the_best_rank_r_approximation_of_the_float_weight(
         singular = torch.linalg.svdvals(before)
         assert torch.linalg.matrix_norm(after) < torch.linalg.matrix_norm(before)
         torch.testing.assert_close(torch.linalg.matrix_norm(after), singular[4:].square().sum().sqrt(), rtol=1e-3, atol=1e-4)
-
-
-def test_the_float_checkpoint_comes_from_the_manifest(base, tmp_path):
-    assert float_source(base["nf4"]).resolve() == base["float"].resolve()
-    with pytest.raises(CompressorError, match="cannot tell which float checkpoint"):
-        float_source(tmp_path)
 
 
 def test_a_float_base_has_no_quantization_error_to_start_from(base):

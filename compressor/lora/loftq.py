@@ -13,30 +13,20 @@ from 5.618 (bare base) to 5.331 (float model: 5.256), against 5.568 unweighted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from .checkpoint.reader import find_checkpoint, open_shard
-from .errors import CompressorError
-from .lora import LoraLinear
-from .nn import QuantLinear
-from .optimize.calibration import float_model_and_windows, input_moments
+from ..checkpoint.reader import find_checkpoint, open_shard
+from ..errors import CompressorError
+from .layer import LoraLinear
+from ..nn import QuantLinear
+from ..optimize.calibration import float_model_and_windows, input_moments
 
 # Expected row norm of A under PEFT's Kaiming-uniform init (a = sqrt(5)): each of the n entries has
 # variance 1 / (3n).
 A_ROW_NORM = 3**-0.5
-
-
-def float_source(base_dir: Path) -> Path:
-    """The float checkpoint a quantized folder was made from, as its manifest records it."""
-    manifest = base_dir / "manifest.json"
-    try:
-        return Path(json.loads(manifest.read_text())["source"]["path"])
-    except (OSError, ValueError, KeyError) as e:
-        raise CompressorError(manifest, f"cannot tell which float checkpoint the base came from ({e}); pass it explicitly") from None
 
 
 def initialize(modules: dict[str, LoraLinear], float_dir: Path, calibration: Path | None = None, tokens: int = 16384, seq_len: int = 512) -> None:

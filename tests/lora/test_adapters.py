@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from compressor.adapters import apply_adapter, base_fingerprint, read_adapter, save_adapter
+from compressor.lora.adapters import apply_adapter, base_fingerprint, read_adapter, save_adapter
 from compressor.errors import CompressorError
 from compressor.formats import config_for
 from compressor.lora import LoraConfig, add_lora

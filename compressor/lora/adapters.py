@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint.atomic import atomic_folder
-from .checkpoint.hashing import sha256_file
-from .checkpoint.reader import find_checkpoint, open_shard
-from .errors import CompressorError
-from .lora import LoraConfig, LoraLinear, add_lora
+from ..checkpoint import manifest
+from ..checkpoint.atomic import atomic_folder
+from ..checkpoint.hashing import sha256_file
+from ..checkpoint.reader import find_checkpoint, open_shard
+from ..errors import CompressorError
+from .layer import LoraConfig, LoraLinear, add_lora
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # What a tenant may call an adapter: safe as a file name and in a URL, whatever the operating system.
@@ -47,11 +48,8 @@ class Adapter:
 def base_fingerprint(base_dir: str | Path) -> str:
     """sha256 over the sha256 of each float shard the base comes from (its manifest's, or its own files')."""
     root = Path(base_dir)
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        files = json.loads(manifest.read_text())["source"]["files"]
-        hashes = [files[name]["sha256"] for name in sorted(files)]
-    else:
+    hashes = manifest.source_hashes(root)
+    if hashes is None:
         hashes = [sha256_file(p) for p in sorted(find_checkpoint(root).shards)]
     return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
@@ -147,7 +145,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, base_dir: Path | None = No
 
 def random_adapter(base_dir: str | Path, out_dir: Path, cfg: LoraConfig, seed: int = 0, scale: float = 0.5) -> Path:
     """Save an adapter for ``base_dir`` with random B (not zero), so it visibly changes the output: for tests, load tests and benchmarks."""
-    from .loading import load
+    from ..loading import load
 
     torch.manual_seed(seed)
     modules = add_lora(load(base_dir, exact=True), cfg)
