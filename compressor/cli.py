@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .errors import CompressorError
 from .gc_pause import paused_gc
-from .methods import DEFAULT_TARGETS, METHODS
+from .arguments import named_path, rank
+from .choices import ABSMAX_ROUNDINGS, DEFAULT_TARGETS, EXPORT_ACTIVATIONS, MERGE_OUTPUTS, METHODS, OPTIMIZERS, TRAIN_INITS
 
 
 def _quantize(args) -> int:
@@ -140,7 +141,7 @@ def _export_onnx(args) -> int:
     _quiet_transformers()
     job = OnnxExportJob(
         base_dir=Path(args.base_dir), out_dir=Path(args.out_dir), adapters=tuple(args.adapter),
-        merge=Path(args.merge) if args.merge else None, activations=args.activations,
+        merge_adapter=Path(args.merge) if args.merge else None, activations=args.activations,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), overwrite=args.overwrite, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     summary = export_onnx(job)
@@ -158,20 +159,6 @@ def _generate(args) -> int:
     return 0
 
 
-def named_path(text: str) -> tuple[str, Path]:
-    """An argparse type for ``NAME=DIR`` (adapters named on a command line)."""
-    name, sep, folder = text.partition("=")
-    if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
-    return name, Path(folder)
-
-
-def _rank(value: str) -> str:
-    if value != "auto" and not (value.isdigit() and int(value) > 0):
-        raise argparse.ArgumentTypeError("a positive integer or 'auto'")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
@@ -183,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", required=True, choices=METHODS)
     q.add_argument("--blocksize", type=int, help="block size of nf4/fp4/int4/int3/int2 (default 64)")
     q.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: keep the per-block absmax in float32")
-    q.add_argument("--absmax-rounding", choices=("lut", "nearest"), default="lut",
+    q.add_argument("--absmax-rounding", choices=ABSMAX_ROUNDINGS, default="lut",
                    help="nf4/fp4 double quantization: bitsandbytes' CPU lookup table (default, bit-identical) or exact nearest")
     q.add_argument("--per-tensor", action="store_true", help="int8: one scale for the whole tensor instead of per row")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module names or patterns to keep in float")
     q.add_argument("--quantize-head", action="store_true", help="also quantize the output head (kept in float by default)")
-    q.add_argument("--optimize", choices=("none", "scales", "gptq"), default="none",
+    q.add_argument("--optimize", choices=OPTIMIZERS, default="none",
                    help="nf4/fp4: round to nearest (default, bitsandbytes' result), search each block's scale, or GPTQ codes (both need --calibration)")
     q.add_argument("--calibration", metavar="FILE", help="text whose activations weigh the error (never the evaluation text)")
     q.add_argument("--calibration-tokens", type=int, default=32768, help="tokens of the calibration text to use (default 32768)")
@@ -220,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("base_dir")
     r.add_argument("--data", required=True, help='JSON lines: {"text"}, {"prompt", "completion"} or {"messages"}')
     r.add_argument("--out", required=True, help="adapter folder to write (PEFT's layout)")
-    r.add_argument("--rank", type=_rank, default="8", help="LoRA rank, or 'auto' from the model's size (default 8)")
+    r.add_argument("--rank", type=rank, default="8", help="LoRA rank, or 'auto' from the model's size (default 8)")
     r.add_argument("--alpha", type=float, default=16.0)
     r.add_argument("--dropout", type=float, default=0.05)
     r.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names to adapt")
@@ -234,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--gradient-checkpointing", action="store_true")
-    r.add_argument("--init", choices=("default", "loftq"), default="default",
+    r.add_argument("--init", choices=TRAIN_INITS, default="default",
                    help="default: B = 0 (PEFT's); loftq: start from the base's quantization error (needs the float weights)")
     r.add_argument("--float", dest="float_dir", metavar="DIR", help="loftq: the float checkpoint of the base (default: the one its manifest names)")
     r.add_argument("--calibration", metavar="FILE", help="loftq: text whose activations weigh the approximation (recommended)")
@@ -246,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("base_dir")
     m.add_argument("adapter_dir")
     m.add_argument("out_dir")
-    m.add_argument("--to", choices=("same", "float32", "float16", "bfloat16"), default="same",
+    m.add_argument("--to", choices=MERGE_OUTPUTS, default="same",
                    help="same: re-quantize with the base's method (default); or a float dtype")
     m.add_argument("--text", help="score the merged model against base + adapter on this text")
     m.add_argument("--windows", type=int, default=4)
@@ -263,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--adapter", action="append", type=named_path, default=[], metavar="NAME=DIR",
                    help="write this PEFT adapter as adapters/NAME.onnx_adapter (repeatable)")
     o.add_argument("--merge", metavar="ADAPTER_DIR", help="fold this adapter into the base and export one merged model")
-    o.add_argument("--activations", choices=("fp32", "int8"), default="fp32",
+    o.add_argument("--activations", choices=EXPORT_ACTIVATIONS, default="fp32",
                    help="int4/int8 layers: float32 activations (default, matches PyTorch) or int8 (faster, approximate)")
     o.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated modules that take adapter inputs ('' for none)")
     o.add_argument("--overwrite", action="store_true")

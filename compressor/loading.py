@@ -37,7 +37,7 @@ def load(model_dir: str | Path, exact: bool = False, activations: str = "float32
     kernels (faster on the CPU than bitsandbytes' own path) and never hold a float copy of a
     weight. ``exact`` is for training, merging and serving: every float tensor in float32, so every
     path computes the same numbers. ``activations`` (one of
-    :data:`compressor.native.matmul.ACTIVATIONS`) is how those kernels take their input: float32
+    :data:`compressor.choices.ACTIVATIONS`) is how those kernels take their input: float32
     exactly, or int8 per run of 32 (faster, slightly less accurate; see the serving benchmark).
     ``native_generate`` gives the model a forward that runs batch-1 inference into a cache (what
     ``generate`` does) through the native decoder step, and everything else through its own

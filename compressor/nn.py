@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
-from .native.matmul import ACTIVATIONS, matmul
+from .choices import ACTIVATIONS
+from .native.matmul import matmul
 
 
 class _DequantizedLinear(torch.autograd.Function):

@@ -9,18 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from compressor.cli import named_path
-from compressor.errors import CompressorError
+from compressor import CompressorError, named_path, positive_int
 
 from .auth import ApiKeys
 from .errors import ServeError
 from .types import ACTIVATIONS, BACKENDS, HEADS, PREFILLS, EngineConfig
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
-    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-memory", type=float, metavar="MB", help="memory budget for resident adapters' weights")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--prefill-chunk", type=_positive, default=256, metavar="TOKENS",
+    p.add_argument("--prefill-chunk", type=positive_int, default=256, metavar="TOKENS",
                    help="prompt tokens prefilled per step, between decode steps (a long prompt then stalls the others by one chunk)")  # fmt: skip
     p.add_argument("--kv-cache", type=float, metavar="MB", help="memory for key/value caches; requests wait until theirs fits")
     p.add_argument("--head", choices=HEADS, default="float",
@@ -46,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32: packed products take activations exactly; int8: quantized per run of 32 (faster; its cost is in the README)")  # fmt: skip
     p.add_argument("--prefill", choices=PREFILLS, default="float32",
                    help="float32: prompts' long chunks by an exact GEMM; bfloat16: rounded for the CPU's bfloat16 matrix units; rowwise: by the decode step's kernels (with --activations int8, the fastest; costs in the README)")  # fmt: skip
-    p.add_argument("--threads", type=_positive, help="cores the kernels use (default: every core this process may run on)")
+    p.add_argument("--threads", type=positive_int, help="cores the kernels use (default: every core this process may run on)")
     p.add_argument("--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
     return p
 

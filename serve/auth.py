@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.errors import CompressorError
+from compressor import CompressorError
 
 from .errors import ServeError
 

@@ -12,9 +12,8 @@ from typing import Protocol
 
 import torch
 
-from compressor.errors import CompressorError
-from compressor.export.names import META
-from compressor.inference.kv_cache import CacheShape
+from compressor import EXPORT_META as META
+from compressor import CacheShape, CompressorError
 
 from .types import EngineConfig
 
@@ -81,11 +80,3 @@ def open_backend(config: EngineConfig) -> Backend:
 
     return TorchBackend(folder, head=config.head, threads=config.threads, activations=config.activations, prefill=config.prefill,
                         slack=config.prefill_chunk)  # fmt: skip
-
-
-def eos_set(model_eos: int | list[int] | None, tokenizer) -> set[int]:
-    """End-of-sequence ids: the model's generation config's, plus the tokenizer's own."""
-    ids = set(model_eos if isinstance(model_eos, list) else [] if model_eos is None else [model_eos])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

@@ -17,13 +17,11 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from compressor.errors import CompressorError
-from compressor.export.adapters import module_arrays
-from compressor.export.names import META, MODEL, lora_names
-from compressor.export.runtime import OnnxDecoder
-from compressor.inference.kv_cache import CacheShape
+from compressor import EXPORT_META as META
+from compressor import EXPORT_MODEL as MODEL
+from compressor import CacheShape, CompressorError, OnnxDecoder, lora_names, module_arrays
 
-from .backend import eos_set
+from .eos import eos_set
 
 
 class LoraInputs:

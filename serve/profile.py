@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from compressor.cli import named_path
+from compressor import named_path
 
 from .types import ACTIVATIONS, HEADS, PREFILLS
 

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.lora.adapters import NAME, NAME_RULE, Adapter, check_fits, read_adapter
-from compressor.errors import CompressorError
-from compressor.lora import LoraConfig
+from compressor import ADAPTER_NAME as NAME
+from compressor import ADAPTER_NAME_RULE as NAME_RULE
+from compressor import Adapter, CompressorError, LoraConfig, check_fits, read_adapter
 
 from .backend import AdapterLayer
 from .errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter

@@ -15,25 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from compressor import formats
-from compressor.lora.adapters import base_fingerprint
-from compressor.inference import multilora
-from compressor.inference.decoder import Decoder, UnsupportedModel
-from compressor.inference.kv_cache import CacheShape, SequenceKV
-from compressor.loading import load
-from compressor.native.matmul import KernelWeight, all_cores
+from compressor import (CacheShape, Decoder, Routing, RowwiseLinear, SequenceKV, UnsupportedModel, all_cores, base_fingerprint, head_weight,
+                        install_multilora, load)  # fmt: skip
 
-from .backend import eos_set
-
-
-def head_weight(weight: torch.Tensor, head: str) -> KernelWeight:
-    """The output head's weight as ``head`` (one of :data:`serve.types.HEADS`) says to multiply by it."""
-    if head == "float":
-        return KernelWeight.of_float(weight)
-    if head == "bfloat16":
-        return KernelWeight.of_float(weight.detach().to(torch.bfloat16))
-    cfg = formats.config_for("int8-sym")
-    return formats.kernel_weight(*formats.format_for(cfg).quantize(weight.detach(), cfg))
+from .eos import eos_set
 
 
 class TorchBackend:
@@ -43,10 +28,10 @@ class TorchBackend:
                  slack: int = 256):  # fmt: skip
         self.model = load(base_dir, exact=True, activations=activations)
         self.threads = threads
-        self.routing = multilora.Routing()
-        self.layers = multilora.install(self.model, self.routing)
+        self.routing = Routing()
+        self.layers = install_multilora(self.model, self.routing)
         output = self.model.get_output_embeddings()
-        self.model.set_output_embeddings(multilora.RowwiseLinear(output, head_weight(output.weight, head), threads, activations))
+        self.model.set_output_embeddings(RowwiseLinear(output, head_weight(output.weight, head), threads, activations))
         try:
             self.decoder = Decoder(self.model, self.routing, threads, prefill=prefill)
         except UnsupportedModel as e:

@@ -5,16 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ACTIVATIONS = ("float32", "int8")  # as compressor.native.matmul.ACTIVATIONS (which needs torch; this module does not)
+from compressor import ACTIVATIONS, HEADS, PREFILLS  # the torch backend's choices, compressor's own
+
 BACKENDS = ("torch", "onnx")  # see serve.backend.open_backend
-# The output head: "float" as the checkpoint holds it (exact), or a copy in bfloat16 or int8 per row
-# (int8-sym's codes), which the head's product reads a half or a quarter of; embeddings stay exact.
-HEADS = ("float", "bfloat16", "int8")
-# A prompt's long chunks: torch's GEMM in float32 (exact) or in bfloat16 for the CPU's bfloat16
-# matrix units (weights and activations rounded; several times faster), or "rowwise": the decode
-# step's own kernels at any length, which with int8 activations run on the CPU's int8 matrix units
-# (AMX) where it has them and beat either GEMM. Decode steps are not affected.
-PREFILLS = ("float32", "bfloat16", "rowwise")
 
 
 @dataclass(frozen=True)
@@ -32,7 +25,7 @@ class EngineConfig:
     adapter_memory_mb: float | None = None  # budget for resident adapters' weights
     kv_cache_mb: float | None = None  # budget for key/value caches; requests wait until theirs fits
     head: str = "float"  # the output head as the torch backend multiplies by it: one of HEADS
-    activations: str = "float32"  # how the torch backend's packed products take their input: compressor.native.matmul.ACTIVATIONS
+    activations: str = "float32"  # how the torch backend's packed products take their input: one of ACTIVATIONS
     threads: int | None = None  # cores the torch backend's kernels use; None: every core this process may run on
     prefill: str = "float32"  # how the torch backend multiplies prompts' long chunks: one of PREFILLS
 

@@ -21,12 +21,12 @@ from ..checkpoint.atomic import atomic_folder
 from ..checkpoint.reader import folder_bytes
 from ..errors import CompressorError
 from ..loading import load, quant_method
-from ..methods import DEFAULT_TARGETS
+from ..choices import DEFAULT_TARGETS, EXPORT_ACTIVATIONS
 from ..lora.merge import MergeJob, merge
 from .adapters import adapter_arrays, write_adapter_file
 from .decoder import build_decoder
 from .names import ADAPTERS, DATA, META, MODEL, SUFFIX
-ACCURACY_LEVELS = {"fp32": 0, "int8": 4}  # MatMulNBits' activation precision: float32, or int8 (faster, approximate)
+ACCURACY_LEVELS = dict(zip(EXPORT_ACTIVATIONS, (0, 4)))  # MatMulNBits' accuracy_level of each
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,17 @@ class OnnxExportJob:
     base_dir: Path
     out_dir: Path
     adapters: tuple[tuple[str, Path], ...] = ()  # (name, PEFT adapter folder)
-    merge: Path | None = None  # fold this adapter into the base and export the one merged model
-    activations: str = "fp32"  # a key of ACCURACY_LEVELS
+    merge_adapter: Path | None = None  # fold this adapter into the base and export the one merged model
+    activations: str = "fp32"  # one of EXPORT_ACTIVATIONS
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # modules that take adapter inputs; () for none
     overwrite: bool = False
     allow_pickle: bool = False
+
+    def __post_init__(self):
+        if self.activations not in EXPORT_ACTIVATIONS:
+            raise CompressorError(None, f"activations must be one of {', '.join(EXPORT_ACTIVATIONS)}, got {self.activations!r}")
+        if self.merge_adapter is not None and self.adapters:
+            raise CompressorError(None, "--merge exports one merged model without adapter inputs; it cannot take --adapter too")
 
 
 @dataclass
@@ -63,10 +69,6 @@ class ExportSummary:
 
 def export_onnx(job: OnnxExportJob) -> ExportSummary:
     """Run ``job``; raises CompressorError (writing nothing) on a model, format or adapter it cannot export faithfully."""
-    if job.activations not in ACCURACY_LEVELS:
-        raise CompressorError(None, f"activations must be one of {', '.join(ACCURACY_LEVELS)}, got {job.activations!r}")
-    if job.merge is not None and job.adapters:
-        raise CompressorError(None, "--merge exports one merged model without adapter inputs; it cannot take --adapter too")
     for name, _ in job.adapters:
         if not NAME.fullmatch(name):
             raise CompressorError(None, f"adapter name {name!r}: {NAME_RULE}")
@@ -74,9 +76,9 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
     adapters = [(name, path, read_adapter(path, job.allow_pickle)) for name, path in job.adapters]
     with atomic_folder(job.out_dir, job.overwrite) as out, tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         base = job.base_dir
-        if job.merge is not None:
+        if job.merge_adapter is not None:
             base = Path(scratch) / "merged"
-            merge(MergeJob(base_dir=job.base_dir, adapter_dir=job.merge, out_dir=base, allow_pickle=job.allow_pickle, progress=False))
+            merge(MergeJob(base_dir=job.base_dir, adapter_dir=job.merge_adapter, out_dir=base, allow_pickle=job.allow_pickle, progress=False))
         model = load(base, exact=True)
         fingerprint = base_fingerprint(job.base_dir)
         layers = dict(model.named_modules())
@@ -85,7 +87,7 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
                 check_fits(layers, adapter, fingerprint)
             except CompressorError as e:
                 raise CompressorError(path, e.problem) from None
-        proto, spec = build_decoder(model, () if job.merge else job.lora_targets, ACCURACY_LEVELS[job.activations])
+        proto, spec = build_decoder(model, () if job.merge_adapter else job.lora_targets, ACCURACY_LEVELS[job.activations])
         onnx.save_model(proto, out / MODEL, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA)
         del proto
         (out / DATA).chmod(0o644)  # onnx writes it private; the folder is meant to be shared like any checkpoint
@@ -100,7 +102,7 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
         (out / "config.json").write_text((job.base_dir / "config.json").read_text())
         meta = {
             **asdict(spec), "source": str(job.base_dir), "source_method": quant_method(job.base_dir),
-            "merged_adapter": None if job.merge is None else str(job.merge), "activations": job.activations,
+            "merged_adapter": None if job.merge_adapter is None else str(job.merge_adapter), "activations": job.activations,
             "base_fingerprint": fingerprint, "eos_token_ids": _eos_ids(model), "adapters": [name for name, _, _ in adapters], "onnxruntime": ort.__version__,
         }  # fmt: skip
         (out / META).write_text(json.dumps(meta, indent=2) + "\n")

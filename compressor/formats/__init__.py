@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from . import int8, int8_sym, intn, nf4
-from ..methods import METHODS
+from ..choices import METHODS
 from .common import NonFiniteError, error_stats
 from .int8 import Int8Config, PerRow, PerTensor
 from .int8_sym import Int8SymConfig

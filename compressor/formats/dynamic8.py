@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-ROUNDINGS = ("lut", "nearest")
+from ..choices import ABSMAX_ROUNDINGS
 _LUT_SIZE = 65536
 
 
@@ -84,8 +84,8 @@ def quantize(x: torch.Tensor, blocksize: int = 256, rounding: str = "lut") -> tu
     Returns:
         ``(codes, state)`` with ``codes`` uint8 of shape ``(numel,)``.
     """
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding not in ABSMAX_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ABSMAX_ROUNDINGS}, got {rounding!r}")
     flat = x.detach().reshape(-1).to(torch.float32).numpy()
     n = flat.size
     blocks = -(-n // blocksize)

@@ -18,6 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..choices import ABSMAX_ROUNDINGS
 from . import dynamic8, kernels
 from ..native.matmul import Q4, KernelWeight, supports
 from .common import NonFiniteError, check_dtype, error_stats
@@ -50,8 +51,8 @@ class FourBitConfig:
             raise ValueError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
-        if self.absmax_rounding not in dynamic8.ROUNDINGS:
-            raise ValueError(f"absmax_rounding must be one of {dynamic8.ROUNDINGS}, got {self.absmax_rounding!r}")
+        if self.absmax_rounding not in ABSMAX_ROUNDINGS:
+            raise ValueError(f"absmax_rounding must be one of {ABSMAX_ROUNDINGS}, got {self.absmax_rounding!r}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import PREFILLS
 from ..native import ops, step
 from ..native.matmul import all_cores
 
@@ -33,7 +34,7 @@ from ..nn import QuantLinear
 from .kv_cache import CacheShape
 from .multilora import MultiLoraLinear, Routing, row_weight
 
-PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "rowwise": None}  # by name (serve.types.PREFILLS); None: no GEMM
+PREFILL_DTYPES = dict(zip(PREFILLS, (torch.float32, torch.bfloat16, None)))  # None: no GEMM, every chunk row-wise
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ class Decoder:
         # a prompt takes the same path, and gets the same bits, whatever else is served. 48: where
         # the two cross for SmolLM2-135M here (32 tokens: row-wise 73-76 ms against GEMM 96-143;
         # 64 tokens: GEMM 116-168 against row-wise 140-201; exact and fast modes).
-        self.prefill = PREFILL_DTYPES[prefill]  # the dtype of those GEMMs (serve.types.PREFILLS)
+        self.prefill = PREFILL_DTYPES[prefill]  # the dtype of those GEMMs (compressor.choices.PREFILLS)
         self.gemm_rows = gemm_rows if self.prefill is not None else None  # "rowwise": none, every chunk takes the row-wise kernels
         decoder = model.get_decoder()
         kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..formats import config_for, format_for, kernel_weight
 from ..native import step
 from ..native.matmul import KernelWeight, matmul, unpack
 from ..nn import QuantLinear
@@ -103,6 +104,16 @@ class RowwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``, each row on its own."""
         return matmul(x, self.weight, self.linear.bias, threads=self.threads, activations=self.activations)
+
+
+def head_weight(weight: torch.Tensor, head: str) -> KernelWeight:
+    """The output head's weight as ``head`` (one of :data:`compressor.choices.HEADS`) says to multiply by it."""
+    if head == "float":
+        return KernelWeight.of_float(weight)
+    if head == "bfloat16":
+        return KernelWeight.of_float(weight.detach().to(torch.bfloat16))
+    cfg = config_for("int8-sym")
+    return kernel_weight(*format_for(cfg).quantize(weight.detach(), cfg))
 
 
 def base_rows(x: torch.Tensor, layer: nn.Module, out: torch.Tensor | None = None, accumulate: bool = False,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..methods import DEFAULT_TARGETS
+from ..choices import DEFAULT_TARGETS
 from ..nn import QuantLinear
 
 

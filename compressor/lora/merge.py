@@ -22,6 +22,7 @@ import torch
 
 from .adapters import apply_adapter, read_adapter
 from ..checkpoint import manifest
+from ..choices import MERGE_OUTPUTS
 from ..checkpoint.atomic import atomic_folder
 from ..checkpoint.reader import INDEX, find_checkpoint
 from ..checkpoint.writer import ShardWriter
@@ -30,7 +31,6 @@ from ..formats import dequantize
 from ..loading import LAYOUTS, load, quant_method, read_shard
 from ..quantize import QuantizeJob, QuantizeSummary, quantize_checkpoint
 
-TARGETS = ("same", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class MergeJob:
     overwrite: bool = False
     allow_pickle: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        if self.to not in MERGE_OUTPUTS:
+            raise CompressorError(None, f"--to must be one of {', '.join(MERGE_OUTPUTS)}, got {self.to!r}")
 
 
 @dataclass
@@ -76,8 +80,6 @@ class MergeSummary:
 
 def merge(job: MergeJob) -> MergeSummary:
     """Run ``job``: write the merged model at ``job.out_dir``."""
-    if job.to not in TARGETS:
-        raise CompressorError(None, f"--to must be one of {', '.join(TARGETS)}, got {job.to!r}")
     adapter = read_adapter(job.adapter_dir, job.allow_pickle)
     method = quant_method(job.base_dir)
     # Checks fingerprint and shapes on a model built from the base, before anything is written.

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..checkpoint import manifest
+from ..choices import TRAIN_INITS
 from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
 from ..errors import CompressorError
@@ -30,7 +31,6 @@ from .loftq import initialize
 from .layer import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 
 
-INITS = ("default", "loftq")  # how a fresh adapter starts: B = 0 (PEFT's), or from the base's quantization error
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ class TrainJob:
     calibration_tokens: int = 16384
 
     def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init not in TRAIN_INITS:
+            raise ValueError(f"init must be one of {', '.join(TRAIN_INITS)}, got {self.init!r}")
 
 
 @dataclass

@@ -21,7 +21,6 @@ I8_AFFINE, I8_SYM, F32, BF16, Q4 = 0, 1, 2, 3, 4
 # How activations enter a product: exactly, or quantized to int8 per run of 32 (see matmul.c); the
 # int8 kernels take packed weights whose rows are a multiple of 64 long, on CPUs with AVX-512 VNNI,
 # and every other product stays float32.
-ACTIVATIONS = ("float32", "int8")
 
 
 class _Weight(ctypes.Structure):
@@ -116,7 +115,7 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = No
 
     ``threads`` (default: :func:`all_cores`) is how many of the kernels' own pool's threads the
     product uses (see ``pool.c``; torch's thread settings do not apply). ``activations`` is
-    one of :data:`ACTIVATIONS`. ``portable`` runs the plain-C build instead of this CPU's (tests
+    one of :data:`compressor.choices.ACTIVATIONS`. ``portable`` runs the plain-C build instead of this CPU's (tests
     check they agree bit for bit); ``tiles=False`` keeps int8 products off the AMX tiles where
     the CPU has them (the same bits; tests compare the two).
     """

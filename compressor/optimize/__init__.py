@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-OPTIMIZERS = ("none", "scales", "gptq")
+from ..choices import OPTIMIZERS
 
 
 @dataclass(frozen=True)

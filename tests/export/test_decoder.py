@@ -11,7 +11,7 @@ from compressor.export.adapters import adapter_arrays
 from compressor.export.decoder import build_decoder, check_exportable
 from compressor.export.names import past_names
 from compressor.loading import load
-from compressor.methods import DEFAULT_TARGETS
+from compressor.choices import DEFAULT_TARGETS
 from tests.helpers import CONFIGS, FAMILIES, tiny_model
 
 

@@ -53,7 +53,7 @@ def test_greedy_generation_is_token_identical_to_our_pytorch_path(exported, adap
 
 
 def test_merge_exports_the_merged_model_without_adapter_inputs(exported, tmp_path):
-    export_onnx(OnnxExportJob(exported["nf4"], tmp_path / "onnx", merge=exported["a"]))
+    export_onnx(OnnxExportJob(exported["nf4"], tmp_path / "onnx", merge_adapter=exported["a"]))
     merge(MergeJob(exported["nf4"], exported["a"], tmp_path / "merged", progress=False))
     decoder = OnnxDecoder(tmp_path / "onnx")
     assert decoder.meta["lora_modules"] == []
@@ -100,12 +100,12 @@ def test_an_existing_folder_is_kept_unless_overwrite(exported, tmp_path):
 
 @pytest.mark.parametrize("job, problem", [
     (dict(adapters=(("../x", "a"),)), "adapter name"),
-    (dict(adapters=(("x", "a"),), merge="a"), "cannot take --adapter too"),
+    (dict(adapters=(("x", "a"),), merge_adapter="a"), "cannot take --adapter too"),
     (dict(activations="int2"), "activations must be"),
 ])  # fmt: skip
 def test_bad_options_are_refused(exported, tmp_path, job, problem):
-    for key in ("adapters", "merge"):
+    for key in ("adapters", "merge_adapter"):
         if key in job:
-            job[key] = exported["a"] if key == "merge" else tuple((n, exported[p]) for n, p in job[key])
+            job[key] = exported["a"] if key == "merge_adapter" else tuple((n, exported[p]) for n, p in job[key])
     with pytest.raises(CompressorError, match=problem):
         export_onnx(OnnxExportJob(exported["nf4"], tmp_path / "out", **job))
