@@ -57,6 +57,8 @@ demo: setup model calibration
 	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --out $(OUT)/tradeoffs-quick
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n $(JOBS) -p no:cacheprovider
 
 bench: setup model calibration

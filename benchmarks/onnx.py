@@ -33,10 +33,10 @@ PROMPT_TOKENS, TEXT_TOKENS = 32, 512
 
 def prepare(model_dir: Path, work: Path) -> dict:
     """Quantized bases, two rank-8 adapters on the NF4 one, and the exports; made once into ``work``."""
-    from compressor.lora.adapters import random_adapter
     from compressor.export.exporter import OnnxExportJob, export_onnx
     from compressor.formats import config_for
     from compressor.lora import LoraConfig
+    from compressor.lora.adapters import random_adapter
     from compressor.quantize import QuantizeJob, quantize_checkpoint
 
     nf4 = nf4_base(model_dir, work)
@@ -208,7 +208,11 @@ def profile(folder: Path, prompt: list[int], tokens: int) -> dict:
     step_us = sum(r["dur"] for r in runs) / max(len(runs), 1)
     total = sum(by_op.values())
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:6]
-    return {"step_ms": step_us / 1e3, "operators_ms": {op: us / len(runs) / 1e3 for op, us in top}, "operator_share": {op: us / total for op, us in top}}
+    return {
+        "step_ms": step_us / 1e3,
+        "operators_ms": {op: us / len(runs) / 1e3 for op, us in top},
+        "operator_share": {op: us / total for op, us in top},
+    }
 
 
 def operator_choice(shapes=((576, 1536), (1536, 576), (4096, 4096)), repeats: int = 300) -> dict:
@@ -240,8 +244,14 @@ def operator_choice(shapes=((576, 1536), (1536, 576), (4096, 4096)), repeats: in
         zero_points = np.full((n, (blocks + 1) // 2), 0x88, np.uint8)
         row = {}
         for level in (0, 4):
-            node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=64, accuracy_level=level)
-            inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.reshape(-1), "s"), numpy_helper.from_array(zero_points.reshape(-1), "z")]
+            node = helper.make_node(
+                "MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=64, accuracy_level=level
+            )
+            inits = [
+                numpy_helper.from_array(packed, "B"),
+                numpy_helper.from_array(scales.reshape(-1), "s"),
+                numpy_helper.from_array(zero_points.reshape(-1), "z"),
+            ]
             row[f"MatMulNBits accuracy_level {level}"] = ms(session([node], inits, k, n), k)
         dq = [helper.make_node("DequantizeLinear", ["Wq", "sc", "zp"], ["W"], axis=0, block_size=64), helper.make_node("MatMul", ["x", "W"], ["y"])]
         inits = [helper.make_tensor("Wq", TensorProto.UINT4, [k, n], q.T.reshape(-1).tolist()), numpy_helper.from_array(np.ascontiguousarray(scales.T), "sc"),
@@ -283,7 +293,9 @@ def report(results: dict) -> str:
         if name == "copy_bandwidth_gb_s":
             continue
         ms = row["ms_per_token"]
-        lines.append(f"| {name} | {ms:.2f} | {1e3 / ms:.1f} | {bnb / ms:.2f}x | {row['weight_mb_per_token']:.0f} MB | {row['bound_ms']:.2f} ms | {row['bound_ms'] / ms:.0%} |")
+        lines.append(
+            f"| {name} | {ms:.2f} | {1e3 / ms:.1f} | {bnb / ms:.2f}x | {row['weight_mb_per_token']:.0f} MB | {row['bound_ms']:.2f} ms | {row['bound_ms'] / ms:.0%} |"
+        )
     return "\n".join(lines)
 
 

@@ -20,8 +20,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from benchmarks.qlora import nf4_base
 from benchmarks.serve import _free_port, _start, _wait_healthy, make_adapters, prompt_ids
-from benchmarks.qlora import nf4_base, sentences
 
 CACHE = Path.home() / ".cache" / "compressor" / "peers"
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -47,7 +47,9 @@ def llama_cpp_source(cache: Path = CACHE) -> Path:
         return source
     cache.mkdir(parents=True, exist_ok=True)
     log = cache / "llama-cpp-download.log"
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)], log)
+    _run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)], log
+    )
     with tarfile.open(cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as tar:
         tar.extractall(cache, filter="data")
     return source
@@ -132,7 +134,21 @@ def llama_cpp_files(bin_dir: Path, model: Path, adapters: list[Path], work: Path
     for folder in adapters:
         out = work / f"{folder.name}.gguf"
         if not out.exists():
-            _run([sys.executable, str(source / "convert_lora_to_gguf.py"), str(folder), "--base", str(model), "--outfile", str(out), "--outtype", "f32"], log, env=env)
+            _run(
+                [
+                    sys.executable,
+                    str(source / "convert_lora_to_gguf.py"),
+                    str(folder),
+                    "--base",
+                    str(model),
+                    "--outfile",
+                    str(out),
+                    "--outtype",
+                    "f32",
+                ],
+                log,
+                env=env,
+            )
         loras.append(out)
     return q4, loras
 
@@ -249,7 +265,8 @@ def run_server(name: str, cmd: list[str], url: str, send, stream, plan: dict, to
                 if scenario not in best or r[key] > best[scenario][key]:
                     best[scenario] = r
         best["latency under 16 streams over 8 adapters"] = asyncio.run(
-            _latency(stream, plan["16 streams over 8 adapters"], tokens, plan["prefill 512 tokens"][0][0]))
+            _latency(stream, plan["16 streams over 8 adapters"], tokens, plan["prefill 512 tokens"][0][0])
+        )
         return best
     finally:
         server.terminate()
@@ -276,7 +293,9 @@ def table(results: dict[str, dict]) -> str:
               "| server | first token p50 | p99 | between tokens p50 | p99 | the 512-token prompt's first token |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, rows in results.items():
         lat = rows["latency under 16 streams over 8 adapters"]
-        lines.append(f"| {name} | {lat['ttft_ms_p50']:.0f} | {lat['ttft_ms_p99']:.0f} | {lat['itl_ms_p50']:.0f} | {lat['itl_ms_p99']:.0f} | {lat['long_prompt_ttft_ms']:.0f} |")
+        lines.append(
+            f"| {name} | {lat['ttft_ms_p50']:.0f} | {lat['ttft_ms_p99']:.0f} | {lat['itl_ms_p50']:.0f} | {lat['itl_ms_p99']:.0f} | {lat['long_prompt_ttft_ms']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -318,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                    "-c", str((STREAMS + 1) * 1024), "--host", "127.0.0.1", "--port", str(port), "--lora-init-without-apply",
                    *(a for lora in loras for a in ("--lora", str(lora)))]  # fmt: skip
             url = f"http://127.0.0.1:{port}"
-            results["llama.cpp llama-server, Q4_0"] = run_server("llama-server", cmd, url, _llama(url, len(loras)), _llama_stream(url, len(loras)), plan, args.tokens, work)
+            results["llama.cpp llama-server, Q4_0"] = run_server(
+                "llama-server", cmd, url, _llama(url, len(loras)), _llama_stream(url, len(loras)), plan, args.tokens, work
+            )
         except PeerUnavailable as e:
             print(f"llama.cpp skipped: {e}")
     try:

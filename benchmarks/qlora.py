@@ -80,7 +80,10 @@ def replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batc
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch):
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch]]
+        chats = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts[i : i + batch]
+        ]
         enc = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
@@ -93,7 +96,9 @@ def held_out_loss(model, tokenizer, tenant: str, items: list[str]) -> float:
     from compressor.lora.data import encode
     from compressor.lora.train import loss_and_tokens
 
-    examples = [encode({"messages": [{"role": "user", "content": s}, {"role": "assistant", "content": answer(tenant, s)}]}, tokenizer, 128) for s in items]
+    examples = [
+        encode({"messages": [{"role": "user", "content": s}, {"role": "assistant", "content": answer(tenant, s)}]}, tokenizer, 128) for s in items
+    ]
     loss, tokens = loss_and_tokens(model, examples, tokenizer.pad_token_id or tokenizer.eos_token_id)
     return loss / tokens
 
@@ -103,7 +108,7 @@ def with_adapter(base_dir: Path, adapter_dir: Path | None):
     import compressor
     from compressor.lora.adapters import apply_adapter, read_adapter
 
-    model = compressor.load(base_dir, exact=True)
+    model = compressor.load(base_dir, float32=True)
     if adapter_dir is not None:
         apply_adapter(model, read_adapter(adapter_dir), base_dir)
     return model.eval()
@@ -160,7 +165,10 @@ def peft_checks(float_dir: Path, nf4: Path, adapter_dir: Path, tokenizer, test: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": s}, {"role": "assistant", "content": answer("ledger", s)}], tokenize=False) for s in test[:4]]
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": s}, {"role": "assistant", "content": answer("ledger", s)}], tokenize=False)
+        for s in test[:4]
+    ]
     tokenizer.padding_side = "right"
     enc = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
     ours = with_adapter(nf4, adapter_dir)(**enc).logits
@@ -181,8 +189,8 @@ def peft_checks(float_dir: Path, nf4: Path, adapter_dir: Path, tokenizer, test: 
 
 def step_cost(base_dir: Path, data: Path, steps: int) -> dict:
     """Seconds per step and peak memory above the import baseline of LoRA training with gradient checkpointing, in this process."""
-    from compressor.report.worker import peak_rss
     from compressor.lora.train import TrainJob, train
+    from compressor.report.worker import peak_rss
 
     baseline = peak_rss()
     summary = train(TrainJob(base_dir, data, Path(data).with_name(f"step-cost-{base_dir.name}"), rank=8, steps=steps, batch_size=8,

@@ -163,8 +163,12 @@ def big_model(work: Path, rounds: int) -> dict:
         "params": json.loads((ours_dir / "manifest.json").read_text())["summary"]["params_total"],
         "checkpoint_bytes": ours["checkpoint_bytes"],
         "compressor": ours,
-        "stock": {"seconds": stock.seconds, "all_seconds": [r.seconds for r in stock_runs], "peak_rss": stock.peak_rss,
-                  "extra_rss": stock.peak_rss - ours["baseline_rss"]},  # fmt: skip
+        "stock": {
+            "seconds": stock.seconds,
+            "all_seconds": [r.seconds for r in stock_runs],
+            "peak_rss": stock.peak_rss,
+            "extra_rss": stock.peak_rss - ours["baseline_rss"],
+        },  # fmt: skip
         "speedup": stock.seconds / ours["seconds"],
         "tensors_compared": compared,
         "tensors_differing": differ,

@@ -32,8 +32,8 @@ STREAMS = 16
 
 def make_adapters(base: Path, work: Path, count: int) -> list[Path]:
     """``count`` rank-8 adapters on every projection of ``base``, made once into ``work``."""
-    from compressor.lora.adapters import random_adapter
     from compressor.lora import LoraConfig
+    from compressor.lora.adapters import random_adapter
 
     out = []
     for i in range(count):
@@ -47,7 +47,9 @@ def make_adapters(base: Path, work: Path, count: int) -> list[Path]:
 def prompt_ids(tokenizer, count: int) -> list[list[int]]:
     """``count`` licence sentences as chat prompts, tokenized."""
     chosen = sentences()[:count]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True, tokenize=True, return_dict=False) for s in chosen]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True, tokenize=True, return_dict=False) for s in chosen
+    ]
 
 
 def run_streams(engine, jobs: list[tuple[list[int], str | None]], tokens: int) -> dict:
@@ -135,7 +137,7 @@ def reference_check(model_dir: Path, base: Path, adapter: Path, prompts: list[li
     for name, folder in (("float32_vs_peft", model_dir), ("nf4_vs_our_lora_layers", base)):
         engine = Engine(EngineConfig(folder))
         engine.load_adapter("t", adapter, trusted=True)
-        reference = compressor.load(folder, exact=True)
+        reference = compressor.load(folder, float32=True)
         if name.startswith("float32"):
             reference = PeftModel.from_pretrained(reference, adapter)
         else:

@@ -26,7 +26,7 @@ _SURFACE = {
     "ImportJob": "gguf", "import_gguf": "gguf",
     # load and measure
     "load": "loading",
-    "evaluate_models": "evaluate", "text_windows": "evaluate",  # not evaluate(): the submodule's own name
+    "evaluate_models": "evaluate", "text_windows": "text",  # not evaluate(): the submodule's own name
     # adapt: the LoRA lifecycle
     "LoraConfig": "lora.layer", "add_lora": "lora.layer",
     "Adapter": "lora.adapters", "save_adapter": "lora.adapters", "read_adapter": "lora.adapters", "apply_adapter": "lora.adapters",
@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from .arguments import named_path, positive_int
     from .choices import ACTIVATIONS, DEFAULT_TARGETS, HEADS, METHODS, PREFILLS
     from .errors import CompressorError
-    from .evaluate import evaluate_models, text_windows
+    from .evaluate import evaluate_models
     from .export.adapters import module_arrays
     from .export.exporter import OnnxExportJob, export_onnx
     from .export.names import META as EXPORT_META
@@ -90,3 +90,4 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from .lora.train import TrainJob, train
     from .native.matmul import all_cores
     from .quantize import QuantizeJob, QuantizeSummary, quantize_checkpoint
+    from .text import text_windows

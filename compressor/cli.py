@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CompressorError
-from .gc_pause import paused_gc
 from .arguments import named_path, rank
 from .choices import ABSMAX_ROUNDINGS, DEFAULT_TARGETS, EXPORT_ACTIVATIONS, MERGE_OUTPUTS, METHODS, OPTIMIZERS, TRAIN_INITS
+from .errors import CompressorError
+from .gc_pause import paused_gc
 
 
 def _quantize(args) -> int:
@@ -41,7 +41,11 @@ def _quantize(args) -> int:
         quantize_head=args.quantize_head, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
         progress=not args.quiet, optimize=optimize,
     )  # fmt: skip
-    summary = quantize_checkpoint(job)
+    # The collector stays off for the whole run (see gc_pause.py): importing transformers and
+    # planning the model allocate hundreds of thousands of long-lived objects, which collections
+    # would walk again and again while the weights stream. A process-wide choice, so made here.
+    with paused_gc():
+        summary = quantize_checkpoint(job)
     print(f"wrote {args.out_dir}")
     print("\n".join(summary.lines()))
     return 0
@@ -170,18 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", required=True, choices=METHODS)
     q.add_argument("--blocksize", type=int, help="block size of nf4/fp4/int4/int3/int2 (default 64)")
     q.add_argument("--no-double-quant", action="store_true", help="nf4/fp4: keep the per-block absmax in float32")
-    q.add_argument("--absmax-rounding", choices=ABSMAX_ROUNDINGS, default="lut",
-                   help="nf4/fp4 double quantization: bitsandbytes' CPU lookup table (default, bit-identical) or exact nearest")
+    q.add_argument(
+        "--absmax-rounding",
+        choices=ABSMAX_ROUNDINGS,
+        default="lut",
+        help="nf4/fp4 double quantization: bitsandbytes' CPU lookup table (default, bit-identical) or exact nearest",
+    )
     q.add_argument("--per-tensor", action="store_true", help="int8: one scale for the whole tensor instead of per row")
     q.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module names or patterns to keep in float")
     q.add_argument("--quantize-head", action="store_true", help="also quantize the output head (kept in float by default)")
-    q.add_argument("--optimize", choices=OPTIMIZERS, default="none",
-                   help="nf4/fp4: round to nearest (default, bitsandbytes' result), search each block's scale, or GPTQ codes (both need --calibration)")
+    q.add_argument(
+        "--optimize",
+        choices=OPTIMIZERS,
+        default="none",
+        help="nf4/fp4: round to nearest (default, bitsandbytes' result), search each block's scale, or GPTQ codes (both need --calibration)",
+    )
     q.add_argument("--calibration", metavar="FILE", help="text whose activations weigh the error (never the evaluation text)")
     q.add_argument("--calibration-tokens", type=int, default=32768, help="tokens of the calibration text to use (default 32768)")
-    q.add_argument("--budget-bits", type=float, metavar="B",
-                   help="keep the layers whose quantization hurts most (measured on the calibration text) unquantized, "
-                        "all linear layers averaging at most B bits per parameter")
+    q.add_argument(
+        "--budget-bits",
+        type=float,
+        metavar="B",
+        help="keep the layers whose quantization hurts most (measured on the calibration text) unquantized, "
+        "all linear layers averaging at most B bits per parameter",
+    )
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     q.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (only if you trust it)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -221,8 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--gradient-checkpointing", action="store_true")
-    r.add_argument("--init", choices=TRAIN_INITS, default="default",
-                   help="default: B = 0 (PEFT's); loftq: start from the base's quantization error (needs the float weights)")
+    r.add_argument(
+        "--init",
+        choices=TRAIN_INITS,
+        default="default",
+        help="default: B = 0 (PEFT's); loftq: start from the base's quantization error (needs the float weights)",
+    )
     r.add_argument("--float", dest="float_dir", metavar="DIR", help="loftq: the float checkpoint of the base (default: the one its manifest names)")
     r.add_argument("--calibration", metavar="FILE", help="loftq: text whose activations weigh the approximation (recommended)")
     r.add_argument("--overwrite", action="store_true")
@@ -233,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("base_dir")
     m.add_argument("adapter_dir")
     m.add_argument("out_dir")
-    m.add_argument("--to", choices=MERGE_OUTPUTS, default="same",
-                   help="same: re-quantize with the base's method (default); or a float dtype")
+    m.add_argument("--to", choices=MERGE_OUTPUTS, default="same", help="same: re-quantize with the base's method (default); or a float dtype")
     m.add_argument("--text", help="score the merged model against base + adapter on this text")
     m.add_argument("--windows", type=int, default=4)
     m.add_argument("--seq", type=int, default=512)
@@ -247,11 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     o = x.add_parser("onnx", help="an onnxruntime folder whose weights stay packed, with run-time swappable adapters")
     o.add_argument("base_dir", help="a compressor output folder (nf4, fp4, int4, int8, int8-sym) or a float checkpoint")
     o.add_argument("out_dir")
-    o.add_argument("--adapter", action="append", type=named_path, default=[], metavar="NAME=DIR",
-                   help="write this PEFT adapter as adapters/NAME.onnx_adapter (repeatable)")
+    o.add_argument(
+        "--adapter",
+        action="append",
+        type=named_path,
+        default=[],
+        metavar="NAME=DIR",
+        help="write this PEFT adapter as adapters/NAME.onnx_adapter (repeatable)",
+    )
     o.add_argument("--merge", metavar="ADAPTER_DIR", help="fold this adapter into the base and export one merged model")
-    o.add_argument("--activations", choices=EXPORT_ACTIVATIONS, default="fp32",
-                   help="int4/int8 layers: float32 activations (default, matches PyTorch) or int8 (faster, approximate)")
+    o.add_argument(
+        "--activations",
+        choices=EXPORT_ACTIVATIONS,
+        default="fp32",
+        help="int4/int8 layers: float32 activations (default, matches PyTorch) or int8 (faster, approximate)",
+    )
     o.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated modules that take adapter inputs ('' for none)")
     o.add_argument("--overwrite", action="store_true")
     o.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (only if you trust it)")

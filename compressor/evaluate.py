@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from .errors import CompressorError
 from .loading import load
+from .text import text_windows
 
 
 @dataclass(frozen=True)
@@ -49,20 +49,6 @@ class EvalResult:
                 f"top-1 agreement   {100 * self.agreement:.2f}%",
             ]
         return out
-
-
-def text_windows(tokenizer, text_path: Path, windows: int, seq_len: int) -> torch.Tensor:
-    """The first ``windows`` non-overlapping windows of ``seq_len`` tokens of a text file, ``(windows, seq_len)``."""
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CompressorError(text_path, f"cannot read text ({e})") from None
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    available = ids.numel() // seq_len
-    if available == 0:
-        raise CompressorError(text_path, f"only {ids.numel()} tokens; a window needs {seq_len}")
-    n = min(windows, available)
-    return ids[: n * seq_len].reshape(n, seq_len)
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ that walks them all again and frees nothing; on the 1B-parameter benchmark that 
 a 10 s run, on the critical path before any weight is read. Afterwards the objects are frozen
 (``gc.freeze``): later collections skip them instead of walking them again after every few hundred
 tensors. Reference counting still frees everything acyclic while the collector is paused.
+
+The freeze is process-wide and never undone, so only command-line entry points (``compressor.cli``)
+use this; a library function run again and again in a long-lived process must not.
 """
 
 from __future__ import annotations

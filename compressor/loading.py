@@ -29,14 +29,15 @@ def quant_method(model_dir: str | Path) -> str:
 LAYOUTS = {"compressor": native_layout, "bitsandbytes": bnb_layout}
 
 
-def load(model_dir: str | Path, exact: bool = False, activations: str = "float32", native_generate: bool = True) -> PreTrainedModel:
+def load(model_dir: str | Path, float32: bool = False, activations: str = "float32", native_generate: bool = True) -> PreTrainedModel:
     """Return the causal LM stored in ``model_dir``, on the CPU, in eval mode.
 
     Packed folders (ours, and bitsandbytes' nf4/fp4/int8-sym as transformers writes them) get
     :class:`~compressor.nn.QuantLinear` modules, which decode a few rows at a time with the native
     kernels (faster on the CPU than bitsandbytes' own path) and never hold a float copy of a
-    weight. ``exact`` is for training, merging and serving: every float tensor in float32, so every
-    path computes the same numbers. ``activations`` (one of
+    weight. ``float32`` casts every float tensor (embeddings, norms, float layers) to float32, as
+    training, merging and serving want, so that every path computes the same numbers; packed codes
+    stay as they are. ``activations`` (one of
     :data:`compressor.choices.ACTIVATIONS`) is how those kernels take their input: float32
     exactly, or int8 per run of 32 (faster, slightly less accurate; see the serving benchmark).
     ``native_generate`` gives the model a forward that runs batch-1 inference into a cache (what
@@ -51,7 +52,7 @@ def load(model_dir: str | Path, exact: bool = False, activations: str = "float32
         model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
         raise CompressorError(root / "config.json", f"unknown quant_method {method!r}")
-    if exact:
+    if float32:
         model.float()  # packed codes are integer buffers and stay as they are
     if native_generate:
         from .inference import generate  # the step's modules import this one's

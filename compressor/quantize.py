@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, is_dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .checkpoint import bnb_layout, manifest, native_layout
 from .checkpoint.atomic import atomic_folder
 from .checkpoint.readahead import ReadAhead
 from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, folder_bytes, open_shard
 from .checkpoint.writer import ShardWriter
 from .errors import CompressorError
-from .formats import FORMATS, NonFiniteError, config_for, format_for, method_of, payload_nbytes
+from .formats import FORMATS, NonFiniteError, format_for, method_of, payload_nbytes
 from .formats.common import FLOAT_DTYPES
-from .gc_pause import paused_gc
 from .optimize import OptimizeConfig
 
 _READAHEAD_BYTES = 512 << 20
@@ -89,9 +85,14 @@ class QuantizeSummary:
             f"method                 {self.method}",
             f"parameters quantized   {self.params_quantized:,} of {self.params_total:,} in {self.tensors_quantized} tensors",
             f"bits/param (quantized) {self.bits_per_param:.3f}",
-            *([f"kept in float         {len(self.layers_kept)} layers ({self.params_kept:,} parameters); all linear layers "
-               f"{self.linear_bits_per_param:.3f} bits/param: {', '.join(self.layers_kept[:6])}{' ...' if len(self.layers_kept) > 6 else ''}"]
-              if self.layers_kept else []),
+            *(
+                [
+                    f"kept in float         {len(self.layers_kept)} layers ({self.params_kept:,} parameters); all linear layers "
+                    f"{self.linear_bits_per_param:.3f} bits/param: {', '.join(self.layers_kept[:6])}{' ...' if len(self.layers_kept) > 6 else ''}"
+                ]
+                if self.layers_kept
+                else []
+            ),
             f"size                   {self.bytes_before / mb:,.1f} MB -> {self.bytes_after / mb:,.1f} MB "
             f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)",
             f"largest RMS error      {self.worst_rms_error:.3g} ({self.worst_tensor})",
@@ -122,10 +123,9 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         # the modules (see readahead.py); the import is local to this function for that reason.
         reads = ReadAhead(ckpt.shards, budget=min(_READAHEAD_BYTES, source_bytes // 8))
         try:
-            with paused_gc():
-                from .checkpoint.model_info import load_config, meta_model, plan_linears
+            from .checkpoint.model_info import load_config, meta_model, plan_linears
 
-                plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
+            plan = plan_linears(meta_model(load_config(ckpt.config_path)), job.skip, job.quantize_head)
             from .optimize.quantizer import prepare
 
             prepared = prepare(job.model_dir, job.config, job.optimize, plan.quantize)

@@ -19,7 +19,9 @@ from .types import ACTIVATIONS, BACKENDS, HEADS, PREFILLS, EngineConfig
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every engine limit maps to one :class:`EngineConfig` field."""
     p = argparse.ArgumentParser(prog="python -m serve", description="Serve one base model and many LoRA adapters over HTTP.")
-    p.add_argument("--base", required=True, type=Path, help="base model folder (a compressor output or a float checkpoint; for --backend onnx, an export)")
+    p.add_argument(
+        "--base", required=True, type=Path, help="base model folder (a compressor output or a float checkpoint; for --backend onnx, an export)"
+    )
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch: run the checkpoint with torch; onnx: run a folder written by 'compressor export onnx' with onnxruntime")  # fmt: skip
     p.add_argument("--adapter", action="append", default=[], type=named_path, metavar="NAME=DIR", help="adapter to load at start-up (repeatable)")
@@ -87,6 +89,7 @@ def serve(engine, keys, host: str, port: int) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+
     def http_main():
         try:
             server.run()

@@ -26,9 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .auth import OPEN, ApiKeys, Grant
-from .schemas import AdapterBody, ChatBody, CompletionBody, Sampling
 from .errors import ServeError
 from .metrics import Metrics
+from .schemas import AdapterBody, ChatBody, CompletionBody, Sampling
 from .types import AdapterInfo, Event, SamplingParams
 
 if TYPE_CHECKING:

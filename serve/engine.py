@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -46,7 +45,7 @@ class Request:
         self.adapter_key = adapter_key  # the registry's key of the adapter this request pinned
         self.params = params
         self.on_event = on_event
-        self.text = Detokenizer(tokenizer, params.stop)
+        self.output = Detokenizer(tokenizer, params.stop)  # the generated ids, and their text as it may be sent
         self.generator = generator_for(params)
         self.kv: Cache | None = None
         self.prefilled = 0  # prompt tokens in the cache so far
@@ -138,10 +137,14 @@ class Engine:
         if not prompt_ids:
             raise PromptTooLong("the prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}")
+            raise PromptTooLong(
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}"
+            )
         need = self.backend.kv_shape.bytes(len(prompt_ids) + params.max_tokens)  # sliding layers' rings bounded
         if self._kv_budget is not None and need > self._kv_budget:
-            raise PromptTooLong(f"prompt plus max_tokens needs {need / 2**20:.1f} MB of key/value cache; the budget is {self._kv_budget / 2**20:.1f} MB")
+            raise PromptTooLong(
+                f"prompt plus max_tokens needs {need / 2**20:.1f} MB of key/value cache; the budget is {self._kv_budget / 2**20:.1f} MB"
+            )
         key = None if adapter is None else self.registry.acquire(adapter)
         request = Request(list(prompt_ids), key, params, on_event, self.tokenizer)
         request.kv_bytes = need
@@ -266,7 +269,7 @@ class Engine:
                 self._emit(r, pick(row, r.params, r.generator))
 
     def _decode(self, requests: list[Request]) -> None:
-        logits = self.backend.decode([r.text.ids[-1] for r in requests], [r.adapter_key for r in requests], [r.kv for r in requests])
+        logits = self.backend.decode([r.output.ids[-1] for r in requests], [r.adapter_key for r in requests], [r.kv for r in requests])
         for i, r in enumerate(requests):
             self._emit(r, pick(logits[i], r.params, r.generator))
 
@@ -274,13 +277,13 @@ class Engine:
         if token in self.eos_ids and not r.params.ignore_eos:
             self._finish(r, "stop")
             return
-        delta = r.text.push(token)
-        if r.text.stopped:
+        delta = r.output.push(token)
+        if r.output.stopped:
             self._finish(r, "stop", text=delta)
-        elif len(r.text.ids) >= r.params.max_tokens:
-            self._finish(r, "length", text=delta + r.text.flush())
+        elif len(r.output.ids) >= r.params.max_tokens:
+            self._finish(r, "length", text=delta + r.output.flush())
         elif delta:
-            self._send(r, Event(delta, (token,), len(r.prompt_ids), len(r.text.ids)))
+            self._send(r, Event(delta, (token,), len(r.prompt_ids), len(r.output.ids)))
 
     def _finish(self, r: Request, reason: str, error: str | None = None, text: str | None = None) -> None:
         if r.done:
@@ -291,8 +294,8 @@ class Engine:
             self._kv_reserved -= r.kv_bytes
         if r.adapter_key is not None:
             self.registry.release(r.adapter_key)
-        tail = r.text.flush() if text is None and reason == "stop" else (text or "")
-        self._send(r, Event(tail, (), len(r.prompt_ids), len(r.text.ids), reason, error))
+        tail = r.output.flush() if text is None and reason == "stop" else (text or "")
+        self._send(r, Event(tail, (), len(r.prompt_ids), len(r.output.ids), reason, error))
 
     @staticmethod
     def _send(r: Request, event: Event) -> None:

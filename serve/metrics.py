@@ -43,7 +43,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("serve_requests", "Generation requests by model and HTTP status.", ["model", "status"], registry=self.registry)
         self.tokens = Counter("serve_generated_tokens", "Tokens generated, by model.", ["model"], registry=self.registry)
-        self.ttft = Histogram("serve_time_to_first_token_seconds", "From submit to the first generated text.", buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "serve_time_to_first_token_seconds", "From submit to the first generated text.", buckets=_TTFT_BUCKETS, registry=self.registry
+        )
         self.adapter_load = Histogram("serve_adapter_load_seconds", "Time to load one adapter.", buckets=_LOAD_BUCKETS, registry=self.registry)
         self.registry.register(_EngineGauges(stats))
 

@@ -64,7 +64,11 @@ def profile(base: Path, adapters: dict[str, Path], streams: int, steps: int, pro
             seconds = time.perf_counter() - start
             if not timed:
                 plain = seconds
-        title = f"decode, {streams} streams over {len(set(routes)) if routes[0] else 0} adapters" if run == "decode" else f"prefill, one prompt of {prompt_tokens} tokens"
+        title = (
+            f"decode, {streams} streams over {len(set(routes)) if routes[0] else 0} adapters"
+            if run == "decode"
+            else f"prefill, one prompt of {prompt_tokens} tokens"
+        )
         report.append(_table(title, plain, dict(decoder.timings), steps if run == "decode" else 1))
         decoder.profile(False)
     return "\n\n".join(report)
@@ -83,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activations", choices=ACTIVATIONS, default="float32")
     parser.add_argument("--prefill", choices=PREFILLS, default="float32")
     args = parser.parse_args(argv)
-    print(profile(args.base, dict(args.adapter), args.streams, args.steps, args.prompt_tokens, args.head, args.threads, args.activations, args.prefill))
+    print(
+        profile(args.base, dict(args.adapter), args.streams, args.steps, args.prompt_tokens, args.head, args.threads, args.activations, args.prefill)
+    )
     return 0
 
 

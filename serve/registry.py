@@ -27,6 +27,7 @@ from .backend import AdapterLayer
 from .errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
 from .types import AdapterInfo
 
+
 @dataclass
 class _Entry:
     key: str  # what the layers and the routing know it by

@@ -15,8 +15,19 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from compressor import (CacheShape, Decoder, Routing, RowwiseLinear, SequenceKV, UnsupportedModel, all_cores, base_fingerprint, head_weight,
-                        install_multilora, load)  # fmt: skip
+from compressor import (
+    CacheShape,
+    Decoder,
+    Routing,
+    RowwiseLinear,
+    SequenceKV,
+    UnsupportedModel,
+    all_cores,
+    base_fingerprint,
+    head_weight,
+    install_multilora,  # fmt: skip
+    load,
+)
 
 from .eos import eos_set
 
@@ -26,7 +37,7 @@ class TorchBackend:
 
     def __init__(self, base_dir: Path, head: str = "float", threads: int | None = None, activations: str = "float32", prefill: str = "float32",
                  slack: int = 256):  # fmt: skip
-        self.model = load(base_dir, exact=True, activations=activations)
+        self.model = load(base_dir, float32=True, activations=activations)
         self.threads = threads
         self.routing = Routing()
         self.layers = install_multilora(self.model, self.routing)

@@ -12,11 +12,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    Qwen3Config,
+)
 
 _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
@@ -122,8 +132,7 @@ TEXT = " ".join(f"word{i % 97} token{i % 13}" for i in range(3000))
 # A ChatML-like template in the tiny vocabulary: "token0 <role> <content> </s>" per turn, and
 # "token0 assistant" as the generation prompt.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}token0 {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}token0 assistant {% endif %}"
+    "{% for m in messages %}token0 {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}token0 assistant {% endif %}"
 )
 
 
@@ -159,7 +168,6 @@ def with_tokenizer(folder):
     return folder
 
 
-
 def nf4_twin(root: Path) -> tuple[Path, Path]:
     """:func:`tiny_checkpoint` with :func:`tiny_tokenizer` under ``root``, and its nf4 quantization at ``root / "nf4"`` (which copies the tokenizer)."""
     from compressor.formats import config_for
@@ -176,8 +184,8 @@ ANSWER_FORMAT = [{"prompt": f"word{i} word{i + 1}", "completion": "token3 token5
 
 def random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, targets: tuple[str, ...] | None = None, seed: int = 0) -> Path:
     """A rank-``rank`` adapter with random B for ``base_dir`` (alpha = 2 x rank)."""
-    from compressor.lora.adapters import random_adapter as make
     from compressor.lora import DEFAULT_TARGETS, LoraConfig
+    from compressor.lora.adapters import random_adapter as make
 
     return make(base_dir, out_dir, LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets or DEFAULT_TARGETS), seed)
 

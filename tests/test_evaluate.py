@@ -3,10 +3,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from compressor.errors import CompressorError
-from compressor.evaluate import EvalJob, evaluate, evaluate_models, text_windows
+from compressor.evaluate import EvalJob, evaluate, evaluate_models
 from compressor.formats import config_for
 from compressor.quantize import QuantizeJob, quantize_checkpoint
+from compressor.text import text_windows
 from tests.helpers import TEXT, tiny_checkpoint, with_tokenizer
+
 
 def test_a_model_against_itself_has_zero_kl_and_full_agreement(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(tmp_path)).eval()

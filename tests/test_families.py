@@ -9,16 +9,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor.lora.adapters import apply_adapter, read_adapter
 from compressor.cli import main
 from compressor.export.exporter import OnnxExportJob, export_onnx
 from compressor.export.runtime import OnnxDecoder, Sampling
 from compressor.formats import config_for
 from compressor.lora import DEFAULT_TARGETS
+from compressor.lora.adapters import apply_adapter, read_adapter
 from compressor.lora.merge import MergeJob, merge
+from compressor.lora.train import TrainJob, train
 from compressor.nn import QuantLinear
 from compressor.quantize import QuantizeJob, quantize_checkpoint
-from compressor.lora.train import TrainJob, train
 from serve.engine import Engine
 from serve.types import EngineConfig, SamplingParams
 from tests.helpers import ANSWER_FORMAT, FAMILIES, command_line, random_adapter, tiny_checkpoint, with_tokenizer
@@ -57,9 +57,9 @@ def test_a_family_trains_merges_and_serves_its_adapter_as_transformers_computes_
                              steps=12, batch_size=4, seq_len=32, eval_split=0.2, eval_every=6, progress=False))  # fmt: skip
     assert summary.train_losses[-1] < summary.train_losses[0]
 
-    adapted = compressor.load(tmp_path / "nf4", exact=True, native_generate=False)
+    adapted = compressor.load(tmp_path / "nf4", float32=True, native_generate=False)
     apply_adapter(adapted, read_adapter(tmp_path / "adapter"), tmp_path / "nf4")
-    float_adapted = compressor.load(src, exact=True, native_generate=False)
+    float_adapted = compressor.load(src, float32=True, native_generate=False)
     apply_adapter(float_adapted, read_adapter(tmp_path / "adapter"))
     merge(MergeJob(src, tmp_path / "adapter", tmp_path / "merged", progress=False))
     with torch.no_grad():  # merged into the float base: what the float base plus the adapter computes
@@ -91,7 +91,7 @@ def test_a_family_exports_to_onnx_and_generates_its_own_greedy_tokens_with_and_w
     export_onnx(OnnxExportJob(base_dir=tmp_path / "nf4", out_dir=tmp_path / "onnx", adapters=(("a", tmp_path / "a"),), lora_targets=targets))
     decoder = OnnxDecoder(tmp_path / "onnx")
     decoder.meta["eos_token_ids"] = []  # random weights: run the full length
-    model = compressor.load(tmp_path / "nf4", exact=True, native_generate=False)
+    model = compressor.load(tmp_path / "nf4", float32=True, native_generate=False)
     for adapter in (None, "a"):
         if adapter:
             apply_adapter(model, read_adapter(tmp_path / "a"))

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from compressor.formats import FourBitConfig, IntNConfig, Int8Config, format_for
+from compressor.formats import FourBitConfig, Int8Config, IntNConfig, format_for
 from compressor.nn import QuantLinear
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import compressor
 from compressor.errors import CompressorError
-from compressor.formats import FourBitConfig, IntNConfig, Int8SymConfig, config_for
+from compressor.formats import FourBitConfig, Int8SymConfig, IntNConfig, config_for
 from compressor.quantize import QuantizeJob, quantize_checkpoint
 from tests.helpers import tiny_checkpoint, token_batch
 

@@ -56,7 +56,5 @@ def plan_linears(model: nn.Module, skip_patterns: tuple[str, ...] = (), quantize
         if not any(f"{name}.weight" in tied for name in head_names):
             defaults -= head_names
     skip = tuple(sorted(defaults)) + tuple(p for p in skip_patterns if p not in defaults)
-    chosen = frozenset(
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and should_convert_module(name, list(skip))
-    )
+    chosen = frozenset(name for name, module in model.named_modules() if isinstance(module, nn.Linear) and should_convert_module(name, list(skip)))
     return LinearPlan(quantize=chosen, skip=skip)

@@ -50,7 +50,11 @@ class ShardWriter:
         data = raw_bytes(tensor.cpu())
         size = len(data)
         self._file.write(data)
-        self._header[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.nbytes, self.nbytes + size]}
+        self._header[name] = {
+            "dtype": TORCH_TO_SAFETENSORS[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.nbytes, self.nbytes + size],
+        }
         self.nbytes += size
 
     def finish(self, metadata: dict[str, str] | None = None) -> Path:

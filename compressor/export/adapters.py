@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..lora.adapters import Adapter
 from ..checkpoint.atomic import atomic_file
 from ..errors import CompressorError
+from ..lora.adapters import Adapter
 from .names import lora_names
 
 

@@ -15,17 +15,18 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from ..lora.adapters import NAME, NAME_RULE, base_fingerprint, check_fits, read_adapter
 from ..checkpoint import manifest
 from ..checkpoint.atomic import atomic_folder
 from ..checkpoint.reader import folder_bytes
+from ..choices import DEFAULT_TARGETS, EXPORT_ACTIVATIONS
 from ..errors import CompressorError
 from ..loading import load, quant_method
-from ..choices import DEFAULT_TARGETS, EXPORT_ACTIVATIONS
+from ..lora.adapters import NAME, NAME_RULE, base_fingerprint, check_fits, read_adapter
 from ..lora.merge import MergeJob, merge
 from .adapters import adapter_arrays, write_adapter_file
 from .decoder import build_decoder
 from .names import ADAPTERS, DATA, META, MODEL, SUFFIX
+
 ACCURACY_LEVELS = dict(zip(EXPORT_ACTIVATIONS, (0, 4)))  # MatMulNBits' accuracy_level of each
 
 
@@ -79,7 +80,7 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
         if job.merge_adapter is not None:
             base = Path(scratch) / "merged"
             merge(MergeJob(base_dir=job.base_dir, adapter_dir=job.merge_adapter, out_dir=base, allow_pickle=job.allow_pickle, progress=False))
-        model = load(base, exact=True)
+        model = load(base, float32=True)
         fingerprint = base_fingerprint(job.base_dir)
         layers = dict(model.named_modules())
         for name, path, adapter in adapters:

@@ -96,4 +96,3 @@ def _nbits(g, x, name, k: int, codes: np.ndarray, scales: np.ndarray, zero_point
               g.constant(f"{name}.zero_points", zp.reshape(-1))]  # fmt: skip
     return g.op("MatMulNBits", inputs, hint=name, domain=MS_DOMAIN, K=k, N=n, bits=bits,
                 block_size=block, accuracy_level=accuracy_level)  # fmt: skip
-

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from . import int8, int8_sym, intn, nf4
 from ..choices import METHODS
+from . import int8, int8_sym, intn, nf4
 from .common import NonFiniteError, error_stats
 from .int8 import Int8Config, PerRow, PerTensor
 from .int8_sym import Int8SymConfig
@@ -85,9 +85,7 @@ def _format_of(state) -> Format:
         raise TypeError(f"no format registered for state {type(state).__name__}") from None
 
 
-def config_for(
-    method: str, blocksize: int | None = None, double_quant: bool = True, per_tensor: bool = False, absmax_rounding: str = "lut"
-):
+def config_for(method: str, blocksize: int | None = None, double_quant: bool = True, per_tensor: bool = False, absmax_rounding: str = "lut"):
     """Build the config for a method name as typed on the command line."""
     if method in ("nf4", "fp4"):
         return FourBitConfig(codebook=method, blocksize=blocksize or 64, double_quant=double_quant, absmax_rounding=absmax_rounding)

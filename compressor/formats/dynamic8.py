@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..choices import ABSMAX_ROUNDINGS
+
 _LUT_SIZE = 65536
 
 
@@ -108,8 +109,11 @@ def quantize(x: torch.Tensor, blocksize: int = 256, rounding: str = "lut") -> tu
     return out, Dynamic8State(absmax=torch.from_numpy(absmax), blocksize=blocksize, numel=n)
 
 
-def dequantize(codes: torch.Tensor, state: Dynamic8State) -> torch.Tensor:
-    """Inverse of :func:`quantize`: float32 tensor of shape ``(numel,)``."""
-    values = dynamic_code()[codes.reshape(-1).long()]
-    scale = state.absmax.repeat_interleave(state.blocksize)[: state.numel]
-    return values * scale
+def dequantize(codes: torch.Tensor, state: Dynamic8State, offset: float = 0.0) -> torch.Tensor:
+    """Inverse of :func:`quantize`, plus ``offset`` (NF4's absmax mean): float32 tensor of shape ``(numel,)``, as bitsandbytes computes it."""
+    from . import kernels  # numba compiles on first use
+
+    out = torch.empty(state.numel, dtype=torch.float32)
+    kernels.dequantize_absmax(codes.reshape(-1).numpy(), dynamic_code().numpy(), state.absmax.numpy(), state.blocksize, np.float32(offset),
+                              out.numpy())  # fmt: skip
+    return out

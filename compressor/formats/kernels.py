@@ -117,9 +117,7 @@ def quantize_4bit(bits, blocksize, bounds, order, packed, absmax):
         for b in range(c * _CHUNK_BLOCKS, min((c + 1) * _CHUNK_BLOCKS, blocks)):
             start = b * blocksize
             end = min(start + blocksize, n)
-            ok, absmax[b] = _quantize_block(
-                bits[start:end], blocksize, bounds, order, identity, packed[start >> 1 : (end + 1) >> 1], x, x_bits, idx
-            )
+            ok, absmax[b] = _quantize_block(bits[start:end], blocksize, bounds, order, identity, packed[start >> 1 : (end + 1) >> 1], x, x_bits, idx)
             finite[c] &= ok
     return finite.all()
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
 
 from ..choices import ABSMAX_ROUNDINGS
-from . import dynamic8, kernels
 from ..native.matmul import Q4, KernelWeight, supports
+from . import dynamic8, kernels
 from .common import NonFiniteError, check_dtype, error_stats
 
 # The 16 values of each codebook, indexed by their 4-bit code.
@@ -82,11 +81,7 @@ class FourBitState:
         """The float32 absmax of every block."""
         if self.absmax_state is None:
             return self.absmax
-        out = torch.empty(self.absmax.numel(), dtype=torch.float32)
-        nested = self.absmax_state
-        kernels.dequantize_absmax(self.absmax.reshape(-1).numpy(), dynamic8.dynamic_code().numpy(), nested.absmax.numpy(),
-                                  nested.blocksize, np.float32(self.absmax_offset), out.numpy())  # fmt: skip
-        return out
+        return dynamic8.dequantize(self.absmax, self.absmax_state, self.absmax_offset)
 
 
 @lru_cache(maxsize=None)

@@ -29,7 +29,6 @@ from torch import nn
 from ..choices import PREFILLS
 from ..native import ops, step
 from ..native.matmul import all_cores
-
 from ..nn import QuantLinear
 from .kv_cache import CacheShape
 from .multilora import MultiLoraLinear, Routing, row_weight

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..native.matmul import all_cores
 from .decoder import Decoder, UnsupportedModel
 from .kv_cache import SequenceKV
-from .multilora import RowwiseLinear, Routing
+from .multilora import Routing, RowwiseLinear
 
 log = logging.getLogger(__name__)
 

@@ -89,7 +89,9 @@ class SequenceKV:
         length = min(self.length, length)
         wrapped = any(ring is not None and self._reached > ring for ring in self._rings)
         if wrapped and self._reached - length > self.shape.slack + 1:
-            raise ValueError(f"cannot crop {self.length} positions back to {length}: a sliding layer's ring keeps only the last {self.shape.slack + 1} positions' window")
+            raise ValueError(
+                f"cannot crop {self.length} positions back to {length}: a sliding layer's ring keeps only the last {self.shape.slack + 1} positions' window"
+            )
         self.length = length
 
     def _start(self, layer: int, capacity: int) -> int:

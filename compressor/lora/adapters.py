@@ -148,7 +148,7 @@ def random_adapter(base_dir: str | Path, out_dir: Path, cfg: LoraConfig, seed: i
     from ..loading import load
 
     torch.manual_seed(seed)
-    modules = add_lora(load(base_dir, exact=True), cfg)
+    modules = add_lora(load(base_dir, float32=True), cfg)
     with torch.no_grad():
         for m in modules.values():
             m.lora_B.weight.normal_(std=scale)

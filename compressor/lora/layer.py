@@ -87,9 +87,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, LoraLinear]:
     """Freeze ``model`` and wrap every linear module whose last name is in ``cfg.targets``; returns them by name."""
     for p in model.parameters():
         p.requires_grad_(False)
-    wanted = [
-        name for name, m in model.named_modules() if name.rpartition(".")[2] in cfg.targets and isinstance(m, (nn.Linear, QuantLinear))
-    ]
+    wanted = [name for name, m in model.named_modules() if name.rpartition(".")[2] in cfg.targets and isinstance(m, (nn.Linear, QuantLinear))]
     if not wanted:
         raise ValueError(f"no linear module named {', '.join(cfg.targets)} in the model")
     wrapped = {}

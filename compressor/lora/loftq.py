@@ -20,9 +20,9 @@ import torch
 
 from ..checkpoint.reader import find_checkpoint, open_shard
 from ..errors import CompressorError
-from .layer import LoraLinear
 from ..nn import QuantLinear
 from ..optimize.calibration import float_model_and_windows, input_moments
+from .layer import LoraLinear
 
 # Expected row norm of A under PEFT's Kaiming-uniform init (a = sqrt(5)): each of the n entries has
 # variance 1 / (3n).
@@ -40,7 +40,9 @@ def initialize(modules: dict[str, LoraLinear], float_dir: Path, calibration: Pat
 
 
 @torch.no_grad()
-def loftq_init(modules: dict[str, LoraLinear], weights: Mapping[str, torch.Tensor], moments: dict[str, torch.Tensor] | None = None, damp: float = 0.01) -> None:
+def loftq_init(
+    modules: dict[str, LoraLinear], weights: Mapping[str, torch.Tensor], moments: dict[str, torch.Tensor] | None = None, damp: float = 0.01
+) -> None:
     """Set each module's A and B to the rank-r approximation of its float weight (``weights``, by module) minus its dequantized weight.
 
     ``moments`` (``X^T X / n`` per module, from calibration text) weights the approximation by the
@@ -78,4 +80,3 @@ def float_weights(float_dir: Path, modules: Iterable[str]) -> dict[str, torch.Te
     if missing:
         raise CompressorError(float_dir, f"no float weight for {', '.join(missing[:3])}: is this the checkpoint the base came from?")
     return found
-

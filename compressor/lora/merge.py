@@ -20,17 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .adapters import apply_adapter, read_adapter
 from ..checkpoint import manifest
-from ..choices import MERGE_OUTPUTS
 from ..checkpoint.atomic import atomic_folder
 from ..checkpoint.reader import INDEX, find_checkpoint
 from ..checkpoint.writer import ShardWriter
+from ..choices import MERGE_OUTPUTS
 from ..errors import CompressorError
 from ..formats import dequantize
 from ..loading import LAYOUTS, load, quant_method, read_shard
 from ..quantize import QuantizeJob, QuantizeSummary, quantize_checkpoint
-
+from .adapters import apply_adapter, read_adapter
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def merge(job: MergeJob) -> MergeSummary:
     adapter = read_adapter(job.adapter_dir, job.allow_pickle)
     method = quant_method(job.base_dir)
     # Checks fingerprint and shapes on a model built from the base, before anything is written.
-    base_model = load(job.base_dir, exact=True)
+    base_model = load(job.base_dir, float32=True)
     modules = apply_adapter(base_model, adapter, job.base_dir)
     deltas = {f"{name}.weight": m.delta() for name, m in modules.items()}
     quantized = method != "float"
@@ -149,9 +148,10 @@ def _write_merged_float(base_dir: Path, out: Path, deltas: dict[str, torch.Tenso
 def _score(job: MergeJob, summary: MergeSummary, base_plus_adapter) -> None:
     from transformers import AutoTokenizer
 
-    from ..evaluate import evaluate_models, text_windows
+    from ..evaluate import evaluate_models
+    from ..text import text_windows
 
     batches = text_windows(AutoTokenizer.from_pretrained(job.base_dir), job.text, job.windows, job.seq_len)
-    result = evaluate_models(load(job.out_dir, exact=True).eval(), batches, base_plus_adapter.eval(), job.progress)
+    result = evaluate_models(load(job.out_dir, float32=True).eval(), batches, base_plus_adapter.eval(), job.progress)
     summary.perplexity_merged, summary.perplexity_unmerged = result.perplexity, result.reference_perplexity
     summary.kl, summary.agreement = result.kl, result.agreement

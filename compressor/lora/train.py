@@ -23,14 +23,12 @@ from tqdm import tqdm
 
 from ..checkpoint import manifest
 from ..choices import TRAIN_INITS
-from .adapters import save_adapter
-from .data import IGNORE, Example, collate, encode, read_jsonl
 from ..errors import CompressorError
 from ..loading import load
-from .loftq import initialize
+from .adapters import save_adapter
+from .data import IGNORE, Example, collate, encode, read_jsonl
 from .layer import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
-
-
+from .loftq import initialize
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def train(job: TrainJob) -> TrainSummary:
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=True)  # CPU only: the packed kernels are CPU code, and no GPU path is tested
     world, rank_id = accelerator.num_processes, accelerator.process_index
     micro = job.batch_size // (world * job.grad_accum)
     if micro * world * job.grad_accum != job.batch_size:
@@ -117,7 +115,7 @@ def train(job: TrainJob) -> TrainSummary:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train_set, eval_set = _split([encode(r, tokenizer, job.seq_len) for r in read_jsonl(job.data)], job.eval_split, job.seed, job.data)
 
-    model = load(job.base_dir, exact=True)
+    model = load(job.base_dir, float32=True)
     base_params = sum(_logical_params(m) for m in model.modules())
     cfg = LoraConfig(job.rank or rank_for(base_params), job.alpha, job.dropout, job.targets)
     if job.gradient_checkpointing:

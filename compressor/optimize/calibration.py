@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressorError
+from ..text import text_windows
 
 
 def float_model_and_windows(model_dir: Path, text_path: Path, tokens: int, seq_len: int):
@@ -23,21 +24,8 @@ def float_model_and_windows(model_dir: Path, text_path: Path, tokens: int, seq_l
 
     if quant_method(model_dir) != "float":
         raise CompressorError(model_dir, "calibration runs the float model: give the float checkpoint")
-    windows = token_windows(AutoTokenizer.from_pretrained(model_dir), text_path, tokens, seq_len)
-    return load(model_dir, exact=True), windows
-
-
-def token_windows(tokenizer, text_path: Path, tokens: int, seq_len: int) -> torch.Tensor:
-    """``(windows, seq_len)`` token ids: the first ``tokens`` of the file, in whole windows."""
-    try:
-        text = text_path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CompressorError(text_path, f"cannot read calibration text ({e})") from None
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    windows = min(tokens, ids.numel()) // seq_len
-    if windows == 0:
-        raise CompressorError(text_path, f"{ids.numel()} tokens: calibration needs at least one window of {seq_len}")
-    return ids[: windows * seq_len].reshape(windows, seq_len)
+    windows = text_windows(AutoTokenizer.from_pretrained(model_dir), text_path, max(1, tokens // seq_len), seq_len)
+    return load(model_dir, float32=True), windows
 
 
 @torch.no_grad()

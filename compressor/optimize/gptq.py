@@ -19,7 +19,9 @@ from .scales import search_absmax
 _BATCH = 128  # columns updated lazily together
 
 
-def quantize_gptq(w: torch.Tensor, cfg: FourBitConfig, hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> tuple[torch.Tensor, FourBitState]:
+def quantize_gptq(
+    w: torch.Tensor, cfg: FourBitConfig, hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True
+) -> tuple[torch.Tensor, FourBitState]:
     """Codes for ``w`` (out, in) minimising the layer's output error ``tr((W - Q) H (W - Q)^T)``, in ``cfg``'s format."""
     rows, cols = w.shape
     weight = w.detach().float()

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.reader import folder_bytes
-from ..evaluate import evaluate_models, text_windows
+from ..evaluate import evaluate_models
 from ..formats import payload_nbytes
 from ..nn import QuantLinear
+from ..text import text_windows
 from .rows import BITSANDBYTES, FLOAT, OURS, Row
 
 

@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from compressor.checkpoint import native_layout
-from compressor.formats import IntNConfig, Int8Config, PerTensor, format_for, intn
+from compressor.formats import Int8Config, IntNConfig, PerTensor, format_for, intn
 
 
-@pytest.mark.parametrize("cfg", [Int8Config(), Int8Config(PerTensor()), IntNConfig(blocksize=32), IntNConfig(bits=3, blocksize=64), IntNConfig(bits=2, blocksize=16)])
+@pytest.mark.parametrize(
+    "cfg", [Int8Config(), Int8Config(PerTensor()), IntNConfig(blocksize=32), IntNConfig(bits=3, blocksize=64), IntNConfig(bits=2, blocksize=16)]
+)
 def test_state_round_trips_through_tensors_and_header(cfg):
     fmt = format_for(cfg)
     packed, state = fmt.quantize(torch.randn(24, 80, dtype=torch.float16), cfg)

@@ -4,10 +4,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from compressor.lora.adapters import read_adapter
 from compressor.errors import CompressorError
 from compressor.export.adapters import adapter_arrays, write_adapter_file
 from compressor.export.names import lora_names
+from compressor.lora.adapters import read_adapter
 
 
 def test_arrays_are_a_transposed_and_scaled_b_transposed(exported):

@@ -31,3 +31,10 @@ def test_nearest_rounding_never_does_worse_than_the_lut():
     assert bool((errors["nearest"] <= errors["lut"] + 1e-7).all())
     # The two differ on a small fraction of codes only.
     assert 0 < int((errors["nearest"] < errors["lut"]).sum()) < x.numel() // 100
+
+
+def test_the_decode_kernel_computes_the_torch_formula_bit_for_bit():
+    x = torch.randn(256 * 9 + 5, generator=torch.Generator().manual_seed(3)) * 0.02
+    codes, state = dynamic8.quantize(x, blocksize=256)
+    reference = dynamic8.dynamic_code()[codes.long()] * state.absmax.repeat_interleave(256)[: x.numel()] + torch.tensor(0.125)
+    assert torch.equal(dynamic8.dequantize(codes, state, offset=0.125), reference)

@@ -1,7 +1,7 @@
 import torch
 
-from compressor.lora import LoraConfig, LoraLinear
 from compressor.inference.multilora import MultiLoraLinear, Routing
+from compressor.lora import LoraConfig, LoraLinear
 
 
 def lora(base, rank, seed):

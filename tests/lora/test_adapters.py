@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from compressor.lora.adapters import apply_adapter, base_fingerprint, read_adapter, save_adapter
 from compressor.errors import CompressorError
 from compressor.formats import config_for
 from compressor.lora import LoraConfig, add_lora
+from compressor.lora.adapters import apply_adapter, base_fingerprint, read_adapter, save_adapter
 from compressor.quantize import QuantizeJob, quantize_checkpoint
 from tests.helpers import tiny_checkpoint, tiny_model, token_batch
 

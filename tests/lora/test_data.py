@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from compressor.lora.data import IGNORE, collate, encode, read_jsonl
 from compressor.errors import CompressorError
+from compressor.lora.data import IGNORE, collate, encode, read_jsonl
 from tests.helpers import tiny_tokenizer
 
 

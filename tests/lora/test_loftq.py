@@ -7,10 +7,11 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.loading import load
-from compressor.lora.loftq import float_weights, loftq_init
 from compressor.lora import LoraConfig, add_lora
+from compressor.lora.loftq import float_weights, loftq_init
 from compressor.lora.train import TrainJob, train
 from tests.helpers import ANSWER_FORMAT, nf4_twin
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -21,7 +22,7 @@ def base(tmp_path_factory):
 
 
 def test_base_plus_adapter_is_the_best_rank_r_approximation_of_the_float_weight(base):
-    model = load(base["nf4"], exact=True)
+    model = load(base["nf4"], float32=True)
     modules = add_lora(model, LoraConfig(rank=4, alpha=8))
     loftq_init(modules, float_weights(base["float"], modules))
     float_model = load(base["float"])
@@ -35,7 +36,7 @@ def test_base_plus_adapter_is_the_best_rank_r_approximation_of_the_float_weight(
 
 
 def test_a_float_base_has_no_quantization_error_to_start_from(base):
-    modules = add_lora(load(base["float"], exact=True), LoraConfig(rank=4))
+    modules = add_lora(load(base["float"], float32=True), LoraConfig(rank=4))
     with pytest.raises(CompressorError, match="is not quantized"):
         loftq_init(modules, float_weights(base["float"], modules))
 
@@ -44,7 +45,7 @@ def test_base_plus_the_fresh_adapter_computes_closer_to_the_float_model(base):
     ids = torch.arange(3, 60)[None]
     with torch.no_grad():
         reference = load(base["float"])(ids).logits
-        model = load(base["nf4"], exact=True)
+        model = load(base["nf4"], float32=True)
         bare = (model(ids).logits - reference).norm()
         modules = add_lora(model, LoraConfig(rank=16, alpha=32))
         loftq_init(modules, float_weights(base["float"], modules))  # random weights: a flat spectrum
@@ -57,7 +58,7 @@ def test_training_with_loftq_starts_from_that_adapter(base, tmp_path):
     options = dict(rank=4, alpha=8, dropout=0.0, lr=0.0, steps=1, batch_size=4, seq_len=32, eval_split=0.2, progress=False)
     train(TrainJob(base["nf4"], base["data"], tmp_path / "loftq", init="loftq", **options))
     saved = load_file(tmp_path / "loftq" / "adapter_model.safetensors")
-    modules = add_lora(load(base["nf4"], exact=True), LoraConfig(rank=4, alpha=8))
+    modules = add_lora(load(base["nf4"], float32=True), LoraConfig(rank=4, alpha=8))
     loftq_init(modules, float_weights(base["float"], modules))
     for name, m in modules.items():
         torch.testing.assert_close(saved[f"base_model.model.{name}.lora_B.weight"], m.lora_B.weight)
@@ -69,7 +70,7 @@ def test_an_unknown_init_is_refused(base, tmp_path):
 
 
 def test_with_input_moments_it_is_the_best_rank_r_fix_where_the_inputs_are(base):
-    model = load(base["nf4"], exact=True)
+    model = load(base["nf4"], float32=True)
     modules = add_lora(model, LoraConfig(rank=4, alpha=8))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=g) * torch.rand(64, generator=g) ** 3 * 3  # a few large input channels

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor.lora.adapters import apply_adapter, read_adapter, save_adapter
 from compressor.errors import CompressorError
 from compressor.lora import LoraConfig, add_lora
+from compressor.lora.adapters import apply_adapter, read_adapter, save_adapter
 from compressor.lora.merge import MergeJob, merge
 from tests.helpers import TEXT, nf4_twin, tiny_model, token_batch
 
@@ -17,7 +17,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     nf4_twin(root)
     cfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
-    model = compressor.load(root / "nf4", exact=True)
+    model = compressor.load(root / "nf4", float32=True)
     modules = add_lora(model, cfg)
     with torch.no_grad():
         for m in modules.values():
@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
 
 
 def base_plus_adapter(base_dir, adapter_dir):
-    model = compressor.load(base_dir, exact=True)
+    model = compressor.load(base_dir, float32=True)
     apply_adapter(model, read_adapter(adapter_dir), base_dir)
     return model.eval()
 
@@ -74,7 +74,7 @@ def test_merging_the_same_way_into_a_folder_without_a_manifest_is_refused_before
     shutil.copytree(setup / "nf4", bnb_folder)
     (bnb_folder / "manifest.json").unlink()
     cfg = LoraConfig(rank=2, targets=("q_proj",))
-    save_adapter(add_lora(compressor.load(bnb_folder, exact=True), cfg), cfg, tmp_path / "adapter", bnb_folder)
+    save_adapter(add_lora(compressor.load(bnb_folder, float32=True), cfg), cfg, tmp_path / "adapter", bnb_folder)
     with pytest.raises(CompressorError, match=r"manifest\.json: no manifest: merge --to same needs a folder written by 'compressor quantize'"):
         merge(MergeJob(bnb_folder, tmp_path / "adapter", tmp_path / "merged", progress=False))
     assert not (tmp_path / "merged").exists()

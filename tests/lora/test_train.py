@@ -10,6 +10,7 @@ from compressor.errors import CompressorError
 from compressor.lora.train import TrainJob, train
 from tests.helpers import ANSWER_FORMAT, nf4_twin
 
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
@@ -68,9 +69,9 @@ def test_chunked_loss_equals_the_loss_over_full_logits_with_the_same_gradients(a
     import torch
     import torch.nn.functional as F
 
+    from compressor.lora import LoraConfig, add_lora
     from compressor.lora import train as train_module
     from compressor.lora.data import IGNORE
-    from compressor.lora import LoraConfig, add_lora
     from tests.helpers import tiny_model
 
     model = tiny_model(arch)

@@ -1,11 +1,9 @@
 """Calibration gathers each layer's input second moments, shared by layers that read the same tensor."""
 
-import pytest
 import torch
 
-from compressor.errors import CompressorError
-from compressor.optimize.calibration import input_moments, token_windows
-from tests.helpers import tiny_model, tiny_tokenizer
+from compressor.optimize.calibration import input_moments
+from tests.helpers import tiny_model
 
 
 def test_moments_are_x_transpose_x_over_the_token_count():
@@ -31,12 +29,3 @@ def test_layers_reading_the_same_input_share_one_matrix():
     assert moments["model.layers.0.self_attn.q_proj"] is moments["model.layers.0.self_attn.k_proj"]
     assert moments["model.layers.1.mlp.gate_proj"] is moments["model.layers.1.mlp.up_proj"]
     assert moments["model.layers.0.self_attn.q_proj"] is not moments["model.layers.1.self_attn.q_proj"]
-
-
-def test_windows_are_whole_and_too_little_text_is_named(tmp_path):
-    text = tmp_path / "calibration.txt"
-    text.write_text(" ".join(f"word{i % 90}" for i in range(100)))
-    assert token_windows(tiny_tokenizer(), text, 1000, 32).shape == (3, 32)
-    assert token_windows(tiny_tokenizer(), text, 64, 32).shape == (2, 32)
-    with pytest.raises(CompressorError, match="calibration needs at least one window of 512"):
-        token_windows(tiny_tokenizer(), text, 1000, 512)

@@ -53,10 +53,9 @@ def test_the_file_has_the_keys_shapes_and_dtypes_of_plain_rounding(folders):
 
 def test_stock_bitsandbytes_reads_the_very_weights_we_wrote(folders):
     from bitsandbytes.functional import dequantize_4bit
-
     from transformers import AutoModelForCausalLM
 
-    stock, ours = AutoModelForCausalLM.from_pretrained(folders["gptq"]), load(folders["gptq"], exact=True)
+    stock, ours = AutoModelForCausalLM.from_pretrained(folders["gptq"]), load(folders["gptq"], float32=True)
     for name, module in ours.named_modules():
         if name.endswith("proj"):
             theirs = stock.get_submodule(name)
@@ -86,7 +85,9 @@ def test_optimizing_needs_calibration_text_and_a_4bit_codebook(tmp_path):
     base = tiny_checkpoint(tmp_path)
     (tmp_path / "c.txt").write_text("word1 word2")
     with pytest.raises(CompressorError, match="applies to nf4 and fp4"):
-        quantize_checkpoint(QuantizeJob(base, tmp_path / "out", config_for("int4"), progress=False, optimize=OptimizeConfig("gptq", tmp_path / "c.txt", 512)))
+        quantize_checkpoint(
+            QuantizeJob(base, tmp_path / "out", config_for("int4"), progress=False, optimize=OptimizeConfig("gptq", tmp_path / "c.txt", 512))
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -296,7 +296,7 @@ def test_disconnecting_client_frees_its_slot(small):
     assert client.post("/v1/completions", json=LONG | {"max_tokens": 2}).json()["choices"][0]["finish_reason"] == "length"
 
 
-@pytest.mark.parametrize("entry", ['{not json', '"alpha"', '{"adapters": "alpha"}', '{"admin": "yes"}', '{"admn": true}'])
+@pytest.mark.parametrize("entry", ["{not json", '"alpha"', '{"adapters": "alpha"}', '{"admin": "yes"}', '{"admn": true}'])
 def test_a_bad_keys_file_is_refused_at_startup_naming_the_file(tmp_path, capsys, entry):
     keys = tmp_path / "keys.json"
     keys.write_text('{"sk-secret-1": %s}' % entry)

@@ -70,7 +70,7 @@ def test_base_and_adapters_match_transformers_and_our_lora_layers(engine, bases)
 
     tok = engine.tokenizer
     for name in (None, "a", "b"):
-        reference = compressor.load(bases["nf4"], exact=True, native_generate=False)  # transformers itself
+        reference = compressor.load(bases["nf4"], float32=True, native_generate=False)  # transformers itself
         if name:
             apply_adapter(reference, read_adapter(bases["adapters"] / f"nf4-{name}"))
         for ids in prompts(3, seed=5):
@@ -86,7 +86,7 @@ def test_served_adapter_matches_peft_on_the_float_base(bases):
     engine.load_adapter("a", bases["adapters"] / "float-a", trusted=True)
     engine.start()
     try:
-        peft = PeftModel.from_pretrained(compressor.load(bases["float"], exact=True), bases["adapters"] / "float-a").eval()
+        peft = PeftModel.from_pretrained(compressor.load(bases["float"], float32=True), bases["adapters"] / "float-a").eval()
         tok = engine.tokenizer
         for ids in prompts(4, seed=7):
             torch.testing.assert_close(engine.score(ids, "a"), peft(input_ids=torch.tensor([ids])).logits[0], rtol=0, atol=5e-4)
@@ -173,7 +173,7 @@ def test_cancelling_ends_a_request_with_cancelled(engine):
 @pytest.mark.parametrize("arch", sorted(set(FAMILIES) - {"llama"}))  # llama: the bases above
 def test_every_family_matches_transformers_alone_and_batched(arch, tmp_path):
     folder = with_tokenizer(tiny_checkpoint(tmp_path, arch))
-    reference = compressor.load(folder, exact=True, native_generate=False)  # transformers itself
+    reference = compressor.load(folder, float32=True, native_generate=False)  # transformers itself
     engine = Engine(EngineConfig(folder, max_batch=4))
     engine.start()
     try:

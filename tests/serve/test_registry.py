@@ -1,15 +1,15 @@
 import pytest
 
 import compressor
-from compressor.lora.adapters import base_fingerprint
 from compressor.inference import multilora
+from compressor.lora.adapters import base_fingerprint
 from serve.errors import AdapterConflict, AdapterRejected, BadAdapterPath, UnknownAdapter
 from serve.registry import AdapterRegistry
 from tests.helpers import random_adapter, tiny_checkpoint, with_tokenizer
 
 
 def registry(bases, max_count=8, max_bytes=None):
-    model = compressor.load(bases["nf4"], exact=True)
+    model = compressor.load(bases["nf4"], float32=True)
     layers = multilora.install(model, multilora.Routing())
     return AdapterRegistry(layers, base_fingerprint(bases["nf4"]), bases["adapters"], max_count, max_bytes), layers
 
