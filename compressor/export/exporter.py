@@ -48,6 +48,9 @@ class OnnxExportJob:
             raise CompressorError(None, f"activations must be one of {', '.join(EXPORT_ACTIVATIONS)}, got {self.activations!r}")
         if self.merge_adapter is not None and self.adapters:
             raise CompressorError(None, "--merge exports one merged model without adapter inputs; it cannot take --adapter too")
+        for name, _ in self.adapters:
+            if not NAME.fullmatch(name):
+                raise CompressorError(None, f"adapter name {name!r}: {NAME_RULE}")
 
 
 @dataclass
@@ -70,9 +73,6 @@ class ExportSummary:
 
 def export_onnx(job: OnnxExportJob) -> ExportSummary:
     """Run ``job``; raises CompressorError (writing nothing) on a model, format or adapter it cannot export faithfully."""
-    for name, _ in job.adapters:
-        if not NAME.fullmatch(name):
-            raise CompressorError(None, f"adapter name {name!r}: {NAME_RULE}")
     # Adapters are read (and refused) before the slow part.
     adapters = [(name, path, read_adapter(path, job.allow_pickle)) for name, path in job.adapters]
     with atomic_folder(job.out_dir, job.overwrite) as out, tempfile.TemporaryDirectory(dir=out.parent) as scratch:
