@@ -41,12 +41,15 @@ calibration: $(OUT)/calibration.txt
 $(OUT)/calibration.txt: $(CALIBRATION_FILES)
 	mkdir -p $(OUT) && cat $^ > $@
 
+# A newcomer's first minutes: every stage at a size that finishes within 8 minutes on 2 cores (the
+# full-size runs are make bench's).
 demo: setup model calibration
 	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4 --method nf4 --overwrite
 	$(PY) -m compressor eval $(OUT)/smollm2-nf4 --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
-	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4-gptq --method nf4 --optimize gptq --calibration $(OUT)/calibration.txt --overwrite
+	$(PY) -m compressor quantize $(SMOLLM) $(OUT)/smollm2-nf4-gptq --method nf4 --optimize gptq --calibration $(OUT)/calibration.txt \
+		--calibration-tokens 8192 --overwrite
 	$(PY) -m compressor eval $(OUT)/smollm2-nf4-gptq --text $(TEXT) --reference $(SMOLLM) --windows 8 --seq 512
-	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work $(OUT)/qlora-demo --demo --steps 40
+	$(PY) -m benchmarks.qlora --model $(SMOLLM) --work $(OUT)/qlora-demo --demo --steps 20
 	$(PY) -m benchmarks.serve --work $(OUT)/qlora-demo --demo
 	$(PY) -m compressor export onnx $(OUT)/qlora-demo/nf4 $(OUT)/smollm2-nf4-onnx --overwrite \
 		--adapter ledger=$(OUT)/qlora-demo/adapter-ledger --adapter herald=$(OUT)/qlora-demo/adapter-herald
@@ -54,7 +57,7 @@ demo: setup model calibration
 		--prompt "You may convey verbatim copies of the Program's source code as you receive it."
 	$(PY) -m compressor generate $(OUT)/smollm2-nf4-onnx --chat --adapter herald --max-new-tokens 32 \
 		--prompt "You may convey verbatim copies of the Program's source code as you receive it."
-	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --out $(OUT)/tradeoffs-quick
+	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --methods int8 nf4 int4 --out $(OUT)/tradeoffs-quick
 
 test: setup
 	$(PY) -m ruff check .

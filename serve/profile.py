@@ -9,6 +9,7 @@ little itself). The same for one prompt's prefill.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,19 +19,25 @@ from compressor import named_path
 from .types import ACTIVATIONS, HEADS, PREFILLS
 
 
-def _table(title: str, plain: float, timings: dict[str, float], steps: int) -> str:
-    total = sum(timings.values())
-    lines = [f"{title}: {plain * 1e3 / steps:.2f} ms a step ({steps} steps); with timing {total * 1e3 / steps:.2f} ms", ""]
+def _table(title: str, run: dict) -> str:
+    total = run["ms_with_timing"]
+    lines = [f"{title}: {run['ms_a_step']:.2f} ms a step ({run['steps']} steps); with timing {total:.2f} ms", ""]
     lines.append(f"| {'phase':<24} | {'ms a step':>9} | {'share':>6} |")
     lines.append(f"|{'-' * 26}|{'-' * 11}|{'-' * 8}|")
-    for phase, seconds in sorted(timings.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {phase:<24} | {seconds * 1e3 / steps:>9.3f} | {100 * seconds / total:>5.1f}% |")
+    for phase, ms in sorted(run["phases_ms"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {phase:<24} | {ms:>9.3f} | {100 * ms / total:>5.1f}% |")
     return "\n".join(lines)
 
 
+def _run(plain: float, timings: dict[str, float], steps: int) -> dict:
+    # One run's figures in milliseconds a step: untimed, with phase timing, and each phase.
+    return {"steps": steps, "ms_a_step": plain * 1e3 / steps, "ms_with_timing": sum(timings.values()) * 1e3 / steps,
+            "phases_ms": {phase: seconds * 1e3 / steps for phase, seconds in timings.items()}}  # fmt: skip
+
+
 def profile(base: Path, adapters: dict[str, Path], streams: int, steps: int, prompt_tokens: int, head: str = "float",
-            threads: int | None = None, activations: str = "float32", prefill: str = "float32") -> str:  # fmt: skip
-    """The decode and prefill breakdowns, as text."""
+            threads: int | None = None, activations: str = "float32", prefill: str = "float32") -> dict[str, dict]:  # fmt: skip
+    """The decode and prefill breakdowns: each run's title to its figures (see :func:`_run`)."""
     import torch
 
     from .registry import AdapterRegistry
@@ -51,7 +58,7 @@ def profile(base: Path, adapters: dict[str, Path], streams: int, steps: int, pro
         backend.prompt_forward(ids, key, cache, 1)
     tokens = [ids[-1] for ids in prompts]
     decoder = backend.decoder
-    report = []
+    report = {}
     for run in ("decode", "prefill"):
         for timed in (False, True):
             decoder.profile(timed)
@@ -69,9 +76,9 @@ def profile(base: Path, adapters: dict[str, Path], streams: int, steps: int, pro
             if run == "decode"
             else f"prefill, one prompt of {prompt_tokens} tokens"
         )
-        report.append(_table(title, plain, dict(decoder.timings), steps if run == "decode" else 1))
+        report[title] = _run(plain, dict(decoder.timings), steps if run == "decode" else 1)
         decoder.profile(False)
-    return "\n\n".join(report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--activations", choices=ACTIVATIONS, default="float32")
     parser.add_argument("--prefill", choices=PREFILLS, default="float32")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
-    print(
-        profile(args.base, dict(args.adapter), args.streams, args.steps, args.prompt_tokens, args.head, args.threads, args.activations, args.prefill)
-    )
+    report = profile(args.base, dict(args.adapter), args.streams, args.steps, args.prompt_tokens, args.head, args.threads, args.activations,
+                     args.prefill)  # fmt: skip
+    print("\n\n".join(_table(title, run) for title, run in report.items()))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -44,17 +44,6 @@ def test_a_packed_head_stays_close_to_the_float_head_and_batch_invariant(bases, 
     assert torch.equal(packed.decode([11, 11], [None, None], [cache_after(p) for p in prompts]), torch.stack(alone))
 
 
-def test_the_profile_command_names_every_phase_of_a_step(bases, capsys):
-    from serve.profile import main
-
-    assert main(["--base", str(bases["nf4"]), "--streams", "2", "--steps", "2", "--prompt-tokens", "5",
-                 "--adapter", f"a={bases['adapters'] / 'nf4-a'}"]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "decode, 2 streams over 1 adapters" in out and "prefill, one prompt of 5 tokens" in out
-    for phase in ("q, k, v projections", "attention", "output head", "norms", "down projection"):
-        assert phase in out
-
-
 def test_int8_activations_serve_every_request_the_tokens_it_gets_alone(bases):
     from serve.engine import Engine
     from serve.types import EngineConfig
