@@ -279,22 +279,31 @@ def speed(paths: dict, model_dir: Path, prompt: list[int], tokens: int, rounds: 
         nbytes = weight_bytes_per_token_onnx(folder) if name.startswith("onnx") else weight_bytes_per_token_torch(folder)
         ms = statistics.median(times[name]) * 1e3
         out[name] = {"ms_per_token": ms, "weight_mb_per_token": nbytes / 1e6, "bound_ms": nbytes / bandwidth * 1e3}
-    return out
+    return derive(out)
+
+
+def derive(speed: dict) -> dict:
+    """Add each row's tokens/s, speed against bitsandbytes nf4 and share of its bandwidth bound (the table's columns) to ``speed``."""
+    bnb = speed["transformers + bitsandbytes nf4"]["ms_per_token"]
+    for name, row in speed.items():
+        if name != "copy_bandwidth_gb_s":
+            ms = row["ms_per_token"]
+            row.update(tokens_per_s=1e3 / ms, vs_bitsandbytes_nf4=bnb / ms, of_bound=row["bound_ms"] / ms)
+    return speed
 
 
 def report(results: dict) -> str:
     """The speed table in markdown."""
     s = results["speed"]
-    bnb = s["transformers + bitsandbytes nf4"]["ms_per_token"]
     lines = [f"copy bandwidth {s['copy_bandwidth_gb_s']:.1f} GB/s", "",
              "| batch 1, SmolLM2-135M | ms/token | tokens/s | vs bitsandbytes nf4 | weights read/token | bandwidth bound | of bound |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, row in s.items():
         if name == "copy_bandwidth_gb_s":
             continue
-        ms = row["ms_per_token"]
         lines.append(
-            f"| {name} | {ms:.2f} | {1e3 / ms:.1f} | {bnb / ms:.2f}x | {row['weight_mb_per_token']:.0f} MB | {row['bound_ms']:.2f} ms | {row['bound_ms'] / ms:.0%} |"
+            f"| {name} | {row['ms_per_token']:.2f} | {row['tokens_per_s']:.1f} | {row['vs_bitsandbytes_nf4']:.2f}x | {row['weight_mb_per_token']:.0f} MB"
+            f" | {row['bound_ms']:.2f} ms | {row['of_bound']:.0%} |"
         )
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 A passage that quotes a benchmark sits between ``<!-- figures: docs/bench/NAME.json -->`` and
 ``<!-- /figures -->``. Every decimal figure in it (``25.79``, ``+3.5%``, ``0.81x``) must be a value of
-that file at the precision quoted (a number in it, or with ``%`` a hundred times one), and a ratio
+that file at the precision quoted (a number in it, in other units where it is bytes or seconds,
+or with ``%`` a hundred times one), and a ratio
 (``0.81x``) the figure quoted just before it over another figure of the passage. Code (between backticks) and version strings are not figures.
 """
 
@@ -15,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 BLOCK = re.compile(r"<!-- figures: (\S+) -->\n(.*?)<!-- /figures -->", re.S)
-FIGURE = re.compile(r"(?<![\w.])[+-]?(\d[\d,]*\.\d+)(x|%)?(?![\w.]*\d)")
+FIGURE = re.compile(r"(?<![\w.])[+-]?(\d[\d,]*\.\d+(?:e[-+]?\d+)?)(x|%)?(?![\w.]*\d)")
 
 
 def _numbers(value) -> list[float]:
@@ -36,9 +37,14 @@ def _quoted(text: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2) or "") for m in FIGURE.finditer(prose)]
 
 
+# A file's value may be quoted in other units: bytes as MB, MiB, GB or GiB, seconds as milliseconds.
+SCALES = (1, 1e-6, 2**-20, 1e-9, 2**-30, 1e3)
+
+
 def _close(figure: str, value: float) -> bool:
-    digits = len(figure.split(".")[1])
-    return abs(value - float(figure.replace(",", ""))) <= 10**-digits / 2
+    mantissa, _, exponent = figure.replace(",", "").partition("e")
+    digits = len(mantissa.split(".")[1])
+    return abs(value - float(figure.replace(",", ""))) <= 10 ** (int(exponent or 0) - digits) / 2
 
 
 def _wrong(text: str, numbers: list[float]) -> list[str]:
@@ -48,9 +54,10 @@ def _wrong(text: str, numbers: list[float]) -> list[str]:
     # Ratios are taken of the file's own values, not of their rounded quotes.
     quoted = _quoted(text)
     values = {}  # each plain figure: the file's values it quotes
+    scaled = [v * k for v in numbers for k in SCALES]
     for figure, kind in quoted:
         if kind != "x":
-            candidates = numbers + ([100 * v for v in numbers] if kind == "%" else [])
+            candidates = scaled + ([100 * v for v in numbers] if kind == "%" else [])
             values[figure] = [v for v in candidates if _close(figure, v)]
     others = [v for found in values.values() for v in found]
     wrong, last = [], []
@@ -77,3 +84,19 @@ def test_the_readme_quotes_committed_results():
 @pytest.mark.parametrize("source,text", BLOCKS, ids=[s for s, _ in BLOCKS])
 def test_every_figure_of_a_passage_is_a_value_of_its_results_file(source, text):
     assert _wrong(text, _numbers(json.loads((ROOT / source).read_text()))) == [], f"README.md figures not in {source}"
+
+
+# Sections whose decimals are definitions, not measurements (option defaults, a format's bits per parameter).
+DEFINITIONS = {"Commands", "Methods and what they write"}
+# Sections that still quote measurements from outside a figures block; each leaves this list once backed.
+UNBACKED = {"Choosing a method", "Adapters (QLoRA)", "Serving many tenants", "Measured"}
+
+
+def test_measured_figures_appear_only_in_figures_blocks():
+    section, stray = None, {}
+    for line in BLOCK.sub("", (ROOT / "README.md").read_text()).splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        elif _quoted(line) and section not in DEFINITIONS | UNBACKED:
+            stray.setdefault(section, []).append(line.strip())
+    assert stray == {}
