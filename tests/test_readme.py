@@ -89,7 +89,7 @@ def test_every_figure_of_a_passage_is_a_value_of_its_results_file(source, text):
 # Sections whose decimals are definitions, not measurements (option defaults, a format's bits per parameter).
 DEFINITIONS = {"Commands", "Methods and what they write"}
 # Sections that still quote measurements from outside a figures block; each leaves this list once backed.
-UNBACKED = {"Choosing a method", "Adapters (QLoRA)", "Serving many tenants", "Measured"}
+UNBACKED = {"Choosing a method", "Serving many tenants", "Measured"}
 
 
 def test_measured_figures_appear_only_in_figures_blocks():
