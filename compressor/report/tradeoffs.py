@@ -49,6 +49,12 @@ class TradeoffJob:
     progress: bool = True
     calibration: Path | None = None  # text for the --optimize rows (never the evaluation text); without it they are left out
 
+    def __post_init__(self):
+        try:
+            select(self.methods, self.quick, calibrated=self.calibration is not None)
+        except ValueError as e:  # an unknown method
+            raise CompressorError(None, str(e)) from None
+
     def sizes(self) -> tuple[int, int, int]:
         """(windows, tokens per window, new tokens to decode)."""
         defaults = (4, 256, 32) if self.quick else (8, 512, 64)
@@ -80,10 +86,7 @@ def run_tradeoffs(job: TradeoffJob) -> TradeoffReport:
     find_checkpoint(job.model_dir)  # a clear error now, not one per row later
     if not job.text.is_file():
         raise CompressorError(job.text, "no such text file")
-    try:
-        rows = select(job.methods, job.quick, calibrated=job.calibration is not None)
-    except ValueError as e:
-        raise CompressorError(None, str(e)) from None
+    rows = select(job.methods, job.quick, calibrated=job.calibration is not None)
     windows, seq_len, new_tokens = job.sizes()
     out = job.out_dir
     for sub in ("checkpoints", "logs", "scratch"):

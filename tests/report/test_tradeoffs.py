@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,8 @@ def test_a_missing_text_is_a_one_line_error_before_any_work(tmp_path):
     with pytest.raises(CompressorError, match="nope.txt: no such text file"):
         run_tradeoffs(TradeoffJob(src, tmp_path / "nope.txt", tmp_path / "out", progress=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_method_is_refused_when_the_job_is_made():
+    with pytest.raises(CompressorError, match="unknown method int7"):
+        TradeoffJob(Path("model"), Path("text.txt"), methods=("int7",))
