@@ -195,7 +195,10 @@ class Engine:
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._running and not self._prefilling:
-                    self._wake.wait()
+                    # Woken by submit() and stop(); the timeout lets Python run signal handlers when
+                    # this is the main thread (python -m serve) and a SIGTERM landed on another
+                    # thread, which leaves an untimed wait asleep.
+                    self._wake.wait(timeout=0.5)
                 if self._stopping:
                     return
                 admitted = []

@@ -90,8 +90,6 @@ def test_every_figure_of_a_passage_is_a_value_of_its_results_file(source, text):
 
 # Sections whose decimals are definitions, not measurements (option defaults, a format's bits per parameter).
 DEFINITIONS = {"Commands", "Methods and what they write"}
-# Sections that still quote measurements from outside a figures block; each leaves this list once backed.
-UNBACKED = {"Choosing a method", "Serving many tenants"}
 
 
 def test_measured_figures_appear_only_in_figures_blocks():
@@ -99,6 +97,6 @@ def test_measured_figures_appear_only_in_figures_blocks():
     for line in BLOCK.sub("", (ROOT / "README.md").read_text()).splitlines():
         if line.startswith("## "):
             section = line[3:]
-        elif _quoted(line) and section not in DEFINITIONS | UNBACKED:
+        elif _quoted(line) and section not in DEFINITIONS:
             stray.setdefault(section, []).append(line.strip())
     assert stray == {}

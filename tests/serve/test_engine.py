@@ -1,4 +1,7 @@
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +278,28 @@ def test_prompts_prefilled_in_chunks_between_decode_steps_give_the_tokens_of_a_w
     finally:
         whole.stop()
         chunked.stop()
+
+
+def test_an_idle_engine_on_the_main_thread_runs_a_signal_handler_even_when_the_signal_lands_on_another_thread(bases):
+    # python -m serve steps the engine on the main thread; the kernel may deliver SIGTERM to any thread.
+    script = f"""
+import signal, threading, time
+from pathlib import Path
+from serve.engine import Engine
+from serve.types import EngineConfig
+engine = Engine(EngineConfig(Path({str(bases["nf4"])!r})))
+caught = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: caught.set())  # as python -m serve's handler, it only records
+def elsewhere():
+    time.sleep(1)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # delivered to this thread, not the main one
+    caught.wait(10)  # set only once the main thread has run the handler
+    engine.stop()
+threading.Thread(target=elsewhere).start()
+start = time.monotonic()
+engine.run()
+print(round(time.monotonic() - start))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip().splitlines()[-1]) <= 3
