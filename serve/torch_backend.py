@@ -25,7 +25,7 @@ from compressor import (
     all_cores,
     base_fingerprint,
     head_weight,
-    install_multilora,  # fmt: skip
+    install_multilora,
     load,
 )
 

@@ -15,6 +15,13 @@ def test_every_name_of_the_surface_resolves():
         assert getattr(compressor, name) is not None, name
 
 
+def test_the_names_type_checkers_see_are_the_surface():
+    tree = ast.parse((ROOT / "compressor" / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    seen = {a.asname or a.name for n in block.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert seen == set(compressor.__all__)
+
+
 def test_serve_imports_nothing_of_compressor_but_its_surface():
     stray = []
     for path in sorted((ROOT / "serve").rglob("*.py")):

@@ -24,10 +24,8 @@ from ..errors import CompressorError
 SOURCES = ("pool.c", "matmul.c", "int8_activations.c", "ops.c", "step.c")
 HEADERS = ("pool.h", "kernels.h")
 FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
-NATIVE = (
-    "-march=native",
-    "-mprefer-vector-width=512",
-)  # this CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64
+# This CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64.
+NATIVE = ("-march=native", "-mprefer-vector-width=512")
 CACHE = Path.home() / ".cache" / "compressor" / "native"
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
