@@ -79,8 +79,9 @@ def serve(engine, keys, host: str, port: int) -> int:
     import uvicorn
 
     from .api import create_app
+    from .service import EngineService
 
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, keys, start_engine=False), host=host, port=port))
+    server = uvicorn.Server(uvicorn.Config(create_app(EngineService(engine, own_thread=False), keys), host=host, port=port))
     caught: list[int] = []
 
     def on_signal(sig, frame):

@@ -1,9 +1,9 @@
-"""The OpenAI-compatible HTTP API over one :class:`~serve.engine.Engine`, with admin routes and metrics.
+"""The OpenAI-compatible HTTP API over a :class:`~serve.service.Service`, with admin routes and metrics.
 
-The engine calls back from its own thread; each request gets an ``asyncio.Queue`` that the callback
-fills through ``loop.call_soon_threadsafe``, so thousands of waiting clients cost no threads. A client
-that goes away cancels its request: a stream's generator is cancelled by Starlette, and a
-non-streamed request checks for a disconnect every :data:`_POLL_SECONDS`.
+The same app fronts one engine in this process (``python -m serve``) and a Ray Serve cluster of
+them (``python -m serve.cluster``). A client that goes away cancels its request: a stream's
+generator is cancelled by Starlette, and a non-streamed request checks for a disconnect every
+:data:`_POLL_SECONDS`.
 """
 
 from __future__ import annotations
@@ -15,28 +15,26 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .auth import OPEN, ApiKeys, Grant
 from .errors import ServeError
 from .metrics import Metrics
 from .schemas import AdapterBody, ChatBody, CompletionBody, Sampling
+from .service import Service, Stream
 from .types import AdapterInfo, Event, SamplingParams
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 _POLL_SECONDS = 0.25  # how soon a non-streamed request notices that its client left
 _RETRY_AFTER_SECONDS = "1"  # a queue slot frees as soon as any running sequence finishes
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+# How a request that did not finish ends, as HTTP: the engine failed it, or the server could not finish it.
+_FAILURES = {"error": 500, "cancelled": 503, "unavailable": 503}
 
 
 class BadRequest(ServeError):
@@ -46,26 +44,16 @@ class BadRequest(ServeError):
 
 
 class _Job:
-    """One submitted request: the engine's handle, the queue its events arrive on, and its metrics."""
+    """One submitted request: its stream of events, and the metrics they update."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, model: str, adapter: str | None, prompt_ids: list[int], params: SamplingParams):
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.model, self.done, self._metrics, self._first = model, False, metrics, True
-
-        def on_event(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, event)
-            except RuntimeError:  # the loop closed during shutdown: nobody waits for this event any more
-                pass
-
-        self._submitted = time.perf_counter()
-        self.handle = engine.submit(prompt_ids, adapter, params, on_event)
+    def __init__(self, stream: Stream, metrics: Metrics, model: str, submitted: float):
+        self.stream, self.model, self.done, self._metrics, self._first = stream, model, False, metrics, True
+        self._submitted = submitted
         self.created = int(time.time())
 
     async def next(self, timeout: float | None = None) -> Event:
         """The next event; raises ``TimeoutError`` if none came within ``timeout`` seconds."""
-        event = await asyncio.wait_for(self.queue.get(), timeout)
+        event = await self.stream.next(timeout)
         if self._first and event.completion_tokens:
             self._first = False
             self._metrics.ttft.observe(time.perf_counter() - self._submitted)
@@ -78,28 +66,26 @@ class _Job:
         """Cancel the request unless it already finished; safe to call twice."""
         if not self.done:
             self.done = True
-            self.handle.cancel()
+            self.stream.close()
 
 
-def create_app(engine: Engine, keys: ApiKeys | None = None, start_engine: bool = True) -> FastAPI:
-    """An app serving ``engine``; it starts the engine on startup (unless ``start_engine`` is false: the caller runs it) and stops it on shutdown.
+def create_app(service: Service, keys: ApiKeys | None = None) -> FastAPI:
+    """An app serving ``service``; it starts the service on startup and stops it on shutdown.
 
     With ``keys``, every route but ``/health`` needs ``Authorization: Bearer KEY``; without, all is open.
     """
-    metrics = Metrics(engine.stats)
-    for info in engine.adapters():  # adapters loaded before the app existed (``--adapter``)
-        metrics.adapter_load.observe(info.load_seconds)
+    metrics = Metrics()
     started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if start_engine:
-            engine.start()
+        await service.start()
+        for info in await service.adapters():  # adapters loaded before the app started (``--adapter``)
+            metrics.adapter_load.observe(info.load_seconds)
         try:
             yield
         finally:
-            # Off the loop: stopping cancels requests, whose final events the loop must still deliver.
-            await run_in_threadpool(engine.stop)
+            await service.stop()
 
     app = FastAPI(title="compressor serve", lifespan=lifespan)
     _add_error_handlers(app)
@@ -110,12 +96,13 @@ def create_app(engine: Engine, keys: ApiKeys | None = None, start_engine: bool =
     async def generate(http: Request, body: Sampling, who: Grant, prompt_ids: list[int], max_tokens: int, chat: bool) -> Response:
         status, job = 500, None
         try:
-            who.check_model(body.model, engine.base_name)
+            who.check_model(body.model, service.base_name)
             if not prompt_ids:
                 raise BadRequest("the prompt is empty after tokenization")
             params = _params(body, max_tokens)
-            adapter = None if body.model == engine.base_name else body.model
-            job = _Job(engine, metrics, body.model, adapter, prompt_ids, params)
+            adapter = None if body.model == service.base_name else body.model
+            submitted = time.perf_counter()
+            job = _Job(await service.open(adapter, prompt_ids, params), metrics, body.model, submitted)
             if body.stream:
                 status = 200  # the stream counts as served once its headers go out
                 include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -133,48 +120,48 @@ def create_app(engine: Engine, keys: ApiKeys | None = None, start_engine: bool =
             status = e.status
             raise
         finally:
-            # The model name is user input: only names the engine knows become label values.
-            known = job is not None or body.model == engine.base_name or any(a.name == body.model for a in engine.adapters())
+            # The model name is user input: only names the service knows become label values.
+            known = job is not None or service.knows(body.model)
             metrics.requests.labels(body.model if known else "other", str(status)).inc()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request, who: Grant = Depends(grant)) -> Response:
         """OpenAI completions: ``prompt`` is one string."""
         max_tokens = body.max_tokens or 16  # OpenAI's default for completions
-        return await generate(http, body, who, engine.tokenizer.encode(body.prompt), max_tokens, chat=False)
+        return await generate(http, body, who, service.tokenizer.encode(body.prompt), max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: Request, who: Grant = Depends(grant)) -> Response:
         """OpenAI chat completions: messages go through the tokenizer's chat template."""
         messages = [m.model_dump() for m in body.messages]
         try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = service.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         except (TemplateError, ValueError) as e:
             raise BadRequest(f"the chat template refused the messages: {e}") from None
         # Without a limit a chat reply may fill the context, as OpenAI's does.
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.context_length - len(ids))
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, service.context_length - len(ids))
         return await generate(http, body, who, list(ids), max_tokens, chat=True)
 
     @app.get("/v1/models")
     async def models(who: Grant = Depends(grant)) -> dict:
         """The base and the loaded adapters this key may use, in OpenAI's list format."""
-        data = [{"id": engine.base_name, "object": "model", "created": started, "owned_by": "base"}] if who.base else []
-        for info in engine.adapters():
-            if who.may_use(info.name, engine.base_name):
-                data.append({"id": info.name, "object": "model", "created": started, "owned_by": "adapter", "parent": engine.base_name})
+        data = [{"id": service.base_name, "object": "model", "created": started, "owned_by": "base"}] if who.base else []
+        for info in await service.adapters():
+            if who.may_use(info.name, service.base_name):
+                data.append({"id": info.name, "object": "model", "created": started, "owned_by": "adapter", "parent": service.base_name})
         return {"object": "list", "data": data}
 
     @app.get("/v1/adapters")
     async def adapters(who: Grant = Depends(grant)) -> dict:
         """Admin: every resident adapter with its size and use."""
         who.check_admin()
-        return {"object": "list", "data": [_adapter_json(info) for info in engine.adapters()]}
+        return {"object": "list", "data": [_adapter_json(info) for info in await service.adapters()]}
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(body: AdapterBody, who: Grant = Depends(grant)) -> dict:
         """Admin: load an adapter from under the adapter root."""
         who.check_admin()
-        info = await run_in_threadpool(engine.load_adapter, body.name, body.path)
+        info = await service.load_adapter(body.name, body.path)
         metrics.adapter_load.observe(info.load_seconds)
         return _adapter_json(info)
 
@@ -182,7 +169,7 @@ def create_app(engine: Engine, keys: ApiKeys | None = None, start_engine: bool =
     async def unload_adapter(name: str, who: Grant = Depends(grant)) -> dict:
         """Admin: unload an adapter; requests using it finish first."""
         who.check_admin()
-        await run_in_threadpool(engine.unload_adapter, name)
+        await service.unload_adapter(name)
         return {"id": name, "object": "model", "deleted": True}
 
     @app.get("/health")
@@ -194,7 +181,7 @@ def create_app(engine: Engine, keys: ApiKeys | None = None, start_engine: bool =
     async def prometheus(who: Grant = Depends(grant)) -> Response:
         """Prometheus text format; admin-only with keys, since labels name every tenant's adapters."""
         who.check_admin()
-        content, content_type = metrics.render()
+        content, content_type = metrics.render(await service.stats())
         return Response(content, media_type=content_type)
 
     return app
@@ -228,10 +215,9 @@ async def _collect(http: Request, job: _Job, chat: bool) -> tuple[int, Response]
             text.append(event.text)
             if event.finished:
                 break
-    if event.finish_reason == "error":
-        return 500, _error(500, _failure(event), "generation_error")
-    if event.finish_reason == "cancelled":
-        return 503, _error(503, _failure(event), "cancelled")
+    if event.finish_reason in _FAILURES:
+        status = _FAILURES[event.finish_reason]
+        return status, _error(status, _failure(event), "generation_error" if event.finish_reason == "error" else event.finish_reason)
     choice = {"index": 0, "logprobs": None, "finish_reason": event.finish_reason}
     choice |= {"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)}
     body = _envelope(job, chat, stream=False) | {"choices": [choice], "usage": _usage(event)}
@@ -244,7 +230,7 @@ async def _sse(job: _Job, chat: bool, include_usage: bool) -> AsyncIterator[str]
         first = True
         while True:
             event = await job.next()
-            if event.finish_reason in ("error", "cancelled"):
+            if event.finish_reason in _FAILURES:
                 yield _data({"error": {"message": _failure(event), "type": "server_error", "code": event.finish_reason}})
                 break
             if event.text or event.finished or (chat and first):
@@ -265,13 +251,15 @@ async def _sse(job: _Job, chat: bool, include_usage: bool) -> AsyncIterator[str]
 
 
 def _failure(event: Event) -> str:
+    if event.finish_reason == "error":
+        return f"generation failed: {event.error}"
     # Requests end "cancelled" without a client asking only when the server shuts down.
-    return f"generation failed: {event.error}" if event.finish_reason == "error" else "the server is shutting down"
+    return event.error or "the server is shutting down"
 
 
 def _envelope(job: _Job, chat: bool, stream: bool) -> dict:
     kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.handle.id}", "object": kind, "created": job.created, "model": job.model}
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.stream.id}", "object": kind, "created": job.created, "model": job.model}
 
 
 def _usage(event: Event) -> dict:

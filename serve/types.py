@@ -72,7 +72,7 @@ class Event:
     token_ids: tuple[int, ...]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str | None = None  # None while running; "stop", "length", "cancelled" or "error"
+    finish_reason: str | None = None  # None while running; "stop", "length", "cancelled", "error", or "unavailable" (its replica died)
     error: str | None = None
 
     @property

@@ -15,6 +15,7 @@ from serve.__main__ import main
 from serve.api import create_app
 from serve.auth import ApiKeys
 from serve.engine import Engine
+from serve.service import EngineService
 from serve.types import EngineConfig
 from tests.helpers import command_line, until
 
@@ -93,7 +94,7 @@ def server(bases, tmp_path_factory):
     engine.load_adapter("beta", bases["adapters"] / "nf4-b", trusted=True)
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
     keys_file.write_text(json.dumps(KEYS))
-    with serving(create_app(engine, ApiKeys.from_file(keys_file))) as url:
+    with serving(create_app(EngineService(engine), ApiKeys.from_file(keys_file))) as url:
         yield url
 
 
@@ -108,7 +109,7 @@ def small(bases):
     """An open server (no keys) that decodes one sequence at a time and queues one more, behind a :class:`Tap`."""
     engine = Engine(EngineConfig(bases["nf4"], max_batch=1, max_queue=1))
     tap = Tap(engine, delay=0.1)
-    with serving(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serving(create_app(EngineService(engine))) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client, engine, tap
 
 
