@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test,bench,serve]'
+	$(PIP) install --quiet -e '.[test,bench,serve,cluster]'
 	$(PY) -c 'import compressor.native as n; n.build(); n.build(portable=True)'
 	touch $@
 
@@ -59,10 +59,11 @@ demo: setup model calibration
 		--prompt "You may convey verbatim copies of the Program's source code as you receive it."
 	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --methods int8 nf4 int4 --out $(OUT)/tradeoffs-quick
 
+# --dist loadgroup: the tests that share one Ray cluster run in one worker.
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n $(JOBS) -p no:cacheprovider
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -p no:cacheprovider
 
 bench: setup model calibration
 	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM) --big --work bench-results

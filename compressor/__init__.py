@@ -29,7 +29,7 @@ _SURFACE = {
     "evaluate_models": "evaluate", "text_windows": "text",  # not evaluate(): the submodule's own name
     # adapt: the LoRA lifecycle
     "LoraConfig": "lora.layer", "add_lora": "lora.layer",
-    "Adapter": "lora.adapters", "save_adapter": "lora.adapters", "read_adapter": "lora.adapters", "apply_adapter": "lora.adapters",
+    "Adapter": "lora.adapters", "save_adapter": "lora.adapters", "read_adapter": "lora.adapters", "read_adapter_config": "lora.adapters", "apply_adapter": "lora.adapters",
     "check_fits": "lora.adapters", "base_fingerprint": "lora.adapters", "ADAPTER_NAME": "lora.adapters", "ADAPTER_NAME_RULE": "lora.adapters",
     "TrainJob": "lora.train", "train": "lora.train",
     "MergeJob": "lora.merge", "merge": "lora.merge",
@@ -84,7 +84,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from .loading import load
     from .lora.adapters import NAME as ADAPTER_NAME
     from .lora.adapters import NAME_RULE as ADAPTER_NAME_RULE
-    from .lora.adapters import Adapter, apply_adapter, base_fingerprint, check_fits, read_adapter, save_adapter
+    from .lora.adapters import Adapter, apply_adapter, base_fingerprint, check_fits, read_adapter, read_adapter_config, save_adapter
     from .lora.layer import LoraConfig, add_lora
     from .lora.merge import MergeJob, merge
     from .lora.train import TrainJob, train

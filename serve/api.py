@@ -272,7 +272,10 @@ def _data(obj: dict) -> str:
 
 
 def _adapter_json(info: AdapterInfo) -> dict:
-    return asdict(info) | {"targets": list(info.targets)}
+    body = asdict(info) | {"targets": list(info.targets), "replicas": list(info.replicas)}
+    if not info.replicas:  # one process: there are no replicas to name
+        del body["replicas"]
+    return body
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -46,6 +46,10 @@ class _Snapshot:
             for r in replicas:
                 family.add_metric([r["replica"]], float(r[key]))
             yield family
+        info = GaugeMetricFamily("serve_replica_info", "1 for each live replica, with the process it runs in.", labels=["replica", "pid"])
+        for r in replicas:
+            info.add_metric([r["replica"], str(r["pid"])], 1.0)
+        yield info
         resident = GaugeMetricFamily("serve_replica_adapter_resident", "1 for each adapter a replica holds now.", labels=["replica", "adapter"])
         for r in replicas:
             for adapter in r["adapters"]:

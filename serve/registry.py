@@ -56,9 +56,8 @@ class AdapterRegistry:
 
     def load(self, name: str, path: str | Path, trusted: bool = False) -> AdapterInfo:
         """Read, check and attach the adapter at ``path`` as ``name``; ``trusted`` skips the adapter-root check."""
-        if not NAME.fullmatch(name):
-            raise BadAdapterPath(f"adapter name {name!r}: {NAME_RULE}")
-        folder = self._allowed(Path(path), trusted)
+        check_name(name)
+        folder = Path(path) if trusted else under_root(self._root, path)
         with self._lock:
             self._check_free(name)
         began = time.perf_counter()
@@ -120,16 +119,6 @@ class AdapterRegistry:
         if name in self._serving:
             raise AdapterConflict(f"adapter {name!r} is already loaded; unload it first")
 
-    def _allowed(self, folder: Path, trusted: bool) -> Path:
-        if trusted:
-            return folder
-        if self._root is None:
-            raise BadAdapterPath("loading adapters at run time needs --adapter-root")
-        resolved = (self._root / folder).resolve()  # relative paths are taken under the root
-        if not resolved.is_relative_to(self._root):
-            raise BadAdapterPath(f"{folder}: adapter paths must lie under the adapter root")
-        return resolved
-
     def _make_room(self, incoming: int) -> None:
         # Called with the lock held: evict idle adapters, least recently used first, until it fits.
         def over() -> bool:
@@ -151,6 +140,23 @@ class AdapterRegistry:
     @staticmethod
     def _info(name: str, e: _Entry) -> AdapterInfo:
         return AdapterInfo(name, e.path, e.config.rank, tuple(e.config.targets), e.nbytes, e.in_use, e.load_seconds, e.last_used)
+
+
+def check_name(name: str) -> None:
+    """Raise :class:`BadAdapterPath` unless ``name`` may name an adapter."""
+    if not NAME.fullmatch(name):
+        raise BadAdapterPath(f"adapter name {name!r}: {NAME_RULE}")
+
+
+def under_root(root: Path | None, folder: str | Path) -> Path:
+    """``folder`` resolved under the adapter ``root`` (relative paths are taken under it); :class:`BadAdapterPath` if it leaves the root."""
+    if root is None:
+        raise BadAdapterPath("loading adapters at run time needs --adapter-root")
+    root = root.resolve()
+    resolved = (root / folder).resolve()
+    if not resolved.is_relative_to(root):
+        raise BadAdapterPath(f"{folder}: adapter paths must lie under the adapter root")
+    return resolved
 
 
 def _nbytes(adapter: Adapter) -> int:

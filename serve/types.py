@@ -93,3 +93,4 @@ class AdapterInfo:
     in_use: int  # requests holding it now
     load_seconds: float
     last_used: float = field(compare=False, default=0.0)
+    replicas: tuple[str, ...] = ()  # in a cluster (serve.cluster): the replicas holding it now

@@ -201,12 +201,12 @@ def until(condition, timeout: float = 5.0) -> bool:
 
 
 @contextmanager
-def command_line(args: list[str]):
-    """Run ``python -m serve ARGS`` on a free port; yields its base URL once it answers, then checks it stops gracefully on SIGTERM."""
+def command_line(args: list[str], module: str = "serve", timeout: float = 90):
+    """Run ``python -m MODULE ARGS`` (a server) on a free port; yields its base URL once it answers, then checks it stops gracefully on SIGTERM."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "serve", *args, "--port", url.rpartition(":")[2]]
+    cmd = [sys.executable, "-m", module, *args, "--port", url.rpartition(":")[2]]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def up() -> bool:
@@ -216,10 +216,13 @@ def command_line(args: list[str]):
             return proc.poll() is not None  # exited: stop waiting
 
     try:
-        assert until(up, timeout=90) and proc.poll() is None, proc.communicate()[1][-3000:]
+        assert until(up, timeout=timeout) and proc.poll() is None, proc.communicate()[1][-3000:]
         yield url
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    # uvicorn shuts down gracefully (the lifespan stops the engine), then re-raises the signal it caught.
-    assert "Application shutdown complete" in err and proc.returncode == -signal.SIGTERM, err[-3000:]
+        _, err = proc.communicate(timeout=60)
+    if module == "serve":
+        # uvicorn shuts down gracefully (the lifespan stops the engine), then re-raises the signal it caught.
+        assert "Application shutdown complete" in err and proc.returncode == -signal.SIGTERM, err[-3000:]
+    else:
+        assert proc.returncode == 0, err[-3000:]

@@ -73,10 +73,9 @@ def save_adapter(modules: dict[str, LoraLinear], cfg: LoraConfig, out_dir: Path,
     return out_dir
 
 
-def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> Adapter:
-    """Read an adapter folder (ours or PEFT's); a pickled ``adapter_model.bin`` only with ``allow_pickle``."""
-    root = Path(adapter_dir)
-    config_path = root / CONFIG
+def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
+    """The shape of the adapter in a folder (ours or PEFT's), from its config alone: its weights are not read."""
+    config_path = Path(adapter_dir) / CONFIG
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
@@ -87,7 +86,13 @@ def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> Adapter
         raise CompressorError(config_path, "DoRA, rsLoRA and trained biases are not supported")
     targets = raw["target_modules"]
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    cfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0), targets=targets)
+    return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0), targets=targets)
+
+
+def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter folder (ours or PEFT's); a pickled ``adapter_model.bin`` only with ``allow_pickle``."""
+    root = Path(adapter_dir)
+    cfg = read_adapter_config(root)
     tensors, metadata = _read_weights(root, allow_pickle)
     weights = {}
     for key in tensors:
