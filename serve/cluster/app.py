@@ -54,9 +54,9 @@ def build_app(config: ClusterConfig):
     """The bound application, for ``serve.run``."""
     engine = config.engine
     multiplexed = config.routing == "multiplexed"
-    # Multiplexing evicts first; the engine's own bound then only has to leave room for adapters
-    # still draining. With default routing the engine's registry is the only bound.
-    resident = config.max_adapters_per_replica + (engine.max_batch + engine.max_queue if multiplexed else 0)
+    # Multiplexing (or, with default routing, the replica itself) evicts idle adapters down to the
+    # bound; the engine's own bound only has to leave room for adapters still serving requests.
+    resident = config.max_adapters_per_replica + engine.max_batch + engine.max_queue
     engine = replace(engine, max_adapters=resident, threads=max(1, int(config.cpus_per_replica)))
     directory = serve.deployment(Directory, name="Directory", num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config=_QUIET)
     replica = serve.deployment(

@@ -30,6 +30,7 @@ from .directory import REPORT_SECONDS
 from .refusal import Refused
 
 log = logging.getLogger(__name__)
+_TRIES = 5  # loads of one adapter a request may need when the others keep evicting it
 
 
 class _Resident:
@@ -54,6 +55,7 @@ class Replica:
         self._catalog: dict[str, str] = {}
         self._loading = asyncio.Lock()
         self._loads = 0
+        self._max_adapters = max_adapters
         self._tokens = 0
         self._id = serve.get_replica_context().replica_id.unique_id
 
@@ -73,9 +75,7 @@ class Replica:
     async def generate(self, adapter: str | None, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str | Event | Refused]:
         """The engine's request id once it is queued, then the request's events; or only a :class:`Refused`."""
         try:
-            if adapter is not None:
-                await self._hold(adapter)
-            stream = EngineStream(self.engine, adapter, prompt_ids, params)
+            stream = await self._submit(adapter, prompt_ids, params)
         except ServeError as e:
             yield Refused(e)
             return
@@ -118,6 +118,19 @@ class Replica:
         self._reporting.cancel()
         await run_in_threadpool(self.engine.stop)
 
+    async def _submit(self, adapter: str | None, prompt_ids: list[int], params: SamplingParams) -> EngineStream:
+        if adapter is None:
+            return EngineStream(self.engine, adapter, prompt_ids, params)
+        for _ in range(_TRIES):
+            await self._hold(adapter)
+            try:
+                return EngineStream(self.engine, adapter, prompt_ids, params)
+            except UnknownAdapter:
+                # Another request's load evicted it between our load and our submit (it was idle
+                # then: a submitted request pins its adapter). Load it again.
+                continue
+        raise UnknownAdapter(f"model {adapter!r} was evicted {_TRIES} times before a request could use it; raise --max-adapters-per-replica")
+
     async def _hold(self, name: str) -> None:
         if serve.get_multiplexed_model_id():
             await self._multiplexed(name)
@@ -141,6 +154,16 @@ class Replica:
             except AdapterConflict:  # loaded meanwhile by a request that did not wait for the lock
                 return
             self._loads += 1
+            if not serve.get_multiplexed_model_id():
+                self._trim(keep=name)
+
+    def _trim(self, keep: str) -> None:
+        # Default routing: no multiplexing evicts for us. Idle adapters go, least recently used
+        # first, down to the bound; ones serving requests stay (the bound is exceeded while they do).
+        infos = self.engine.adapters()  # least recently used first
+        for info in infos[: max(0, len(infos) - self._max_adapters)]:
+            if info.in_use == 0 and info.name != keep:
+                self.drop(info.name)
 
     async def _report_forever(self) -> None:
         while True:
