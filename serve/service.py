@@ -72,13 +72,36 @@ class Service(Protocol):
         """Called when the app stops: cancel what is running."""
 
 
-class EngineStream:
+class QueuedStream:
+    """A :class:`Stream` whose events something else puts on ``_queue``; subclasses say how to cancel the generation."""
+
+    def __init__(self):
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.done = False
+
+    async def next(self, timeout: float | None = None) -> Event:
+        """The next event; raises ``TimeoutError`` if none came within ``timeout`` seconds."""
+        event = await asyncio.wait_for(self._queue.get(), timeout)
+        if event.finished:
+            self.done = True
+        return event
+
+    def close(self) -> None:
+        """Cancel the generation unless it already finished; safe to call twice."""
+        if not self.done:
+            self.done = True
+            self._cancel()
+
+    def _cancel(self) -> None:
+        raise NotImplementedError
+
+
+class EngineStream(QueuedStream):
     """A request submitted to an in-process engine, its events queued on the submitting event loop."""
 
     def __init__(self, engine: Engine, adapter: str | None, prompt_ids: list[int], params: SamplingParams):
+        super().__init__()
         loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.done = False
 
         def on_event(event: Event) -> None:
             try:
@@ -89,18 +112,8 @@ class EngineStream:
         self._handle = engine.submit(prompt_ids, adapter, params, on_event)
         self.id = self._handle.id
 
-    async def next(self, timeout: float | None = None) -> Event:
-        """The next event; raises ``TimeoutError`` if none came within ``timeout`` seconds."""
-        event = await asyncio.wait_for(self._queue.get(), timeout)
-        if event.finished:
-            self.done = True
-        return event
-
-    def close(self) -> None:
-        """Cancel the request unless it already finished; safe to call twice."""
-        if not self.done:
-            self.done = True
-            self._handle.cancel()
+    def _cancel(self) -> None:
+        self._handle.cancel()
 
 
 class EngineService:

@@ -28,7 +28,7 @@ from ..auth import ApiKeys
 from ..errors import QueueFull, UnknownAdapter
 from ..metrics import GAUGES
 from ..registry import check_name, under_root
-from ..service import Unavailable
+from ..service import QueuedStream, Unavailable
 from ..types import AdapterInfo, Event, SamplingParams
 from .directory import REPORT_SECONDS
 from .refusal import call
@@ -37,14 +37,13 @@ _TRIES = 3  # replicas a request may be offered to when the ones chosen die befo
 _UNLOAD_WAIT_SECONDS = 4 * REPORT_SECONDS  # an unload waits this long for every replica to report the adapter gone
 
 
-class RemoteStream:
-    """A generation running on a replica; a background task moves its events into a queue, so a timed wait never cancels the call."""
+class RemoteStream(QueuedStream):
+    """A generation running on a replica; a background task moves its events into the queue, so a timed wait never cancels the call."""
 
     def __init__(self, response, request_id: str):
+        super().__init__()
         self.id = request_id
-        self.done = False
         self._response = response
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._pump = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -60,19 +59,9 @@ class RemoteStream:
             cause = e.cause if isinstance(e, RayTaskError) else e
             self._queue.put_nowait(replace(last, text="", token_ids=(), finish_reason="error", error=f"{type(cause).__name__}: {cause}"))
 
-    async def next(self, timeout: float | None = None) -> Event:
-        """The next event; raises ``TimeoutError`` if none came within ``timeout`` seconds."""
-        event = await asyncio.wait_for(self._queue.get(), timeout)
-        if event.finished:
-            self.done = True
-        return event
-
-    def close(self) -> None:
-        """Cancel the generation on its replica unless it finished; safe to call twice."""
-        if not self.done:
-            self.done = True
-            self._response.cancel()
-            self._pump.cancel()
+    def _cancel(self) -> None:
+        self._response.cancel()
+        self._pump.cancel()
 
 
 class ClusterService:
