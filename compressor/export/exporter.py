@@ -8,7 +8,6 @@ It is written beside its final place and renamed into it, so it is there whole o
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from ..checkpoint import manifest
-from ..checkpoint.atomic import atomic_folder
+from ..checkpoint.atomic import atomic_folder, scratch_folder
 from ..checkpoint.reader import folder_bytes
 from ..choices import DEFAULT_TARGETS, EXPORT_ACTIVATIONS
 from ..errors import CompressorError
@@ -75,10 +74,10 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
     """Run ``job``; raises CompressorError (writing nothing) on a model, format or adapter it cannot export faithfully."""
     # Adapters are read (and refused) before the slow part.
     adapters = [(name, path, read_adapter(path, job.allow_pickle)) for name, path in job.adapters]
-    with atomic_folder(job.out_dir, job.overwrite) as out, tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+    with atomic_folder(job.out_dir, job.overwrite) as out, scratch_folder(job.out_dir) as scratch:
         base = job.base_dir
         if job.merge_adapter is not None:
-            base = Path(scratch) / "merged"
+            base = scratch / "merged"
             merge(MergeJob(base_dir=job.base_dir, adapter_dir=job.merge_adapter, out_dir=base, allow_pickle=job.allow_pickle, progress=False))
         model = load(base, float32=True)
         fingerprint = base_fingerprint(job.base_dir)

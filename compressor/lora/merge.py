@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import manifest
-from ..checkpoint.atomic import atomic_folder
+from ..checkpoint.atomic import atomic_folder, scratch_folder
 from ..checkpoint.reader import INDEX, find_checkpoint
 from ..checkpoint.writer import ShardWriter
 from ..choices import MERGE_OUTPUTS
@@ -91,8 +90,8 @@ def merge(job: MergeJob) -> MergeSummary:
     # (transformers + bitsandbytes wrote it) cannot be quantized the same way again.
     made_with = manifest.read(job.base_dir, "merge --to same") if requantize else None
     dtype = None if job.to == "same" else getattr(torch, job.to)
-    with tempfile.TemporaryDirectory(dir=job.out_dir.parent if job.out_dir.parent.exists() else None) as tmp:
-        merged_float = Path(tmp) / "merged"
+    with scratch_folder(job.out_dir) as tmp:
+        merged_float = tmp / "merged"
         merged_float.mkdir()
         _write_merged_float(job.base_dir, merged_float, deltas, method, dtype)
         summary = MergeSummary(modules_merged=len(deltas), written_as=job.to if job.to != "same" else "float, as the base")
