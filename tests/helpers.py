@@ -73,17 +73,24 @@ def token_batch(vocab: int = 320, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
-def tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """Write a tiny Llama GGUF file (byte-level BPE tokenizer, one Q8_0 tensor) and return its path."""
+def tiny_gguf(path: Path, seed: int = 0, tokenizer: str = "gpt2", architecture: str = "llama") -> Path:
+    """Write a tiny Llama GGUF file (one Q8_0 tensor) and return its path.
+
+    ``tokenizer`` is ``"gpt2"`` (byte-level BPE) or ``"llama"`` (sentencepiece-style: scores, byte
+    tokens, unk/bos/eos/pad ids; llama.cpp's converter reads it back without having to recognise
+    the vocabulary). ``architecture`` only changes the name the file gives its architecture.
+    """
     import gguf
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     rng = np.random.default_rng(seed)
     hidden, ffn, layers, heads, kv_heads = 64, 128, 2, 4, 2
-    byte_tokens = list(bytes_to_unicode().values())
-    tokens = byte_tokens + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
-    writer = gguf.GGUFWriter(str(path), "llama")
+    if tokenizer == "llama":
+        tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), "▁t", "he", "▁the", "▁"]
+    else:
+        tokens = [*bytes_to_unicode().values(), "Ġt", "he", "Ġthe", "<|endoftext|>"]
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(layers)
     writer.add_context_length(128)
     writer.add_embedding_length(hidden)
@@ -94,13 +101,22 @@ def tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(len(tokens))
     writer.add_rope_dimension_count(hidden // heads)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([1] * (len(tokens) - 1) + [3])
-    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    writer.add_bos_token_id(len(tokens) - 1)
-    writer.add_eos_token_id(len(tokens) - 1)
+    if tokenizer == "llama":
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([0.0] * 259 + [-1.0, -2.0, -0.5, -3.0])
+        writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * 4)  # unknown, control, byte, normal
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(0)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_types([1] * (len(tokens) - 1) + [3])
+        writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+        writer.add_bos_token_id(len(tokens) - 1)
+        writer.add_eos_token_id(len(tokens) - 1)
 
     def weight(*shape):
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
