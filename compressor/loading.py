@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .checkpoint import bnb_layout, native_layout
+from .checkpoint.model_info import load_config
 from .checkpoint.reader import find_checkpoint, open_shard
 from .errors import CompressorError
 from .nn import QuantLinear
@@ -49,6 +50,7 @@ def load(model_dir: str | Path, float32: bool = False, activations: str = "float
     if method in LAYOUTS:
         model = _load_quant_linear(root, LAYOUTS[method], activations)
     elif method == "float":
+        find_checkpoint(root, allow_pickle=True)  # config and weights there: one line naming what is not
         model = AutoModelForCausalLM.from_pretrained(root, device_map="cpu")
     else:
         raise CompressorError(root / "config.json", f"unknown quant_method {method!r}")
@@ -76,7 +78,7 @@ def _load_quant_linear(root: Path, layout, activations: str = "float32") -> PreT
         shard_tensors, shard_weights = read_shard(shard, layout)
         tensors.update(shard_tensors)
         weights.update(shard_weights)
-    config = AutoConfig.from_pretrained(root)
+    config = load_config(root / "config.json")
     del config.quantization_config
     # Parameters start on the meta device (no memory); buffers such as rotary tables are real.
     with init_empty_weights(include_buffers=False):

@@ -19,6 +19,8 @@ def text_windows(tokenizer, text_path: Path, windows: int, seq_len: int) -> torc
         text = text_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CompressorError(text_path, f"cannot read text ({e})") from None
+    if not text.strip():
+        raise CompressorError(text_path, "empty text")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     available = ids.numel() // seq_len
     if available == 0:

@@ -82,6 +82,8 @@ def find_checkpoint(model_dir: str | Path, allow_pickle: bool = False) -> Checkp
         sharded = True
     elif single.exists():
         shards, sharded = (single,), False
+    elif any(root.glob("*.onnx")):
+        raise CompressorError(root, f"holds an ONNX model, not a safetensors checkpoint (no {SINGLE}); give the folder it was exported from")
     else:
         raise CompressorError(root, f"no {SINGLE} or {INDEX} found")
     for shard in shards:
