@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
+from .checks import load_tokenizer, model_folder, same_vocabulary, window_fits
+from .errors import at_least
 from .loading import load
 from .text import text_windows
 
@@ -25,6 +26,10 @@ class EvalJob:
     seq_len: int = 512
     reference_dir: Path | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        at_least("windows", self.windows, 1)
+        at_least("seq_len", self.seq_len, 2)  # a window of one token predicts nothing
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,12 @@ def evaluate_models(model, batches: torch.Tensor, reference=None, progress: bool
 
 def evaluate(job: EvalJob) -> EvalResult:
     """Run ``job``: load the model (and reference), tokenize the text, score it."""
-    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
-    batches = text_windows(tokenizer, job.text, job.windows, job.seq_len)
+    model_folder(job.model_dir)
+    window_fits(job.model_dir, job.seq_len, "--seq")
+    if job.reference_dir is not None:
+        model_folder(job.reference_dir, tokenizer=False)
+        same_vocabulary(job.reference_dir, job.model_dir)
+    batches = text_windows(load_tokenizer(job.model_dir), job.text, job.windows, job.seq_len)
     model = load(job.model_dir)
     reference = load(job.reference_dir) if job.reference_dir else None
     return evaluate_models(model, batches, reference, job.progress)

@@ -17,6 +17,7 @@ from .checkpoint.atomic import atomic_folder
 from .checkpoint.readahead import ReadAhead
 from .checkpoint.reader import INDEX, SINGLE, find_checkpoint, folder_bytes, open_shard
 from .checkpoint.writer import ShardWriter
+from .checks import float_folder
 from .errors import CompressorError
 from .formats import FORMATS, NonFiniteError, format_for, method_of, payload_nbytes
 from .formats.common import FLOAT_DTYPES
@@ -113,6 +114,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     """Run ``job``: write the quantized folder at ``job.out_dir`` and return its summary."""
     start = time.perf_counter()
     ckpt = find_checkpoint(job.model_dir, allow_pickle=job.allow_pickle)
+    float_folder(ckpt.root, "quantize")
     names: dict[Path, list[str]] = {}
     for shard in ckpt.shards:
         with open_shard(shard) as reader:

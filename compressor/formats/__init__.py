@@ -87,10 +87,11 @@ def _format_of(state) -> Format:
 
 def config_for(method: str, blocksize: int | None = None, double_quant: bool = True, per_tensor: bool = False, absmax_rounding: str = "lut"):
     """Build the config for a method name as typed on the command line."""
+    blocksize = 64 if blocksize is None else blocksize  # 0 is refused by the config, not taken for the default
     if method in ("nf4", "fp4"):
-        return FourBitConfig(codebook=method, blocksize=blocksize or 64, double_quant=double_quant, absmax_rounding=absmax_rounding)
+        return FourBitConfig(codebook=method, blocksize=blocksize, double_quant=double_quant, absmax_rounding=absmax_rounding)
     if method in ("int4", "int3", "int2"):
-        return IntNConfig(bits=int(method[3]), blocksize=blocksize or 64)
+        return IntNConfig(bits=int(method[3]), blocksize=blocksize)
     if method == "int8":
         return Int8Config(granularity=PerTensor() if per_tensor else PerRow())
     if method == "int8-sym":

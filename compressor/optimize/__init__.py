@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..choices import OPTIMIZERS
+from ..errors import at_least, within
 
 
 @dataclass(frozen=True)
@@ -36,5 +37,8 @@ class OptimizeConfig:
         if (self.method != "none" or self.budget_bits is not None) and self.calibration is None:
             what = f"--optimize {self.method}" if self.method != "none" else "--budget-bits"
             raise ValueError(f"{what} needs --calibration FILE (text that is not the evaluation text)")
+        if self.budget_bits is not None:
+            within("budget_bits", self.budget_bits, 0, 32, low_open=True)
+        at_least("calibration_tokens", self.calibration_tokens, 1)
         if self.calibration_tokens < self.seq_len:
             raise ValueError(f"calibration_tokens ({self.calibration_tokens}) must be at least seq_len ({self.seq_len})")

@@ -18,13 +18,12 @@ from ..text import text_windows
 
 def float_model_and_windows(model_dir: Path, text_path: Path, tokens: int, seq_len: int):
     """The float model at ``model_dir`` (refusing a quantized folder) and the calibration text as its token windows."""
-    from transformers import AutoTokenizer
-
+    from ..checks import load_tokenizer
     from ..loading import load, quant_method
 
     if quant_method(model_dir) != "float":
         raise CompressorError(model_dir, "calibration runs the float model: give the float checkpoint")
-    windows = text_windows(AutoTokenizer.from_pretrained(model_dir), text_path, max(1, tokens // seq_len), seq_len)
+    windows = text_windows(load_tokenizer(model_dir), text_path, max(1, tokens // seq_len), seq_len)
     return load(model_dir, float32=True), windows
 
 

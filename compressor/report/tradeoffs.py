@@ -23,11 +23,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..checkpoint.atomic import atomic_file
-from ..checkpoint.reader import find_checkpoint
-from ..errors import CompressorError
+from ..checks import float_folder, load_tokenizer, model_folder, window_fits
+from ..errors import CompressorError, at_least
 from ..formats import config_for
 from ..optimize import OptimizeConfig
 from ..quantize import QuantizeJob, quantize_checkpoint
+from ..text import text_windows
 from .render import markdown_table, plot
 from .rows import OURS, Row, select
 from .worker import MeasureJob
@@ -50,6 +51,9 @@ class TradeoffJob:
     calibration: Path | None = None  # text for the --optimize rows (never the evaluation text); without it they are left out
 
     def __post_init__(self):
+        at_least("windows", self.windows, 1)
+        at_least("seq_len", self.seq_len, 2)  # a window of one token predicts nothing
+        at_least("new_tokens", self.new_tokens, 1)
         try:
             select(self.methods, self.quick, calibrated=self.calibration is not None)
         except ValueError as e:  # an unknown method
@@ -83,12 +87,21 @@ def _slug(name: str) -> str:
 def run_tradeoffs(job: TradeoffJob) -> TradeoffReport:
     """Measure every selected row and write the report files into ``job.out_dir``."""
     start = time.perf_counter()
-    find_checkpoint(job.model_dir)  # a clear error now, not one per row later
+    # Clear errors now, before the output folder is made, rather than one per row later.
+    model_folder(job.model_dir, tokenizer=False)
+    float_folder(job.model_dir, "bench tradeoffs")
     if not job.text.is_file():
         raise CompressorError(job.text, "no such text file")
     rows = select(job.methods, job.quick, calibrated=job.calibration is not None)
     windows, seq_len, new_tokens = job.sizes()
+    window_fits(job.model_dir, seq_len, "--seq")
+    tokenizer = load_tokenizer(job.model_dir)
+    text_windows(tokenizer, job.text, windows, seq_len)
+    if job.calibration is not None:
+        text_windows(tokenizer, job.calibration, 1, OptimizeConfig().seq_len)  # what the optimized rows read
     out = job.out_dir
+    if out.exists() and not out.is_dir():
+        raise CompressorError(out, "is a file, not a folder")
     for sub in ("checkpoints", "logs", "scratch"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     results = []
