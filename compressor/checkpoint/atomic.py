@@ -10,7 +10,8 @@ stderr. A leftover whose process still runs is left alone: another run may be wr
 Note (pid reuse): a pid is reused once its process is gone, so a live pid does not prove the
 leftover is still being written. On Linux a leftover last changed (ctime) before its pid's current
 process started cannot be that process's, and is removed too; elsewhere a live pid keeps its
-leftover. A pid means something only on the machine that wrote it: on a folder that several machines
+leftover. A process that was killed but not yet reaped by its parent (a zombie) counts as gone.
+A pid means something only on the machine that wrote it: on a folder that several machines
 write into at once (NFS), a temporary another machine is writing would look abandoned.
 """
 
@@ -139,19 +140,25 @@ def _why_abandoned(pid: int, changed: float) -> str | None:
             return "which is gone"
         except PermissionError:
             pass  # it exists, under another user
-    started = _started_at(pid)
-    if started is not None and started > changed + _CLOCK_SLACK:
+    state = _proc_state(pid)
+    if state is None:
+        return None
+    status, started = state
+    if status == "Z":  # killed, and not yet reaped by its parent
+        return "which is gone"
+    if started > changed + _CLOCK_SLACK:
         return "which is gone (its pid now belongs to a later process)"
     return None
 
 
-def _started_at(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), from Linux's /proc; None where unknown."""
+def _proc_state(pid: int) -> tuple[str, float] | None:
+    """Process ``pid``'s state letter and start (seconds since the epoch), from Linux's /proc; None where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
     except (OSError, StopIteration):
         return None
-    # Field 22 is the start in clock ticks since boot; field 2 (the name, in parentheses) may hold spaces.
-    ticks = int(stat.rsplit(")", 1)[1].split()[19])
-    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    # After the name (field 2, in parentheses, which may hold spaces): field 3 is the state, field 22
+    # the start in clock ticks since boot.
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], int(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")

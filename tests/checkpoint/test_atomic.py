@@ -68,7 +68,7 @@ def test_a_live_process_keeps_its_temporaries(tmp_path, live_pid, capsys):
 
 def test_a_pid_taken_by_a_later_process_does_not_keep_the_temporary(tmp_path, live_pid, monkeypatch, capsys):
     tmp = _leftover(tmp_path / f".out.tmp-{live_pid}")
-    monkeypatch.setattr(atomic, "_started_at", lambda pid: time.time() + 60)  # as if the pid's process began after the leftover
+    monkeypatch.setattr(atomic, "_proc_state", lambda pid: ("S", time.time() + 60))  # as if the pid's process began after the leftover
     with atomic_folder(tmp_path / "out"):
         pass
     assert not tmp.exists()
@@ -76,10 +76,27 @@ def test_a_pid_taken_by_a_later_process_does_not_keep_the_temporary(tmp_path, li
 
 
 def test_our_own_process_start_is_read_from_proc():
-    started = atomic._started_at(os.getpid())
-    if started is None:
+    state = atomic._proc_state(os.getpid())
+    if state is None:
         pytest.skip("no /proc here: a live pid always keeps its temporary")
-    assert started <= time.time()
+    assert state[0] == "R" and state[1] <= time.time()
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_gone(tmp_path, capsys):
+    if atomic._proc_state(os.getpid()) is None:
+        pytest.skip("no /proc here to tell a zombie from a live process")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp = _leftover(tmp_path / f".out.tmp-{child.pid}")
+        child.send_signal(signal.SIGKILL)
+        while atomic._proc_state(child.pid)[0] != "Z":  # killed; its parent (this test) has not reaped it yet
+            time.sleep(0.01)
+        with atomic_folder(tmp_path / "out"):
+            pass
+        assert not tmp.exists() and f"removed {tmp.name}, left by process {child.pid} which is gone" in capsys.readouterr().err
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_only_the_outputs_own_leftovers_are_touched(tmp_path, dead_pid, capsys):
@@ -147,13 +164,16 @@ def test_a_killed_quantize_leaves_its_temporary_and_the_next_run_removes_it(tmp_
     from compressor.cli import main
 
     model, out = _float_checkpoint(tmp_path), tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "-m", "compressor", "quantize", str(model), str(out), "--method", "int8", "--quiet"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "first-run.log"
+    with open(log, "w") as f:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "compressor", "quantize", str(model), str(out), "--method", "int8", "--quiet"], stdout=f, stderr=f
+        )
     tmp = tmp_path / f".out.tmp-{run.pid}"
     try:
         deadline = time.monotonic() + 60
-        while not (tmp.is_dir() and any(tmp.iterdir())):
-            assert run.poll() is None and time.monotonic() < deadline, "quantize ended (or never started writing) before it could be killed"
+        while not any(tmp.glob("*")):  # the temporary folder exists and quantize has begun writing into it
+            assert run.poll() is None and time.monotonic() < deadline, f"quantize ended or never began writing: {log.read_text()[-2000:]}"
             time.sleep(0.01)
     finally:
         run.send_signal(signal.SIGKILL)
@@ -161,5 +181,5 @@ def test_a_killed_quantize_leaves_its_temporary_and_the_next_run_removes_it(tmp_
     assert tmp.is_dir() and not out.exists()
     assert main(["quantize", str(model), str(out), "--method", "int8", "--quiet"]) == 0
     assert (out / "model.safetensors").exists() and not tmp.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first-run.log", "float", "out"]
     assert f"compressor: removed {tmp.name}, left by process {run.pid} which is gone" in capsys.readouterr().err
