@@ -21,8 +21,11 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def rank(text: str) -> str:
-    """An argparse type for a LoRA rank: a positive integer, or ``auto``."""
-    if text != "auto" and not (text.isdigit() and int(text) > 0):
-        raise argparse.ArgumentTypeError("a positive integer or 'auto'")
-    return text
+def rank(text: str) -> int | None:
+    """An argparse type for a LoRA rank: an integer (its range is the job's to check), or ``auto`` (``None``)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("an integer or 'auto'") from None

@@ -75,18 +75,33 @@ def save_adapter(modules: dict[str, LoraLinear], cfg: LoraConfig, out_dir: Path,
 
 def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
     """The shape of the adapter in a folder (ours or PEFT's), from its config alone: its weights are not read."""
-    config_path = Path(adapter_dir) / CONFIG
+    root = Path(adapter_dir)
+    config_path = root / CONFIG
+    if not root.is_dir():
+        raise CompressorError(root, "no such folder")
+    if not config_path.is_file():
+        hint = " (this is a model folder, not an adapter)" if (root / "config.json").is_file() else ""
+        raise CompressorError(config_path, f"missing file: not an adapter folder{hint}")
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise CompressorError(config_path, f"not a readable adapter config ({e})") from None
+    if not isinstance(raw, dict):
+        raise CompressorError(config_path, "not a JSON object")
     if raw.get("peft_type") != "LORA":
         raise CompressorError(config_path, f"peft_type {raw.get('peft_type')!r} is not LORA")
     if raw.get("use_dora") or raw.get("use_rslora") or raw.get("bias", "none") != "none":
         raise CompressorError(config_path, "DoRA, rsLoRA and trained biases are not supported")
-    targets = raw["target_modules"]
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0), targets=targets)
+    targets = raw.get("target_modules")
+    targets = (targets,) if isinstance(targets, str) else targets
+    if not isinstance(targets, list | tuple) or not targets or not all(isinstance(t, str) for t in targets):
+        raise CompressorError(config_path, '"target_modules" must be a module name or a non-empty list of them')
+    try:
+        return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0), targets=tuple(targets))
+    except KeyError as e:
+        raise CompressorError(config_path, f"no {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type, or a rank or dropout out of range
+        raise CompressorError(config_path, f"bad adapter config ({e})") from None
 
 
 def read_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> Adapter:

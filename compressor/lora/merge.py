@@ -23,11 +23,13 @@ from ..checkpoint import manifest
 from ..checkpoint.atomic import atomic_folder, scratch_folder
 from ..checkpoint.reader import INDEX, find_checkpoint
 from ..checkpoint.writer import ShardWriter
+from ..checks import load_tokenizer, model_folder, output_free, window_fits
 from ..choices import MERGE_OUTPUTS
-from ..errors import CompressorError
+from ..errors import CompressorError, at_least
 from ..formats import dequantize
 from ..loading import LAYOUTS, load, quant_method, read_shard
 from ..quantize import QuantizeJob, QuantizeSummary, quantize_checkpoint
+from ..text import text_windows
 from .adapters import apply_adapter, read_adapter
 
 
@@ -49,6 +51,8 @@ class MergeJob:
     def __post_init__(self):
         if self.to not in MERGE_OUTPUTS:
             raise CompressorError(None, f"--to must be one of {', '.join(MERGE_OUTPUTS)}, got {self.to!r}")
+        at_least("windows", self.windows, 1)
+        at_least("seq_len", self.seq_len, 2)  # a window of one token predicts nothing
 
 
 @dataclass
@@ -78,11 +82,21 @@ class MergeSummary:
 
 def merge(job: MergeJob) -> MergeSummary:
     """Run ``job``: write the merged model at ``job.out_dir``."""
+    output_free(job.out_dir, job.overwrite)
+    model_folder(job.base_dir, tokenizer=job.text is not None)
     adapter = read_adapter(job.adapter_dir, job.allow_pickle)
     method = quant_method(job.base_dir)
+    # The text is read before anything is written: a merged folder is not left behind by a bad one.
+    batches = None
+    if job.text is not None:
+        window_fits(job.base_dir, job.seq_len, "--seq")
+        batches = text_windows(load_tokenizer(job.base_dir), job.text, job.windows, job.seq_len)
     # Checks fingerprint and shapes on a model built from the base, before anything is written.
     base_model = load(job.base_dir, float32=True)
-    modules = apply_adapter(base_model, adapter, job.base_dir)
+    try:
+        modules = apply_adapter(base_model, adapter, job.base_dir)
+    except CompressorError as e:
+        raise CompressorError(e.path or job.adapter_dir, e.problem) from None
     deltas = {f"{name}.weight": m.delta() for name, m in modules.items()}
     quantized = method != "float"
     requantize = job.to == "same" and quantized
@@ -105,8 +119,8 @@ def merge(job: MergeJob) -> MergeSummary:
             with atomic_folder(job.out_dir, job.overwrite) as out:
                 for path in merged_float.iterdir():
                     shutil.move(str(path), out / path.name)
-    if job.text is not None:
-        _score(job, summary, base_model)
+    if batches is not None:
+        _score(job, summary, base_model, batches)
     return summary
 
 
@@ -144,13 +158,9 @@ def _write_merged_float(base_dir: Path, out: Path, deltas: dict[str, torch.Tenso
     manifest.copy_side_files(base_dir, out)
 
 
-def _score(job: MergeJob, summary: MergeSummary, base_plus_adapter) -> None:
-    from transformers import AutoTokenizer
-
+def _score(job: MergeJob, summary: MergeSummary, base_plus_adapter, batches: torch.Tensor) -> None:
     from ..evaluate import evaluate_models
-    from ..text import text_windows
 
-    batches = text_windows(AutoTokenizer.from_pretrained(job.base_dir), job.text, job.windows, job.seq_len)
     result = evaluate_models(load(job.out_dir, float32=True).eval(), batches, base_plus_adapter.eval(), job.progress)
     summary.perplexity_merged, summary.perplexity_unmerged = result.perplexity, result.reference_perplexity
     summary.kl, summary.agreement = result.kl, result.agreement

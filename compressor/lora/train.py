@@ -22,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..checkpoint import manifest
+from ..checks import float_folder, load_tokenizer, model_folder, output_free, window_fits
 from ..choices import TRAIN_INITS
-from ..errors import CompressorError
+from ..errors import CompressorError, FieldError, at_least, within
 from ..loading import load
 from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
@@ -62,6 +63,19 @@ class TrainJob:
     def __post_init__(self):
         if self.init not in TRAIN_INITS:
             raise ValueError(f"init must be one of {', '.join(TRAIN_INITS)}, got {self.init!r}")
+        at_least("rank", self.rank, 1)
+        within("dropout", self.dropout, 0, 1, high_open=True)
+        if not self.targets:
+            raise FieldError("targets", "must name at least one module")
+        at_least("lr", self.lr, 0)
+        at_least("steps", self.steps, 1)
+        within("epochs", self.epochs, 0, float("inf"), low_open=True)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("grad_accum", self.grad_accum, 1)
+        at_least("seq_len", self.seq_len, 2)  # a sequence of one token has no next token to learn
+        within("eval_split", self.eval_split, 0, 1, high_open=True)
+        at_least("eval_every", self.eval_every, 1)
+        at_least("calibration_tokens", self.calibration_tokens, 1)
 
 
 @dataclass
@@ -100,18 +114,26 @@ class TrainSummary:
 def train(job: TrainJob) -> TrainSummary:
     """Run ``job`` and write the adapter folder at ``job.out_dir`` (on the main process)."""
     from accelerate import Accelerator
-    from transformers import AutoTokenizer
 
+    # Every input is checked before the slow part, and before anything is written.
+    output_free(job.out_dir, job.overwrite)
+    model_folder(job.base_dir)
+    window_fits(job.base_dir, job.seq_len, "--seq-len")
+    float_dir = None
+    if job.init == "loftq":
+        float_dir = job.float_dir or manifest.float_source(job.base_dir)
+        model_folder(float_dir, tokenizer=job.calibration is not None)  # the float model tokenizes the calibration text
+        float_folder(float_dir, "--init loftq")
     start = time.perf_counter()
     accelerator = Accelerator(cpu=True)  # CPU only: the packed kernels are CPU code, and no GPU path is tested
     world, rank_id = accelerator.num_processes, accelerator.process_index
     micro = job.batch_size // (world * job.grad_accum)
     if micro * world * job.grad_accum != job.batch_size:
-        raise CompressorError(None, f"batch size {job.batch_size} does not split into {world} processes x {job.grad_accum} accumulation steps")
-    if job.out_dir.exists() and not job.overwrite:
-        raise CompressorError(job.out_dir, "already exists (pass --overwrite to replace it)")
+        raise CompressorError(
+            "--batch-size", f"batch size {job.batch_size} does not split into {world} processes x {job.grad_accum} accumulation steps"
+        )
     torch.manual_seed(job.seed)
-    tokenizer = AutoTokenizer.from_pretrained(job.base_dir)
+    tokenizer = load_tokenizer(job.base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train_set, eval_set = _split([encode(r, tokenizer, job.seq_len) for r in read_jsonl(job.data)], job.eval_split, job.seed, job.data)
 
@@ -126,7 +148,7 @@ def train(job: TrainJob) -> TrainSummary:
     except ValueError as e:
         raise CompressorError(job.base_dir, str(e)) from None
     if job.init == "loftq":
-        initialize(modules, job.float_dir or manifest.float_source(job.base_dir), job.calibration, job.calibration_tokens, job.seq_len)
+        initialize(modules, float_dir, job.calibration, job.calibration_tokens, job.seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
