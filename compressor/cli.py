@@ -10,8 +10,21 @@ from pathlib import Path
 
 from .arguments import named_path, rank
 from .choices import ABSMAX_ROUNDINGS, DEFAULT_TARGETS, EXPORT_ACTIVATIONS, MERGE_OUTPUTS, METHODS, OPTIMIZERS, TRAIN_INITS
-from .errors import CompressorError
+from .errors import CompressorError, FieldError
 from .gc_pause import paused_gc
+
+
+def _job(cls, flags: dict[str, str] | None = None, **fields):
+    """``cls(**fields)``, a field out of range reported as the flag that set it (``--`` + its name, unless ``flags`` says)."""
+    try:
+        return cls(**fields)
+    except FieldError as e:
+        raise CompressorError((flags or {}).get(e.field, "--" + e.field.replace("_", "-")), e.problem) from None
+    except ValueError as e:
+        raise CompressorError(None, str(e)) from None
+
+
+_SEQ = {"seq_len": "--seq"}
 
 
 def _quantize(args) -> int:
@@ -30,12 +43,12 @@ def _quantize(args) -> int:
             args.method, args.blocksize, double_quant=not args.no_double_quant, per_tensor=args.per_tensor,
             absmax_rounding=args.absmax_rounding,
         )  # fmt: skip
-        optimize = OptimizeConfig(
-            method=args.optimize, calibration=Path(args.calibration) if args.calibration else None,
-            calibration_tokens=args.calibration_tokens, budget_bits=args.budget_bits,
-        )  # fmt: skip
     except ValueError as e:
         raise CompressorError(None, str(e)) from None
+    optimize = _job(
+        OptimizeConfig, method=args.optimize, calibration=Path(args.calibration) if args.calibration else None,
+        calibration_tokens=args.calibration_tokens, budget_bits=args.budget_bits,
+    )  # fmt: skip
     job = QuantizeJob(
         model_dir=Path(args.model_dir), out_dir=Path(args.out_dir), config=cfg, skip=tuple(args.skip),
         quantize_head=args.quantize_head, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
@@ -74,8 +87,8 @@ def _eval(args) -> int:
 
     if args.quiet:
         _quiet_transformers()
-    job = EvalJob(
-        model_dir=Path(args.model_dir), text=Path(args.text), windows=args.windows, seq_len=args.seq,
+    job = _job(
+        EvalJob, _SEQ, model_dir=Path(args.model_dir), text=Path(args.text), windows=args.windows, seq_len=args.seq,
         reference_dir=Path(args.reference) if args.reference else None, progress=not args.quiet,
     )  # fmt: skip
     result = evaluate(job)
@@ -88,8 +101,8 @@ def _bench_tradeoffs(args) -> int:
         from .report.tradeoffs import TradeoffJob, run_tradeoffs
 
     _quiet_transformers()
-    job = TradeoffJob(
-        model_dir=Path(args.model_dir), text=Path(args.text), out_dir=Path(args.out), methods=tuple(args.methods) or None,
+    job = _job(
+        TradeoffJob, _SEQ, model_dir=Path(args.model_dir), text=Path(args.text), out_dir=Path(args.out), methods=tuple(args.methods) or None,
         quick=args.quick, windows=args.windows, seq_len=args.seq, new_tokens=args.new_tokens,
         keep_checkpoints=args.keep_checkpoints, progress=not args.quiet, calibration=Path(args.calibration) if args.calibration else None,
     )  # fmt: skip
@@ -107,8 +120,8 @@ def _train(args) -> int:
         from .lora.train import TrainJob, train
 
     _quiet_transformers()
-    job = TrainJob(
-        base_dir=Path(args.base_dir), data=Path(args.data), out_dir=Path(args.out), rank=None if args.rank == "auto" else int(args.rank),
+    job = _job(
+        TrainJob, base_dir=Path(args.base_dir), data=Path(args.data), out_dir=Path(args.out), rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, targets=tuple(t for t in args.targets.split(",") if t), lr=args.lr,
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         eval_split=args.eval_split, eval_every=args.eval_every, seed=args.seed,
@@ -127,8 +140,8 @@ def _merge(args) -> int:
         from .lora.merge import MergeJob, merge
 
     _quiet_transformers()
-    job = MergeJob(
-        base_dir=Path(args.base_dir), adapter_dir=Path(args.adapter_dir), out_dir=Path(args.out_dir), to=args.to,
+    job = _job(
+        MergeJob, _SEQ, base_dir=Path(args.base_dir), adapter_dir=Path(args.adapter_dir), out_dir=Path(args.out_dir), to=args.to,
         text=Path(args.text) if args.text else None, windows=args.windows, seq_len=args.seq, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle, progress=not args.quiet,
     )  # fmt: skip
@@ -158,7 +171,7 @@ def _generate(args) -> int:
     # onnxruntime only: this path never imports torch.
     from .export.runtime import Sampling, generate_text
 
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling = _job(Sampling, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(generate_text(Path(args.model_dir), args.prompt, sampling, args.adapter, chat=args.chat))
     return 0
 

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from ..checkpoint import manifest
 from ..checkpoint.atomic import atomic_folder, scratch_folder
 from ..checkpoint.reader import folder_bytes
+from ..checks import model_folder, output_free
 from ..choices import DEFAULT_TARGETS, EXPORT_ACTIVATIONS
 from ..errors import CompressorError
 from ..loading import load, quant_method
@@ -72,8 +73,14 @@ class ExportSummary:
 
 def export_onnx(job: OnnxExportJob) -> ExportSummary:
     """Run ``job``; raises CompressorError (writing nothing) on a model, format or adapter it cannot export faithfully."""
-    # Adapters are read (and refused) before the slow part.
+    # Inputs are read (and refused) before the slow part.
+    output_free(job.out_dir, job.overwrite)
+    model_folder(job.base_dir)
+    if not (job.base_dir / "tokenizer.json").is_file():
+        raise CompressorError(job.base_dir / "tokenizer.json", "missing file: 'compressor generate' reads the exported tokenizer from it")
     adapters = [(name, path, read_adapter(path, job.allow_pickle)) for name, path in job.adapters]
+    if job.merge_adapter is not None:
+        read_adapter(job.merge_adapter, job.allow_pickle)
     with atomic_folder(job.out_dir, job.overwrite) as out, scratch_folder(job.out_dir) as scratch:
         base = job.base_dir
         if job.merge_adapter is not None:
@@ -87,7 +94,11 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
                 check_fits(layers, adapter, fingerprint)
             except CompressorError as e:
                 raise CompressorError(path, e.problem) from None
-        proto, spec = build_decoder(model, () if job.merge_adapter else job.lora_targets, ACCURACY_LEVELS[job.activations])
+        _targets_exist(model, job.lora_targets)
+        try:
+            proto, spec = build_decoder(model, () if job.merge_adapter else job.lora_targets, ACCURACY_LEVELS[job.activations])
+        except CompressorError as e:
+            raise CompressorError(e.path or job.base_dir, e.problem) from None
         onnx.save_model(proto, out / MODEL, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA)
         del proto
         (out / DATA).chmod(0o644)  # onnx writes it private; the folder is meant to be shared like any checkpoint
@@ -108,6 +119,14 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
         (out / META).write_text(json.dumps(meta, indent=2) + "\n")
         onnx_bytes = (out / MODEL).stat().st_size + (out / DATA).stat().st_size
     return ExportSummary(onnx_bytes, folder_bytes(job.base_dir), len(spec.lora_modules), [name for name, _, _ in adapters])
+
+
+def _targets_exist(model, targets: tuple[str, ...]) -> None:
+    # A misspelt target would otherwise export a model without the adapter inputs it was asked for.
+    names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise CompressorError("--lora-targets", f"no module named {', '.join(unknown)} in the model")
 
 
 def _eos_ids(model) -> list[int]:

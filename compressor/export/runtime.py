@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import CompressorError
-from .names import ADAPTERS, META, MODEL, SUFFIX, past_names, present_names
+from ..errors import CompressorError, at_least, within
+from .names import ADAPTERS, DATA, META, MODEL, SUFFIX, past_names, present_names
 
 
 @dataclass(frozen=True)
@@ -28,21 +28,29 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
 
+    def __post_init__(self):
+        at_least("max_new_tokens", self.max_new_tokens, 1)
+        at_least("temperature", self.temperature, 0)
+        within("top_p", self.top_p, 0, 1, low_open=True)
+
 
 class OnnxDecoder:
     """One onnxruntime session over an exported folder, and the adapters loaded for it by name."""
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.folder = Path(folder)
-        try:
-            self.meta = json.loads((self.folder / META).read_text())
-        except (OSError, ValueError) as e:
-            raise CompressorError(self.folder / META, f"not an exported model ({e})") from None
+        self.meta = read_meta(self.folder)
+        for name in (MODEL, DATA):
+            if not (self.folder / name).is_file():
+                raise CompressorError(self.folder / name, "missing file (export the model again)")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # LoRA inputs are overridable initializers, which onnxruntime warns about
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.folder / MODEL), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.folder / MODEL), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's exceptions (Fail, InvalidProtobuf, ...) derive from Exception alone
+            raise CompressorError(self.folder, f"onnxruntime cannot load {MODEL}: {str(e).strip().splitlines()[0]}") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.adapters: dict[str, ort.LoraAdapter] = {}
         for path in sorted((self.folder / ADAPTERS).glob(f"*{SUFFIX}")):
@@ -103,6 +111,28 @@ class OnnxDecoder:
             logits, cache = self.forward([token], cache, adapter)
 
 
+# What the runtime reads from export.json, and the type of each.
+_META_FIELDS = {"layers": int, "kv_heads": int, "head_dim": int, "max_positions": int, "eos_token_ids": list}
+
+
+def read_meta(folder: Path) -> dict:
+    """The ``export.json`` of an exported folder, refused unless it has what the runtime reads."""
+    path = folder / META
+    if not folder.is_dir():
+        raise CompressorError(folder, "no such folder")
+    if not path.is_file():
+        hint = "; this is a checkpoint, export it first" if (folder / "config.json").is_file() else ""
+        raise CompressorError(path, f"not an exported model (missing file: 'compressor export onnx' writes it{hint})")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CompressorError(path, f"not an exported model ({e})") from None
+    wrong = [k for k, kind in _META_FIELDS.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise CompressorError(path, f"no valid {', '.join(wrong)}; export the model again with this version of compressor")
+    return meta
+
+
 def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """The next token from one position's logits: argmax, or a draw from the tempered nucleus."""
     if sampling.temperature <= 0:
@@ -126,10 +156,20 @@ def generate_text(folder: str | Path, prompt: str, sampling: Sampling = Sampling
         tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
     except Exception as e:  # tokenizers raises its own exception type
         raise CompressorError(root / "tokenizer.json", f"cannot read the tokenizer ({e})") from None
+    if adapter is not None and adapter not in decoder.adapters:
+        known = ", ".join(sorted(decoder.adapters)) or "none"
+        raise CompressorError(root / ADAPTERS, f"no adapter {adapter!r} in the export; it has: {known}")
     if chat:
         ids = tokenizer.encode(chat_prompt(root, prompt), add_special_tokens=False).ids
     else:
         ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise CompressorError("--prompt", "empty: no tokens to continue")
+    limit = decoder.meta["max_positions"]
+    if len(ids) + sampling.max_new_tokens > limit:
+        raise CompressorError(
+            root / META, f"a prompt of {len(ids)} tokens and {sampling.max_new_tokens} new tokens exceed the model's context of {limit} positions"
+        )
     new = list(decoder.generate(ids, sampling, adapter))
     return tokenizer.decode(new, skip_special_tokens=True)
 

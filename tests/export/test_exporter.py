@@ -85,7 +85,7 @@ def test_an_adapter_for_another_base_is_refused_and_nothing_is_written(exported,
 
 
 def test_a_format_without_a_kernel_fails_before_writing(tmp_path):
-    base = tiny_checkpoint(tmp_path)
+    base = with_tokenizer(tiny_checkpoint(tmp_path))
     quantize_checkpoint(QuantizeJob(base, tmp_path / "int3", config_for("int3"), progress=False))
     with pytest.raises(CompressorError, match="int3 has no onnxruntime kernel"):
         export_onnx(OnnxExportJob(tmp_path / "int3", tmp_path / "out"))
