@@ -2,9 +2,10 @@
 
 The keys file is JSON, one entry per key::
 
-    {"KEY": {"adapters": ["a", "b"] or "*", "base": true, "admin": false}}
+    {"KEY": {"adapters": ["a", "b"] or "*", "base": true, "admin": false, "metrics": false}}
 
-A field left out grants nothing. Without a keys file the server is open: every caller gets
+A field left out grants nothing. ``metrics`` alone makes a scraper's key: it reads ``/metrics`` and
+nothing else (an admin key reads it too). Without a keys file the server is open: every caller gets
 :data:`OPEN`.
 """
 
@@ -19,7 +20,7 @@ from compressor import CompressorError
 
 from .errors import ServeError
 
-_FIELDS = {"adapters", "base", "admin"}
+_FIELDS = {"adapters", "base", "admin", "metrics"}
 
 
 class Unauthenticated(ServeError):
@@ -41,6 +42,7 @@ class Grant:
     adapters: frozenset[str] | None = frozenset()
     base: bool = False
     admin: bool = False
+    metrics: bool = False
 
     def may_use(self, model: str, base_name: str) -> bool:
         """True if this key may generate with ``model`` (an adapter name or the base's name)."""
@@ -58,8 +60,13 @@ class Grant:
         if not self.admin:
             raise Forbidden("this route needs an admin API key")
 
+    def check_metrics(self) -> None:
+        """Raise :class:`Forbidden` unless this key may read ``/metrics`` (a metrics or admin key)."""
+        if not (self.metrics or self.admin):
+            raise Forbidden("/metrics needs a metrics or admin API key")
 
-OPEN = Grant(adapters=None, base=True, admin=True)
+
+OPEN = Grant(adapters=None, base=True, admin=True, metrics=True)
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,9 @@ class ApiKeys:
         except (OSError, ValueError) as e:
             raise CompressorError(path, f"not a readable JSON keys file ({e})") from None
         if not isinstance(raw, dict) or not raw:
-            raise CompressorError(path, 'expected a non-empty object {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool}}')
+            raise CompressorError(
+                path, 'expected a non-empty object {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool, "metrics": bool}}'
+            )
         return cls({key: _grant(path, i, key, entry) for i, (key, entry) in enumerate(raw.items(), 1)})
 
     def grant_for(self, authorization: str | None) -> Grant:
@@ -100,10 +109,10 @@ def _grant(path: str | Path, number: int, key: str, entry: object) -> Grant:
     if not key.strip() or key != key.strip():
         raise CompressorError(path, f"{where}: keys must be non-empty strings without surrounding spaces")
     if not isinstance(entry, dict):
-        raise CompressorError(path, f"{where}: expected an object with adapters, base, admin")
+        raise CompressorError(path, f"{where}: expected an object with adapters, base, admin, metrics")
     unknown = set(entry) - _FIELDS
     if unknown:
-        raise CompressorError(path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}; allowed: adapters, base, admin")
+        raise CompressorError(path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_FIELDS))}")
     adapters = entry.get("adapters", [])
     if adapters == "*":
         adapters = None
@@ -111,7 +120,7 @@ def _grant(path: str | Path, number: int, key: str, entry: object) -> Grant:
         adapters = frozenset(adapters)
     else:
         raise CompressorError(path, f'{where}: "adapters" must be a list of names or "*"')
-    for flag in ("base", "admin"):
+    for flag in ("base", "admin", "metrics"):
         if not isinstance(entry.get(flag, False), bool):
             raise CompressorError(path, f'{where}: "{flag}" must be true or false')
-    return Grant(adapters=adapters, base=entry.get("base", False), admin=entry.get("admin", False))
+    return Grant(adapters=adapters, base=entry.get("base", False), admin=entry.get("admin", False), metrics=entry.get("metrics", False))

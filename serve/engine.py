@@ -26,10 +26,10 @@ import torch
 
 from .backend import Cache, open_backend
 from .detokenize import Detokenizer
-from .errors import AdapterConflict, PromptTooLong, QueueFull
+from .errors import AdapterConflict, BadRequest, PromptTooLong, QueueFull
 from .registry import AdapterRegistry
-from .sampling import generator_for, pick
-from .types import AdapterInfo, EngineConfig, Event, SamplingParams
+from .sampling import adjust, generator_for, logprobs_of, pick
+from .types import AdapterInfo, EngineConfig, Event, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,13 @@ class Request:
         self.on_event = on_event
         self.output = Detokenizer(tokenizer, params.stop)  # the generated ids, and their text as it may be sent
         self.generator = generator_for(params)
+        self.ends: frozenset[int] = frozenset()  # the tokens that end it (the engine's end-of-sequence ids and the request's stop ids)
+        self.logprobs: list[TokenLogprob] = []  # of the tokens generated since the last event
+        self.prompt_logprobs: list[TokenLogprob] | None = None if params.prompt_logprobs is None else []
         self.kv: Cache | None = None
         self.prefilled = 0  # prompt tokens in the cache so far
+        self.sent_tokens = 0  # generated tokens that events have reported
+        self.prompt_sent = False  # whether an event has carried the prompt's log-probabilities
         self.kv_bytes = 0  # the cache it needs: its whole length, prompt plus max_tokens
         self.reserved = False  # whether kv_bytes is counted against the engine's budget (from admission)
         self.cancelled = False
@@ -69,6 +74,7 @@ class Engine:
         self.base_name = config.base_name or config.base_dir.name
         self.context_length = self.backend.context_length
         self.eos_ids = self.backend.eos_ids
+        self.vocab_size = len(self.tokenizer)  # token ids a request may name: prompts, biases, stop ids
         budget = None if config.adapter_memory_mb is None else int(config.adapter_memory_mb * 2**20)
         self.registry = AdapterRegistry(self.backend.layers, self.backend.fingerprint, config.adapter_root, config.max_adapters, budget)
         self._kv_budget = None if config.kv_cache_mb is None else int(config.kv_cache_mb * 2**20)
@@ -136,6 +142,9 @@ class Engine:
         """Queue a generation; ``on_event`` is called on the engine thread with each piece of text."""
         if not prompt_ids:
             raise PromptTooLong("the prompt is empty")
+        named = [*prompt_ids, *params.stop_token_ids, *(t for t, _ in params.logit_bias)]
+        if any(not 0 <= t < self.vocab_size for t in named):
+            raise BadRequest(f"token ids must be in [0, {self.vocab_size}): the tokenizer's vocabulary")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise PromptTooLong(
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}"
@@ -148,6 +157,7 @@ class Engine:
         key = None if adapter is None else self.registry.acquire(adapter)
         request = Request(list(prompt_ids), key, params, on_event, self.tokenizer)
         request.kv_bytes = need
+        request.ends = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
         with self._wake:
             if len(self._waiting) >= self.config.max_queue:
                 if key is not None:
@@ -263,30 +273,54 @@ class Engine:
             live.append(r)
         if not live:
             return
-        ends = [r.prefilled + self._chunk_size(r) for r in live]
-        logits = self.backend.prompts_forward([r.prompt_ids[r.prefilled : end] for r, end in zip(live, ends)],
-                                              [r.adapter_key for r in live], [r.kv for r in live])  # fmt: skip
-        for r, end, row in zip(live, ends, logits):
-            r.prefilled = end
-            if end == len(r.prompt_ids):
-                self._emit(r, pick(row, r.params, r.generator))
+        scored = [r for r in live if r.prompt_logprobs is not None]  # they need every position's logits: each chunk alone
+        batched = [r for r in live if r.prompt_logprobs is None]
+        rows = {}
+        if batched:
+            ends = [r.prefilled + self._chunk_size(r) for r in batched]
+            logits = self.backend.prompts_forward([r.prompt_ids[r.prefilled : end] for r, end in zip(batched, ends)],
+                                                  [r.adapter_key for r in batched], [r.kv for r in batched])  # fmt: skip
+            rows = {id(r): row for r, row in zip(batched, logits)}
+        for r in scored:
+            rows[id(r)] = self._score_chunk(r)
+        for r in live:
+            r.prefilled += self._chunk_size(r)
+            if r.prefilled == len(r.prompt_ids):
+                if r.params.max_tokens == 0:  # scoring only (echo): the prompt's log-probabilities are the answer
+                    self._finish(r, "length")
+                else:
+                    self._emit(r, rows[id(r)])
+
+    def _score_chunk(self, r: Request) -> torch.Tensor:
+        # Logits at position i give the log-probability of prompt token i + 1; the last row picks the first new token.
+        end = r.prefilled + self._chunk_size(r)
+        logits = self.backend.prompt_forward(r.prompt_ids[r.prefilled : end], r.adapter_key, r.kv, logits_to_keep=0)
+        following = r.prompt_ids[r.prefilled + 1 : end + 1]
+        r.prompt_logprobs += logprobs_of(logits[: len(following)], following, r.params.prompt_logprobs)
+        return logits[-1]
 
     def _decode(self, requests: list[Request]) -> None:
         logits = self.backend.decode([r.output.ids[-1] for r in requests], [r.adapter_key for r in requests], [r.kv for r in requests])
         for i, r in enumerate(requests):
-            self._emit(r, pick(logits[i], r.params, r.generator))
+            self._emit(r, logits[i])
 
-    def _emit(self, r: Request, token: int) -> None:
-        if token in self.eos_ids and not r.params.ignore_eos:
+    def _emit(self, r: Request, row: torch.Tensor) -> None:
+        # Pick the next token from the model's logits row, then send what text it completes.
+        params, ids = r.params, r.output.ids
+        banned = r.ends if len(ids) < params.min_tokens else frozenset()
+        token = pick(adjust(row, params, r.prompt_ids, ids, banned), params, r.generator)
+        if token in r.ends:
             self._finish(r, "stop")
             return
+        if params.logprobs is not None:
+            r.logprobs += logprobs_of(row[None], [token], params.logprobs)
         delta = r.output.push(token)
         if r.output.stopped:
             self._finish(r, "stop", text=delta)
-        elif len(r.output.ids) >= r.params.max_tokens:
+        elif len(r.output.ids) >= params.max_tokens:
             self._finish(r, "length", text=delta + r.output.flush())
         elif delta:
-            self._send(r, Event(delta, (token,), len(r.prompt_ids), len(r.output.ids)))
+            self._send(r, self._event(r, delta))
 
     def _finish(self, r: Request, reason: str, error: str | None = None, text: str | None = None) -> None:
         if r.done:
@@ -298,7 +332,18 @@ class Engine:
         if r.adapter_key is not None:
             self.registry.release(r.adapter_key)
         tail = r.output.flush() if text is None and reason == "stop" else (text or "")
-        self._send(r, Event(tail, (), len(r.prompt_ids), len(r.output.ids), reason, error))
+        self._send(r, self._event(r, tail, reason, error))
+
+    @staticmethod
+    def _event(r: Request, text: str, reason: str | None = None, error: str | None = None) -> Event:
+        # An event carries the tokens since the last one, their log-probabilities, and once the prompt's.
+        sent = r.sent_tokens
+        r.sent_tokens = len(r.output.ids)
+        logprobs, r.logprobs = tuple(r.logprobs), []
+        prompt = None
+        if r.prompt_logprobs is not None and not r.prompt_sent:
+            prompt, r.prompt_sent = tuple(r.prompt_logprobs), True
+        return Event(text, tuple(r.output.ids[sent:]), len(r.prompt_ids), len(r.output.ids), reason, error, logprobs, prompt)
 
     @staticmethod
     def _send(r: Request, event: Event) -> None:

@@ -33,6 +33,12 @@ class AdapterConflict(ServeError):
     status = 409
 
 
+class BadRequest(ServeError):
+    """A well-formed body the server still cannot serve: an empty prompt, token ids outside the vocabulary, a field it does not support."""
+
+    status = 400
+
+
 class PromptTooLong(ServeError):
     """Prompt plus max tokens does not fit in the model's context."""
 

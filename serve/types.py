@@ -32,6 +32,12 @@ class EngineConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in ("max_batch", "max_queue", "max_adapters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("adapter_memory_mb", "kv_cache_mb"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
         if self.head not in HEADS:
@@ -46,27 +52,78 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens: greedy when ``temperature`` is 0, else sampled with ``top_p`` from ``seed``."""
+    """How to pick tokens: greedy when ``temperature`` is 0, else sampled from ``seed``; penalties and biases first.
 
-    max_tokens: int = 16
+    The penalties are vLLM's: ``presence_penalty`` and ``frequency_penalty`` (OpenAI's) count the
+    generated tokens, ``repetition_penalty`` (CTRL's, 1 for none) the prompt's and the generated ones.
+    ``logprobs``: how many alternatives to report per generated token (None: no log-probabilities);
+    ``prompt_logprobs`` likewise for every prompt token (completions' ``echo``). Log-probabilities
+    are the model's own, before penalties, biases and temperature (vLLM's default).
+    """
+
+    max_tokens: int = 16  # 0 only with prompt_logprobs: score the prompt, write nothing
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # end the request like an end-of-sequence token
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
+    min_tokens: int = 0  # no end-of-sequence or stop token before this many tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        if self.max_tokens < 1:
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be at least 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be at least 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+
+    @property
+    def greedy(self) -> bool:
+        """True if the largest logit wins: a temperature this close to 0 would only overflow the softmax."""
+        return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        """True if the logits change before picking (penalties or biases): the common case skips that work."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability, with the most likely alternatives at its position (id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Event:
-    """Progress of one request: new text since the last event, and, on the last, why it finished."""
+    """Progress of one request: new text since the last event, and, on the last, why it finished.
+
+    ``logprobs`` covers the tokens generated since the last event (when the request asked for
+    them); ``prompt_logprobs`` comes once, on the first event, for every prompt token but the first.
+    """
 
     text: str
     token_ids: tuple[int, ...]
@@ -74,6 +131,8 @@ class Event:
     completion_tokens: int
     finish_reason: str | None = None  # None while running; "stop", "length", "cancelled", "error", or "unavailable" (its replica died)
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def finished(self) -> bool:

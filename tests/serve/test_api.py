@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ KEYS = {
     "tenant-a": {"adapters": ["alpha"]},
     "tenant-b": {"adapters": ["beta"], "base": True},
     "root": {"adapters": "*", "base": True, "admin": True},
+    "scraper": {"metrics": True},
 }
 PROMPT = "word1 word2 word3"
 GREEDY = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
@@ -187,7 +189,7 @@ def test_unknown_model_is_404_and_the_server_keeps_serving(admin):
 
 @pytest.mark.parametrize(
     "body",
-    [b"{not json", {"model": "alpha"}, GREEDY | {"model": "alpha", "max_tokens": 0}, GREEDY | {"model": "alpha", "temperature": -1},
+    [b"{not json", {"model": "alpha"}, {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, GREEDY | {"model": "alpha", "temperature": -1},
      GREEDY | {"model": "alpha", "stop": 3}, {"model": "alpha", "messages": []}],
     ids=["not-json", "no-prompt", "zero-max-tokens", "negative-temperature", "stop-not-text", "no-messages"],
 )  # fmt: skip
@@ -332,3 +334,239 @@ def test_a_folder_the_backend_cannot_serve_fails_at_startup_in_one_line_naming_i
     assert main(["--backend", backend, "--base", str(base)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"serve: error: {base}: ") and err.count("\n") == 1 and "--backend onnx" in err
+
+
+def test_a_metrics_key_reads_metrics_and_nothing_else(server):
+    with httpx.Client(base_url=server, headers=bearer("scraper"), timeout=30) as client:
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/v1/adapters").status_code == 403
+        assert client.post("/v1/completions", json=GREEDY | {"model": "nf4"}).status_code == 403
+    assert httpx.get(f"{server}/metrics", headers=bearer("tenant-b")).status_code == 403
+
+
+def test_metrics_port_serves_metrics_without_a_key_and_nothing_else(bases, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    with command_line(["--base", str(bases["nf4"]), "--api-keys", str(keys), "--metrics-port", str(metrics_port)]) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 401  # the API's own port still wants a key
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert scraped.status_code == 200 and "serve_queue_depth" in scraped.text
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/v1/models").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-batch", "0"], "--max-batch: a positive integer"),
+        (["--max-queue", "-1"], "--max-queue: a positive integer"),
+        (["--kv-cache", "0"], "--kv-cache: a number of MB above 0"),
+        (["--adapter-memory", "nan"], "--adapter-memory: a number of MB above 0"),
+        (["--port", "70000"], "--port: a port in 0..65535"),
+        (["--max-adapters", "0"], "--max-adapters: a positive integer"),
+    ],
+)
+def test_an_out_of_range_flag_is_refused_in_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        main(["--base", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"argument {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "make_problem, message",
+    [
+        (lambda base, root: (root, base), "no such folder (--base)"),
+        (lambda base, root: (base, root / "missing"), "not a folder (--adapter-root)"),
+        (lambda base, root: (_copy_without(base, "tokenizer.json", "tokenizer_config.json"), None), "cannot serve this base"),
+        (lambda base, root: (_copy_without(base, "config.json"), None), "config.json"),
+    ],
+    ids=["missing-base", "missing-adapter-root", "no-tokenizer", "no-config"],
+)
+def test_a_bad_folder_is_refused_at_startup_in_one_line_naming_it(bases, tmp_path, capsys, make_problem, message):
+    base, root = make_problem(bases["nf4"], tmp_path / "nothing-here")
+    if base == root:
+        base = tmp_path / "no-base"
+    args = ["--base", str(base)] + (["--adapter-root", str(root)] if root is not None else [])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("serve: error: ") and message in err and err.count("\n") == 1
+
+
+def _copy_without(folder, *names):
+    import shutil
+
+    out = folder.parent / f"{folder.name}-without-{names[0]}"
+    if not out.exists():
+        shutil.copytree(folder, out, ignore=shutil.ignore_patterns(*names))
+    return out
+
+
+# -- OpenAI's own client, and what it sends ---------------------------------------------------------
+
+
+@pytest.fixture
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="root", max_retries=0) as client:
+        yield client
+
+
+def test_the_openai_client_completes_several_prompts_with_n_choices_echo_and_logprobs(openai_client):
+    done = openai_client.completions.create(model="alpha", prompt=["word1 word2", "word3"], n=2, max_tokens=4, temperature=0,
+                                            echo=True, logprobs=2)  # fmt: skip
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    assert done.choices[0].text == done.choices[1].text  # greedy: both choices of a prompt agree
+    assert done.choices[0].text.startswith("word1 word2") and done.choices[2].text.startswith("word3")
+    logprobs = done.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and len(logprobs.tokens) == 2 + done.choices[0].logprobs.tokens[2:].__len__()
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:]) and all(len(t) >= 1 for t in logprobs.top_logprobs[1:])
+    assert done.usage.prompt_tokens == 3 and done.usage.completion_tokens == 4 * 4
+
+
+def test_the_openai_client_chats_with_content_parts_a_developer_turn_and_logprobs(openai_client):
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+    done = openai_client.chat.completions.create(model="alpha", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    plain = openai_client.chat.completions.create(model="alpha", messages=[{"role": "system", "content": "be brief"},
+                                                  {"role": "user", "content": PROMPT}], max_tokens=5, temperature=0)  # fmt: skip
+    assert done.choices[0].message.content == plain.choices[0].message.content  # developer is system; parts are text
+    content = done.choices[0].logprobs.content
+    assert len(content) == done.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.logprob for e in content)  # greedy picks the likeliest
+
+
+def test_the_openai_client_streams_chat_with_usage_joined_to_the_plain_answer(openai_client):
+    body = {"model": "beta", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8, "temperature": 0}
+    chunks = list(openai_client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    plain = openai_client.chat.completions.create(**body)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_the_async_openai_client_serves_concurrent_requests(server):
+    openai = pytest.importorskip("openai")
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="root", max_retries=0) as client:
+            done = await asyncio.gather(
+                *(client.completions.create(model=m, prompt=PROMPT, max_tokens=6, temperature=0) for m in ["alpha", "beta"] * 4)
+            )
+            stream = await client.completions.create(model="alpha", prompt=PROMPT, max_tokens=6, temperature=0, stream=True)
+            streamed = "".join([c.choices[0].text async for c in stream])
+        return done, streamed
+
+    done, streamed = asyncio.run(main())
+    assert len({d.choices[0].text for d in done[::2]}) == 1 and streamed == done[0].choices[0].text
+
+
+def test_the_openai_client_raises_its_own_errors(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        openai_client.completions.create(model="nobody", prompt=PROMPT)
+    with pytest.raises(openai.UnprocessableEntityError, match="seed"):
+        openai_client.completions.create(model="alpha", prompt=PROMPT, seed=2**70)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        openai_client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}],
+                                              tools=[{"type": "function", "function": {"name": "f"}}])  # fmt: skip
+
+
+def complete(admin, **body) -> dict:
+    r = admin.post("/v1/completions", json={"model": "alpha", "prompt": PROMPT, "max_tokens": 6, "temperature": 0} | body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_prompt_of_token_ids_answers_as_its_text_and_echo_scores_it(admin, bases):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(bases["nf4"]).encode(PROMPT)
+    assert complete(admin, prompt=ids)["choices"][0]["text"] == complete(admin)["choices"][0]["text"]
+    scored = complete(admin, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    logprobs = scored["choices"][0]["logprobs"]
+    assert scored["choices"][0]["text"] == PROMPT and scored["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    assert len(logprobs["tokens"]) == 3 and logprobs["token_logprobs"][0] is None and all(lp < 0 for lp in logprobs["token_logprobs"][1:])
+
+
+def test_a_stop_list_ends_at_the_first_stop_string(admin):
+    tokens = complete(admin, max_tokens=12, logprobs=0)["choices"][0]["logprobs"]["tokens"]
+    word = next(t for t in tokens[1:] if t.strip() and t != tokens[0])
+    stopped = complete(admin, max_tokens=12, stop=["nothing-like-this", word])["choices"][0]
+    assert stopped["text"] == "".join(tokens[: tokens.index(word)]) and stopped["finish_reason"] == "stop"
+
+
+def test_a_logit_bias_forces_a_token_and_stop_token_ids_end_on_it_after_min_tokens(admin):
+    assert complete(admin, max_tokens=4, logit_bias={"7": 100}, logprobs=0)["choices"][0]["logprobs"]["tokens"] == [_word(admin, 7)] * 4
+    assert complete(admin, logit_bias={"7": 100}, stop_token_ids=[7])["usage"]["completion_tokens"] == 0
+    held = complete(admin, logit_bias={"7": 100}, stop_token_ids=[7], min_tokens=3)
+    assert held["usage"]["completion_tokens"] >= 3
+
+
+def _word(admin, token: int) -> str:
+    scored = complete(admin, prompt=[token, token], max_tokens=0, echo=True, logprobs=0)
+    return scored["choices"][0]["logprobs"]["tokens"][0]
+
+
+def test_penalties_change_a_repetitive_answer(admin):
+    plain = complete(admin, max_tokens=16, logit_bias={"7": 5})
+    for penalty in ({"repetition_penalty": 5.0}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        assert complete(admin, max_tokens=16, logit_bias={"7": 5}, **penalty)["choices"][0]["text"] != plain["choices"][0]["text"], penalty
+
+
+def test_seeded_choices_repeat_across_requests_and_differ_from_each_other(admin):
+    body = {"temperature": 1.0, "seed": 2**63 - 1, "n": 3, "max_tokens": 8}
+    first, again = complete(admin, **body), complete(admin, **body)
+    texts = [c["text"] for c in first["choices"]]
+    assert texts == [c["text"] for c in again["choices"]] and len(set(texts)) > 1
+
+
+def test_completions_stream_n_choices_echo_and_usage(admin):
+    body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "n": 2, "echo": True}
+    chunks = sse(admin, "/v1/completions", body | {"stream": True, "stream_options": {"include_usage": True}})
+    plain = admin.post("/v1/completions", json=body).json()
+    for i in range(2):
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i) == plain["choices"][i]["text"]
+    assert chunks[-1]["usage"] == plain["usage"]
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        ({"prompt": []}, 400, "prompt: the list is empty"),
+        ({"prompt": [10**6]}, 400, "outside the vocabulary"),
+        ({"prompt": [[1, 2], []]}, 400, "prompt 1: empty"),
+        ({"seed": 2**64}, 422, "seed"),
+        ({"n": 17}, 422, "n"),
+        ({"n": 16, "prompt": [PROMPT] * 5}, 400, "more than 64 choices"),
+        ({"logprobs": 21}, 422, "logprobs"),
+        ({"presence_penalty": 3}, 422, "presence_penalty"),
+        ({"repetition_penalty": 0}, 422, "repetition_penalty"),
+        ({"min_tokens": 9, "max_tokens": 4}, 400, "min_tokens"),
+        ({"logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ({"logit_bias": {"7": 101}}, 400, "logit_bias"),
+        ({"stop_token_ids": [10**6]}, 400, "token ids"),
+        ({"max_tokens": 0}, 400, "echo"),
+        ({"suffix": "end"}, 400, "suffix"),
+        ({"best_of": 3}, 400, "best_of"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ],
+)
+def test_an_unservable_completion_field_is_a_clear_400_or_422(admin, body, status, fragment):
+    r = admin.post("/v1/completions", json={"model": "alpha", "prompt": PROMPT} | body)
+    assert r.status_code == status and fragment in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "messages, extra, fragment",
+    [
+        ([{"role": "tool", "content": "x"}], {}, "'tool' is not served"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], {}, "only text parts"),
+        ([{"role": "user", "content": "x"}], {"top_logprobs": 2}, "needs logprobs"),
+        ([{"role": "user", "content": "x"}], {"tool_choice": "required"}, "tool_choice"),
+    ],
+)
+def test_an_unservable_chat_field_is_a_clear_400(admin, messages, extra, fragment):
+    r = admin.post("/v1/chat/completions", json={"model": "alpha", "messages": messages} | extra)
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"]
