@@ -123,10 +123,11 @@ def export_onnx(job: OnnxExportJob) -> ExportSummary:
 
 def _targets_exist(model, targets: tuple[str, ...]) -> None:
     # A misspelt target would otherwise export a model without the adapter inputs it was asked for.
+    # The default names are every family's: a family with fused projections (Phi-3's qkv_proj) lacks some.
     names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
-    unknown = [t for t in targets if t not in names]
-    if unknown:
-        raise CompressorError("--lora-targets", f"no module named {', '.join(unknown)} in the model")
+    unknown = [t for t in targets if t not in names and t not in DEFAULT_TARGETS]
+    if unknown or (targets and not names & set(targets)):
+        raise CompressorError("--lora-targets", f"no module named {', '.join(unknown or targets)} in the model")
 
 
 def _eos_ids(model) -> list[int]:

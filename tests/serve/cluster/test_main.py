@@ -102,7 +102,8 @@ def test_errors_answer_as_on_the_single_server(cluster):
     assert complete(cluster, "t0", key="nobody").status_code == 401
     missing = complete(cluster, "no-such-adapter")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_adapter"
-    assert complete(cluster, "t0", max_tokens=0).status_code == 422  # a body out of range
+    assert complete(cluster, "t0", max_tokens=-1).status_code == 422  # a body out of range
+    assert complete(cluster, "t0", max_tokens=0).status_code == 400  # 0 is for echo only
     foreign = complete(cluster, "foreign")  # made for another base: refused when a replica loads it
     assert foreign.status_code == 422 and "base" in foreign.json()["error"]["message"]
     assert httpx.get(f"{cluster}/v1/adapters", headers={"Authorization": "Bearer tenant"}).status_code == 403
