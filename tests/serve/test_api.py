@@ -570,3 +570,47 @@ def test_an_unservable_completion_field_is_a_clear_400_or_422(admin, body, statu
 def test_an_unservable_chat_field_is_a_clear_400(admin, messages, extra, fragment):
     r = admin.post("/v1/chat/completions", json={"model": "alpha", "messages": messages} | extra)
     assert r.status_code == 400 and fragment in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def broken_adapters(bases):
+    """Adapter folders under the root as users break them: empty, config only, weights only, bad JSON, truncated weights, a model folder."""
+    import shutil
+
+    root, good = bases["adapters"], bases["adapters"] / "nf4-a"
+    made = {name: root / f"broken-{name}" for name in ("empty", "config-only", "weights-only", "bad-json", "truncated", "model")}
+    for folder in made.values():
+        folder.mkdir(exist_ok=True)
+    shutil.copy(good / "adapter_config.json", made["config-only"])
+    shutil.copy(good / "adapter_model.safetensors", made["weights-only"])
+    shutil.copy(good / "adapter_model.safetensors", made["bad-json"])
+    (made["bad-json"] / "adapter_config.json").write_text("{not json")
+    shutil.copy(good / "adapter_config.json", made["truncated"])
+    (made["truncated"] / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes()[:100])
+    shutil.copytree(bases["nf4"], made["model"], dirs_exist_ok=True)
+    return made
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"name": "x1", "path": "broken-empty"}, 422),
+        ({"name": "x2", "path": "broken-config-only"}, 422),
+        ({"name": "x3", "path": "broken-weights-only"}, 422),
+        ({"name": "x4", "path": "broken-bad-json"}, 422),
+        ({"name": "x5", "path": "broken-truncated"}, 422),
+        ({"name": "x6", "path": "broken-model"}, 422),
+        ({"name": "x7", "path": "no-such-folder"}, 422),
+        ({"name": "a/b", "path": "nf4-a"}, 400),
+        ({"name": "", "path": "nf4-a"}, 400),
+        ({"name": "nf4", "path": "nf4-a"}, 409),  # the base's own name
+        ({"name": "x8"}, 422),
+    ],
+)
+def test_a_bad_adapter_load_is_refused_naming_the_problem_and_leaves_nothing_loaded(admin, broken_adapters, body, status):
+    before = admin.get("/v1/adapters").json()["data"]
+    r = admin.post("/v1/adapters", json=body)
+    assert r.status_code == status and r.json()["error"]["message"]
+    if status == 422 and "path" in body:
+        assert body["path"] in r.json()["error"]["message"]  # names the folder
+    assert admin.get("/v1/adapters").json()["data"] == before
