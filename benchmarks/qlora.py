@@ -10,6 +10,7 @@ as the user's chat message; each tenant's adapter alone decides the answer's for
 
 The task metric is the share of held-out sentences whose answer has the tenant's form with the right
 first word. ``--demo`` trains a small adapter per tenant for a couple of minutes each and prints answers before and after.
+``--vs-peft`` compares training cost and loss with PEFT + bitsandbytes (``benchmarks/qlora_vs_peft.py``, its own flags).
 """
 
 from __future__ import annotations
@@ -273,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of the benchmark."""
     if argv is None:
         argv = sys.argv[1:]
+    if "--vs-peft" in argv:  # the comparison with PEFT + bitsandbytes has its own module and flags
+        from benchmarks import qlora_vs_peft
+
+        return qlora_vs_peft.main([a for a in argv if a != "--vs-peft"])
     if argv and argv[0] == "--step-cost":  # the child of costs()
         print(json.dumps(step_cost(Path(argv[1]), Path(argv[2]), int(argv[3]))))
         return 0
