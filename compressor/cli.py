@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from .arguments import named_path, rank
-from .choices import ABSMAX_ROUNDINGS, DEFAULT_TARGETS, EXPORT_ACTIVATIONS, MERGE_OUTPUTS, METHODS, OPTIMIZERS, TRAIN_INITS
+from .choices import ABSMAX_ROUNDINGS, COMPUTE_DTYPES, DEFAULT_TARGETS, EXPORT_ACTIVATIONS, MERGE_OUTPUTS, METHODS, OPTIMIZERS, TRAIN_INITS
 from .errors import CompressorError, FieldError
 from .gc_pause import paused_gc
 
@@ -127,11 +128,17 @@ def _train(args) -> int:
         eval_split=args.eval_split, eval_every=args.eval_every, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, overwrite=args.overwrite, progress=not args.quiet,
         init=args.init, float_dir=Path(args.float_dir) if args.float_dir else None,
-        calibration=Path(args.calibration) if args.calibration else None,
+        calibration=Path(args.calibration) if args.calibration else None, compute=args.compute, frozen_bf16=args.frozen_bf16,
+        profile=args.profile,
     )  # fmt: skip
     summary = train(job)
     print(f"wrote {args.out}")
     print("\n".join(summary.lines()))
+    if args.metrics_json:
+        from .checkpoint.atomic import atomic_file
+
+        with atomic_file(args.metrics_json) as tmp:
+            tmp.write_text(json.dumps(summary.to_json(), indent=1) + "\n")
     return 0
 
 
@@ -258,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--float", dest="float_dir", metavar="DIR", help="loftq: the float checkpoint of the base (default: the one its manifest names)")
     r.add_argument("--calibration", metavar="FILE", help="loftq: text whose activations weigh the approximation (recommended)")
+    r.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
+                   help="float32 (default), or bfloat16: packed weights decoded to bfloat16 and multiplied on the CPU's bfloat16 units "
+                   "(the adapter, optimizer and loss stay float32; costs in the README)")  # fmt: skip
+    r.add_argument("--frozen-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep a float32 embedding (and tied head) in bfloat16 (default: with --compute bfloat16)")  # fmt: skip
+    r.add_argument("--profile", action="store_true", help="print where the second step's time goes (forward, recomputation, backward, optimizer)")
+    r.add_argument("--metrics-json", metavar="FILE", help="also write the run's figures (loss and seconds per step) as JSON")
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(run=_train)

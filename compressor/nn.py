@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,16 +16,26 @@ from .native.matmul import matmul
 class _DequantizedLinear(torch.autograd.Function):
     # x @ W.T where W is dequantized in forward and again in backward: autograd keeps the packed
     # weight (through the module), never a float copy, so training holds one layer's float weight at a time.
+    # Under activation checkpointing (module.reuse_in_backward) the forward saves its W instead: the
+    # first forward's saved tensors are dropped, and the recomputation's W then serves the backward,
+    # so each weight is decoded twice per step rather than three times.
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-        ctx.module = module
-        bias = None if module.bias is None else module.bias.to(x.dtype)  # frozen: no gradient
-        return F.linear(x, module.weight_dequantized().to(x.dtype), bias)
+        # Under CPU autocast (bfloat16 compute), W is decoded straight to the compute dtype.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_cpu_enabled() else x.dtype
+        ctx.module, ctx.x_dtype = module, x.dtype
+        w = module.weight_dequantized(dtype)
+        ctx.save_for_backward(w if module.reuse_in_backward else None)
+        bias = None if module.bias is None else module.bias.to(dtype)  # frozen: no gradient
+        return F.linear(x.to(dtype), w, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.module.weight_dequantized().to(grad.dtype), None
+        (w,) = ctx.saved_tensors
+        if w is None:
+            w = ctx.module.weight_dequantized(grad.dtype)
+        return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None
 
 
 FUSED_MAX_ROWS = 16  # up to this many rows, a format's fused kernel beats dequantize + matmul on CPU
@@ -48,6 +60,8 @@ class QuantLinear(nn.Module):
         self.out_features = state.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._kernel = None  # the native kernel's view of the weight, made at the first fused product
+        self._states = {}  # the state with another output dtype, by dtype (bfloat16 compute)
+        self.reuse_in_backward = False  # training with activation checkpointing: see _DequantizedLinear
 
     def kernel_weight(self):
         """The weight as the native matmul reads it (see :func:`compressor.formats.kernel_weight`), or None."""
@@ -55,9 +69,14 @@ class QuantLinear(nn.Module):
             self._kernel = formats.kernel_weight(self.packed, self.state) or False
         return self._kernel or None
 
-    def weight_dequantized(self) -> torch.Tensor:
-        """The float weight, ``(out_features, in_features)`` in the original dtype."""
-        return formats.dequantize(self.packed, self.state)
+    def weight_dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight, ``(out_features, in_features)``, in ``dtype`` (default: the original one)."""
+        state = self.state
+        if dtype is not None and dtype != state.dtype:
+            # Every format ends its dequantize in state.dtype, and the 4-bit kernels write bfloat16 directly.
+            state = self._states.setdefault(dtype, dataclasses.replace(state, dtype=dtype))
+        with torch.profiler.record_function("dequantize"):
+            return formats.dequantize(self.packed, state)
 
     def fused(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
               threads: int | None = None) -> torch.Tensor | None:  # fmt: skip

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..choices import DEFAULT_TARGETS
 from ..nn import QuantLinear
+from .dropout import Dropout
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class LoraLinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.scaling = cfg.scaling
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.dropout = Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.lora_A = nn.Linear(base.in_features, cfg.rank, bias=False)
         self.lora_B = nn.Linear(cfg.rank, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default
@@ -80,7 +81,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the low-rank term."""
         low_rank = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
-        return self.base(x) + (low_rank * self.scaling).to(x.dtype)
+        y = self.base(x)
+        return y.add(low_rank.to(y.dtype), alpha=self.scaling)  # one pass: base + scaling * low_rank
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, LoraLinear]:

@@ -23,13 +23,16 @@ from tqdm import tqdm
 
 from ..checkpoint import manifest
 from ..checks import float_folder, load_tokenizer, model_folder, output_free, window_fits
-from ..choices import TRAIN_INITS
+from ..choices import COMPUTE_DTYPES, TRAIN_INITS
 from ..errors import CompressorError, FieldError, at_least, within
 from ..loading import load
+from ..memory import trim
+from ..nn import QuantLinear
 from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
 from .layer import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 from .loftq import initialize
+from .profile import StepProfile, StepProfiler
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,15 @@ class TrainJob:
     float_dir: Path | None = None  # loftq: the float checkpoint of the base; default: the one its manifest names
     calibration: Path | None = None  # loftq: text whose activations weigh the approximation (recommended)
     calibration_tokens: int = 16384
+    compute: str = "float32"  # one of COMPUTE_DTYPES
+    frozen_bf16: bool | None = None  # a float32 embedding (and tied head) kept in bfloat16; None: with bfloat16 compute
+    profile: bool = False  # profile the second step (the first warms up): TrainSummary.profile
 
     def __post_init__(self):
         if self.init not in TRAIN_INITS:
             raise ValueError(f"init must be one of {', '.join(TRAIN_INITS)}, got {self.init!r}")
+        if self.compute not in COMPUTE_DTYPES:
+            raise FieldError("compute", f"must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute!r}")
         at_least("rank", self.rank, 1)
         within("dropout", self.dropout, 0, 1, high_open=True)
         if not self.targets:
@@ -93,6 +101,7 @@ class TrainSummary:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss), step 0 is the base
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     seconds: float = 0.0
+    profile: StepProfile | None = None  # with TrainJob.profile
 
     def lines(self) -> list[str]:
         """Human-readable report."""
@@ -108,7 +117,16 @@ class TrainSummary:
         if len(self.eval_losses) >= 2:
             (_, before), (_, after) = self.eval_losses[0], self.eval_losses[-1]
             out.append(f"held-out loss       {before:.4f} (base) -> {after:.4f} ({100 * (after / before - 1):+.1f}%)")
+        if self.profile is not None:
+            out += ["", f"profile of step {min(2, self.steps)}:", *self.profile.lines()]
         return out
+
+    def to_json(self) -> dict:
+        """The figures, for machines (``--metrics-json``): losses and step times per step."""
+        skip = {"profile"}
+        return {k: v for k, v in self.__dict__.items() if k not in skip} | (
+            {"profile_ms": {row: dict(parts) for row, parts in self.profile.ms.items()}} if self.profile else {}
+        )
 
 
 def train(job: TrainJob) -> TrainSummary:
@@ -138,11 +156,17 @@ def train(job: TrainJob) -> TrainSummary:
     train_set, eval_set = _split([encode(r, tokenizer, job.seq_len) for r in read_jsonl(job.data)], job.eval_split, job.seed, job.data)
 
     model = load(job.base_dir, float32=True)
+    profiler = StepProfiler()
     base_params = sum(_logical_params(m) for m in model.modules())
     cfg = LoraConfig(job.rank or rank_for(base_params), job.alpha, job.dropout, job.targets)
     if job.gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": profiler.contexts})
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.reuse_in_backward = True  # the recomputation's decoded weight serves the backward (see nn.py)
+    if job.frozen_bf16 if job.frozen_bf16 is not None else job.compute == "bfloat16":
+        _frozen_in_bf16(model)
     try:
         modules = add_lora(model, cfg)
     except ValueError as e:
@@ -157,31 +181,42 @@ def train(job: TrainJob) -> TrainSummary:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * (1 - s / steps))
     summary = TrainSummary(cfg.rank, job.rank is None, sum(p.numel() for p in params), base_params, steps, len(train_set), len(eval_set))
     if eval_set:
-        summary.eval_losses.append((0, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
+        with _compute(job):
+            summary.eval_losses.append((0, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
     order = _batches(len(train_set), job.batch_size, steps, job.seed)
+
     bar = tqdm(total=steps, desc="train", unit="step", disable=not (job.progress and accelerator.is_main_process))
     model.train()
     for step, batch in enumerate(order, 1):
+        profiled = job.profile and step == min(2, steps)
         began = time.perf_counter()
         examples = [train_set[i] for i in batch]
         tokens = sum(_trained_tokens(e) for e in examples)
         mine = examples[rank_id * micro * job.grad_accum : (rank_id + 1) * micro * job.grad_accum]
         loss_sum = 0.0
-        for k in range(job.grad_accum):
-            chunk = mine[k * micro : (k + 1) * micro]
-            with accelerator.no_sync(model) if k < job.grad_accum - 1 else nullcontext():
-                total = _loss_sum(model, collate(chunk, pad_id))
-                # DDP averages gradients over processes; times ``world`` makes that a sum over the global batch.
-                accelerator.backward(total * world / max(tokens, 1))
-            loss_sum += total.item()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        with profiler.step() if profiled else nullcontext():
+            for k in range(job.grad_accum):
+                chunk = mine[k * micro : (k + 1) * micro]
+                with accelerator.no_sync(model) if k < job.grad_accum - 1 else nullcontext():
+                    with profiler.phase("forward"), _compute(job):
+                        total = _loss_sum(model, collate(chunk, pad_id))
+                    with profiler.phase("backward"):
+                        # DDP averages gradients over processes; times ``world`` makes that a sum over the global batch.
+                        accelerator.backward(total * world / max(tokens, 1))
+                loss_sum += total.item()
+            with profiler.phase("optimizer"):
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        if profiled:
+            summary.profile = profiler.result
+        trim()  # the step's activations and decoded weights, back to the system rather than held at the peak
         loss = accelerator.reduce(torch.tensor(loss_sum), "sum").item() / max(tokens, 1)
         summary.train_losses.append(loss)
         summary.step_seconds.append(time.perf_counter() - began)
         if eval_set and (step % job.eval_every == 0 or step == steps):
-            summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
+            with _compute(job):
+                summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
         bar.set_postfix(loss=f"{loss:.4f}", **({"held_out": f"{summary.eval_losses[-1][1]:.4f}"} if summary.eval_losses else {}))
         bar.update()
     bar.close()
@@ -192,10 +227,28 @@ def train(job: TrainJob) -> TrainSummary:
     return summary
 
 
+def _compute(job: TrainJob):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if job.compute == "bfloat16" else nullcontext()
+
+
+def _frozen_in_bf16(model) -> None:
+    # The embedding (and a head tied to it) is the largest float tensor of a packed base; nothing
+    # trains it, so bfloat16 halves it. Lookups come out in float32 again, so the residual stream
+    # keeps its precision; the head takes its input in bfloat16 and gives float32 logits.
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding.weight.dtype != torch.float32:
+        return
+    embedding.weight.data = embedding.weight.data.to(torch.bfloat16)
+    embedding.register_forward_hook(lambda m, args, out: out.float())
+    if head is not None and isinstance(head, torch.nn.Linear):
+        if head.weight.dtype == torch.float32:
+            head.weight.data = head.weight.data.to(torch.bfloat16)  # untied: its own copy
+        head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype),))
+        head.register_forward_hook(lambda m, args, out: out.float())
+
+
 def _logical_params(module: torch.nn.Module) -> int:
     # Parameters a module stands for, packed weights counted as the weights they encode.
-    from ..nn import QuantLinear
-
     if isinstance(module, QuantLinear):
         return math.prod(module.state.shape) + (module.bias.numel() if module.bias is not None else 0)
     return sum(p.numel() for p in module.parameters(recurse=False))

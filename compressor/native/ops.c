@@ -280,3 +280,23 @@ void attention(const float *q, const float *k, const float *v, int64_t ldq, int6
                          kv_heads, dim, scale, softcap, window, out, ldo, longest};
     parallel_for(threads, seq_start[nseq] * kv_heads, attention_part, &job);
 }
+
+/* Dropout whose mask is a pure function of (seed, index): out[i] = x[i] * scale where the hash of i
+   is at least threshold (out of 2**32), else 0. The backward calls it again on the gradient with
+   the same seed instead of storing a mask. The hash is murmur3's 32-bit finalizer applied twice
+   (index, then seed), plain 32-bit integer arithmetic that the compiler vectorises. */
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+void dropout(const float *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t h = fmix32(fmix32((uint32_t)i * 0x9e3779b9u ^ seed_lo ^ (uint32_t)(i >> 32)) ^ seed_hi);
+        out[i] = h >= threshold ? x[i] * scale : 0.0f;
+    }
+}

@@ -44,6 +44,15 @@ def rope(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: tor
     return x
 
 
+def dropout(x: torch.Tensor, seed: int, p: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = x * mask / (1 - p)``, the mask a pure function of ``seed`` and each element's index (see ``ops.c``)."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or not out.is_contiguous() or out.shape != x.shape:
+        raise ValueError(f"expected contiguous float32 tensors of one shape, got {tuple(x.shape)} {x.dtype} and {tuple(out.shape)}")
+    threshold = min(round(p * 2**32), 2**32 - 1)
+    library().dropout(x.data_ptr(), x.numel(), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, threshold, 1.0 / (1.0 - p), out.data_ptr())
+    return out
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start: np.ndarray, past: np.ndarray, keys: list[torch.Tensor],
               values: list[torch.Tensor], heads: int, scale: float, out: torch.Tensor, softcap: float = 0.0, window: int = 0,
               threads: int | None = None, portable: bool = False) -> torch.Tensor:  # fmt: skip

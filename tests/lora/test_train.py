@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from compressor.cli import main
@@ -95,3 +96,34 @@ def test_chunked_loss_equals_the_loss_over_full_logits_with_the_same_gradients(a
     assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-4)  # summation order differs
+
+
+def test_checkpointing_reuses_the_recomputed_weight_and_trains_the_same_adapter(base, tmp_path):
+    plain = train(job(base, tmp_path / "plain", steps=4, dropout=0.1))
+    checkpointed = train(job(base, tmp_path / "ckpt", steps=4, dropout=0.1, gradient_checkpointing=True))
+    assert checkpointed.train_losses == pytest.approx(plain.train_losses, rel=1e-5)
+    a, b = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_bfloat16_compute_follows_the_float32_loss_curve(base, tmp_path):
+    exact = train(job(base, tmp_path / "f32", steps=12))
+    rounded = train(job(base, tmp_path / "bf16", steps=12, compute="bfloat16"))
+    assert rounded.train_losses[-1] < 0.7 * rounded.train_losses[0]
+    assert rounded.train_losses == pytest.approx(exact.train_losses, rel=0.05)
+
+
+def test_profile_names_each_phase_and_the_recomputation(base, tmp_path):
+    summary = train(job(base, tmp_path / "p", steps=2, gradient_checkpointing=True, profile=True, eval_split=0.0))
+    ms = summary.profile.ms
+    assert ms["forward"]["matmul"] > 0 and ms["backward: recompute"]["dequantize"] > 0 and ms["optimizer"]["other"] > 0
+    assert ms["backward: gradients"]["dequantize"] == 0  # the recomputation's decoded weights served it
+    assert any(line.startswith("backward: recompute") for line in summary.lines())
+
+
+def test_metrics_json_holds_every_steps_loss_and_time(base, tmp_path):
+    args = ["train", str(base / "nf4"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "a"), "--steps", "3", "--batch-size", "2",
+            "--seq-len", "16", "--quiet", "--metrics-json", str(tmp_path / "m.json")]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert len(metrics["train_losses"]) == 3 and len(metrics["step_seconds"]) == 3
