@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 pytest.importorskip("ray")
 
 from serve.cluster.__main__ import main  # noqa: E402
-from tests.helpers import command_line, random_adapter, tiny_model, until  # noqa: E402
+from tests.helpers import command_line, nf4_twin, random_adapter, tiny_model, until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
 
@@ -26,18 +26,26 @@ KEYS = {"tenant": {"adapters": ["t0"]}, "root": {"adapters": "*", "base": True, 
 ROOT = {"Authorization": "Bearer root"}
 
 
-@pytest.fixture(scope="module")
-def cluster(bases, tmp_path_factory):
+@pytest.fixture(scope="session")
+def cluster_base(tmp_path_factory):
+    """A tiny nf4 base of the cluster's own (the serve tests' ``bases`` is per module)."""
+    return nf4_twin(tmp_path_factory.mktemp("cluster-base"))[1]
+
+
+# Per session, not per module: xdist may run other modules' tests in this worker between this
+# module's, and a module fixture would then start the cluster (minutes on a slow machine) again.
+@pytest.fixture(scope="session")
+def cluster(cluster_base, tmp_path_factory):
     """The cluster's URL; its adapter root holds the tenants, the locality test's adapters, and one made for another base."""
     root = tmp_path_factory.mktemp("cluster-adapters")
     for i, name in enumerate(TENANTS + LOCAL):
-        random_adapter(bases["nf4"], root / name, rank=4, seed=10 + i)
+        random_adapter(cluster_base, root / name, rank=4, seed=10 + i)
     other = root.parent / "other-base"
     tiny_model(seed=1).save_pretrained(other)
     random_adapter(other, root / "foreign", seed=3)
     keys = root.parent / "keys.json"
     keys.write_text(json.dumps(KEYS))
-    args = ["--base", str(bases["nf4"]), "--adapter-root", str(root), "--replicas", "2", "--cpus-per-replica", "0.5", "--api-keys", str(keys)]
+    args = ["--base", str(cluster_base), "--adapter-root", str(root), "--replicas", "2", "--cpus-per-replica", "0.5", "--api-keys", str(keys)]
     with command_line(args, module="serve.cluster", timeout=240) as url:
         yield url
 
