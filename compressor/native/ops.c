@@ -295,8 +295,16 @@ static inline uint32_t fmix32(uint32_t h) {
 }
 
 void dropout(const float *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, float *out) {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t h = fmix32(fmix32((uint32_t)i * 0x9e3779b9u ^ seed_lo ^ (uint32_t)(i >> 32)) ^ seed_hi);
-        out[i] = h >= threshold ? x[i] * scale : 0.0f;
+    /* In blocks of 2**20 elements, so that the inner loop runs on 32-bit lanes only (it vectorises);
+       the block number enters the seed. */
+    for (int64_t start = 0; start < n; start += (int64_t)1 << 20) {
+        uint32_t len = (uint32_t)(n - start < ((int64_t)1 << 20) ? n - start : ((int64_t)1 << 20));
+        uint32_t lo = seed_lo ^ (uint32_t)(start >> 20) * 0x632be5abu;
+        const float *xs = x + start;
+        float *os = out + start;
+        for (uint32_t i = 0; i < len; i++) {
+            uint32_t h = fmix32(fmix32(i * 0x9e3779b9u ^ lo) ^ seed_hi);
+            os[i] = xs[i] * (h >= threshold ? scale : 0.0f);
+        }
     }
 }
