@@ -298,6 +298,8 @@ def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     hidden, targets = hidden[:, keep].flatten(0, 1), labels[:, keep].flatten()
     head = model.get_output_embeddings()
+    if hidden.requires_grad and isinstance(head, torch.nn.Linear) and not head.weight.requires_grad:
+        return _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], LOSS_CHUNK):
         # Checkpointed: a chunk's logits are dropped after its loss and recomputed in backward, so
@@ -308,6 +310,36 @@ def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    # Summed cross-entropy of hidden @ W.T + b for a head nothing trains. Its gradient with respect to
+    # the hidden states, (softmax - onehot) @ W, is computed in the forward, LOSS_CHUNK positions at
+    # a time: no chunk's logits outlive it, and the backward has no head product to recompute
+    # (a third of the head's work in a step, which on a large vocabulary is a large share of it).
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        grad = torch.empty_like(hidden)
+        total = torch.zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], LOSS_CHUNK):
+            h, t = hidden[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK]
+            logits = F.linear(h.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).float()
+            valid = t != IGNORE
+            picked = t.clamp(min=0)[:, None]
+            logsumexp = logits.logsumexp(dim=-1, keepdim=True)
+            total += ((logsumexp - logits.gather(1, picked))[:, 0] * valid).sum()
+            probs = logits.sub_(logsumexp).exp_()
+            probs.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=probs.dtype))
+            probs *= valid[:, None]
+            grad[i : i + LOSS_CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None, None
 
 
 @torch.no_grad()
