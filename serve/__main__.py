@@ -11,7 +11,7 @@ import threading
 
 from compressor import CompressorError, named_path, positive_int
 
-from .arguments import add_engine_arguments, engine_config, port
+from .arguments import add_engine_arguments, check_folders, engine_config, port
 from .auth import ApiKeys
 from .errors import ServeError
 
@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The keys file first: a typo in it should not cost a model load.
         keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
-        if not args.base.is_dir():
-            raise CompressorError(args.base, "no such folder (--base)")
-        if args.adapter_root is not None and not args.adapter_root.is_dir():
-            raise CompressorError(args.adapter_root, "not a folder (--adapter-root)")
+        check_folders(args)
         if args.metrics_port is not None and args.metrics_port == args.port != 0:
             raise CompressorError(None, f"--metrics-port {args.metrics_port} is also --port")
         try:

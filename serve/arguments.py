@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compressor import positive_int
+from compressor import CompressorError, positive_int
 
 from .types import ACTIVATIONS, BACKENDS, HEADS, PREFILLS, EngineConfig
 
@@ -53,6 +53,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-keys", type=Path, metavar="FILE", help='JSON {"KEY": {"adapters": [...] or "*", "base": bool, "admin": bool, "metrics": bool}}'
     )
+
+
+def check_folders(args: argparse.Namespace) -> None:
+    """Raise :class:`CompressorError` (one line) if ``--base`` or ``--adapter-root`` is not a folder: before anything slow starts."""
+    if not args.base.is_dir():
+        raise CompressorError(args.base, "no such folder (--base)")
+    if args.adapter_root is not None and not args.adapter_root.is_dir():
+        raise CompressorError(args.adapter_root, "not a folder (--adapter-root)")
 
 
 def engine_config(args: argparse.Namespace, max_adapters: int, threads: int | None) -> EngineConfig:

@@ -49,11 +49,10 @@ class Request:
         self.generator = generator_for(params)
         self.ends: frozenset[int] = frozenset()  # the tokens that end it (the engine's end-of-sequence ids and the request's stop ids)
         self.logprobs: list[TokenLogprob] = []  # of the tokens generated since the last event
-        self.prompt_logprobs: list[TokenLogprob] | None = None if params.prompt_logprobs is None else []
+        self.prompt_logprobs: list[TokenLogprob] | None = None if params.prompt_logprobs is None else []  # None again once sent
         self.kv: Cache | None = None
         self.prefilled = 0  # prompt tokens in the cache so far
         self.sent_tokens = 0  # generated tokens that events have reported
-        self.prompt_sent = False  # whether an event has carried the prompt's log-probabilities
         self.kv_bytes = 0  # the cache it needs: its whole length, prompt plus max_tokens
         self.reserved = False  # whether kv_bytes is counted against the engine's budget (from admission)
         self.cancelled = False
@@ -142,9 +141,9 @@ class Engine:
         """Queue a generation; ``on_event`` is called on the engine thread with each piece of text."""
         if not prompt_ids:
             raise PromptTooLong("the prompt is empty")
-        named = [*prompt_ids, *params.stop_token_ids, *(t for t, _ in params.logit_bias)]
-        if any(not 0 <= t < self.vocab_size for t in named):
-            raise BadRequest(f"token ids must be in [0, {self.vocab_size}): the tokenizer's vocabulary")
+        bad = next((t for t in (*prompt_ids, *params.stop_token_ids, *(t for t, _ in params.logit_bias)) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise BadRequest(f"token ids must be in [0, {self.vocab_size}), the tokenizer's vocabulary: {bad} is outside the vocabulary")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise PromptTooLong(
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the context of {self.context_length}"
@@ -273,27 +272,27 @@ class Engine:
             live.append(r)
         if not live:
             return
-        scored = [r for r in live if r.prompt_logprobs is not None]  # they need every position's logits: each chunk alone
-        batched = [r for r in live if r.prompt_logprobs is None]
-        rows = {}
+        ends = [r.prefilled + self._chunk_size(r) for r in live]
+        rows: list[torch.Tensor | None] = [None] * len(live)
+        batched = [i for i, r in enumerate(live) if r.prompt_logprobs is None]  # the others need every position's logits: alone
         if batched:
-            ends = [r.prefilled + self._chunk_size(r) for r in batched]
-            logits = self.backend.prompts_forward([r.prompt_ids[r.prefilled : end] for r, end in zip(batched, ends)],
-                                                  [r.adapter_key for r in batched], [r.kv for r in batched])  # fmt: skip
-            rows = {id(r): row for r, row in zip(batched, logits)}
-        for r in scored:
-            rows[id(r)] = self._score_chunk(r)
-        for r in live:
-            r.prefilled += self._chunk_size(r)
-            if r.prefilled == len(r.prompt_ids):
+            logits = self.backend.prompts_forward([live[i].prompt_ids[live[i].prefilled : ends[i]] for i in batched],
+                                                  [live[i].adapter_key for i in batched], [live[i].kv for i in batched])  # fmt: skip
+            for i, row in zip(batched, logits):
+                rows[i] = row
+        for i, r in enumerate(live):
+            if rows[i] is None:
+                rows[i] = self._score_chunk(r, ends[i])
+        for r, end, row in zip(live, ends, rows):
+            r.prefilled = end
+            if end == len(r.prompt_ids):
                 if r.params.max_tokens == 0:  # scoring only (echo): the prompt's log-probabilities are the answer
                     self._finish(r, "length")
                 else:
-                    self._emit(r, rows[id(r)])
+                    self._emit(r, row)
 
-    def _score_chunk(self, r: Request) -> torch.Tensor:
+    def _score_chunk(self, r: Request, end: int) -> torch.Tensor:
         # Logits at position i give the log-probability of prompt token i + 1; the last row picks the first new token.
-        end = r.prefilled + self._chunk_size(r)
         logits = self.backend.prompt_forward(r.prompt_ids[r.prefilled : end], r.adapter_key, r.kv, logits_to_keep=0)
         following = r.prompt_ids[r.prefilled + 1 : end + 1]
         r.prompt_logprobs += logprobs_of(logits[: len(following)], following, r.params.prompt_logprobs)
@@ -341,8 +340,8 @@ class Engine:
         r.sent_tokens = len(r.output.ids)
         logprobs, r.logprobs = tuple(r.logprobs), []
         prompt = None
-        if r.prompt_logprobs is not None and not r.prompt_sent:
-            prompt, r.prompt_sent = tuple(r.prompt_logprobs), True
+        if r.prompt_logprobs is not None:
+            prompt, r.prompt_logprobs = tuple(r.prompt_logprobs), None
         return Event(text, tuple(r.output.ids[sent:]), len(r.prompt_ids), len(r.output.ids), reason, error, logprobs, prompt)
 
     @staticmethod

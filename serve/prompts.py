@@ -13,23 +13,22 @@ from .schemas import ChatBody, CompletionBody
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # tools are not served
 
 
-def completion_prompts(body: CompletionBody, tokenizer) -> list[list[int]]:
-    """The token ids of each prompt: a string, a list of strings, a list of ids, or a list of lists of ids."""
+def given_prompts(body: CompletionBody) -> list[str] | list[list[int]]:
+    """Each prompt as the body gives it, a string or a list of ids: OpenAI's four shapes made one."""
     prompt = body.prompt
     if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
-    elif not prompt:
+        return [prompt]
+    if not prompt:
         raise BadRequest("prompt: the list is empty")
-    elif isinstance(prompt[0], str):
-        prompts = [tokenizer.encode(p) for p in prompt]
-    elif isinstance(prompt[0], int):
-        prompts = [list(prompt)]
-    else:
-        prompts = [list(p) for p in prompt]
+    return [list(prompt)] if isinstance(prompt[0], int) else list(prompt)
+
+
+def completion_prompts(given: list[str] | list[list[int]], tokenizer) -> list[list[int]]:
+    """The token ids of each prompt (the engine checks them against the vocabulary)."""
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in given]
     for i, ids in enumerate(prompts):
         if not ids:
-            raise BadRequest(f"prompt {i}: empty" + (" after tokenization" if isinstance(prompt, str) or isinstance(prompt[0], str) else ""))
-        check_token_ids(ids, tokenizer, f"prompt {i}")
+            raise BadRequest(f"prompt {i}: empty" + (" after tokenization" if isinstance(given[i], str) else ""))
     return prompts
 
 
@@ -47,14 +46,6 @@ def chat_prompt(body: ChatBody, tokenizer) -> list[int]:
     if not ids:
         raise BadRequest("the chat template wrote an empty prompt")
     return list(ids)
-
-
-def check_token_ids(ids, tokenizer, where: str) -> None:
-    """Raise :class:`BadRequest` unless every id is in the tokenizer's vocabulary."""
-    size = len(tokenizer)
-    bad = next((t for t in ids if not 0 <= t < size), None)
-    if bad is not None:
-        raise BadRequest(f"{where}: token id {bad} is outside the vocabulary [0, {size})")
 
 
 def _text(content, where: str) -> str:
@@ -82,18 +73,14 @@ class Plan:
 
 def completion_plan(body: CompletionBody, tokenizer) -> Plan:
     """A completions body's plan; OpenAI's default of 16 tokens, and ``max_tokens`` 0 only to echo (score) the prompt."""
-    prompts = completion_prompts(body, tokenizer)
+    given = given_prompts(body)
+    prompts = completion_prompts(given, tokenizer)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise BadRequest("max_tokens: 0 is only for echo (scoring the prompt)")
     echo = None
     if body.echo:
-        if isinstance(body.prompt, str):
-            texts = [body.prompt]
-        elif isinstance(body.prompt[0], str):
-            texts = list(body.prompt)
-        else:
-            texts = [tokenizer.decode(p) for p in prompts]
+        texts = [g if isinstance(g, str) else tokenizer.decode(g) for g in given]
         echo = tuple(t for t in texts for _ in range(body.n))
     # Scoring alone still runs the prompt position by position, so ask for its log-probabilities even if unreported.
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else (0 if max_tokens == 0 else None)

@@ -44,7 +44,6 @@ class Generation:
     def __init__(self, streams: list[Stream], metrics: Metrics, model: str, submitted: float, prompt_tokens: int):
         self.streams, self.model, self.prompt_tokens = streams, model, prompt_tokens
         self.created, self.id = int(time.time()), streams[0].id
-        self.done = False
         self._metrics, self._submitted, self._first = metrics, submitted, True
         self._open = len(streams)
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -72,13 +71,17 @@ class Generation:
             self._metrics.ttft.observe(time.perf_counter() - self._submitted)
         if event.finished:
             self._open -= 1
-            self.done = self._open == 0
             self._metrics.tokens.labels(self.model).inc(event.completion_tokens)
         return index, event
 
+    @property
+    def done(self) -> bool:
+        """True once every choice has finished, or the request was closed."""
+        return self._open == 0
+
     def close(self) -> None:
         """Cancel every choice that has not finished; safe to call twice."""
-        self.done = True
+        self._open = 0
         for pump in self._pumps:
             pump.cancel()
         for stream in self.streams:

@@ -10,7 +10,7 @@ import threading
 
 from compressor import CompressorError, positive_int
 
-from ..arguments import add_engine_arguments, engine_config
+from ..arguments import add_engine_arguments, check_folders, engine_config
 from ..auth import ApiKeys
 from .app import APP_NAME, ROUTINGS, ClusterConfig
 
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None  # before Ray: a typo should not cost a start-up
-        if args.adapter_root is not None and not args.adapter_root.is_dir():
-            raise CompressorError(args.adapter_root, "not a folder (--adapter-root)")
+        check_folders(args)
         config = ClusterConfig(engine=engine_config(args, max_adapters=args.max_adapters_per_replica, threads=None), replicas=args.replicas,
                                cpus_per_replica=args.cpus_per_replica, max_adapters_per_replica=args.max_adapters_per_replica,
                                routing=args.routing, keys=keys)  # fmt: skip
