@@ -44,15 +44,13 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
         raise CompressorError(out, "already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _fresh_folder(out, "tmp")
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = _beside(out, "old")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -65,7 +63,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")  # keeps the suffix: matplotlib reads it
+    tmp = _beside(out, "tmp", out.suffix)  # keeps the suffix: matplotlib reads it
     try:
         yield tmp
         os.replace(tmp, out)
@@ -87,13 +85,24 @@ def scratch_folder(beside: str | Path) -> Iterator[Path]:
             yield Path(tmp)
         return
     remove_stale(out)
-    scratch = out.with_name(f".{out.name}.scratch-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    scratch = _fresh_folder(out, "scratch")
     try:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _beside(out: Path, kind: str, suffix: str = "") -> Path:
+    """This process's ``kind`` (one of _KINDS) of temporary for ``out``, as remove_stale recognises it."""
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}{suffix}")
+
+
+def _fresh_folder(out: Path, kind: str) -> Path:
+    """An empty :func:`_beside` folder (what this pid left there from an earlier run of its own is removed)."""
+    folder = _beside(out, kind)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
 
 
 def remove_stale(out: str | Path) -> list[Path]:
