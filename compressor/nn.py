@@ -74,7 +74,9 @@ class QuantLinear(nn.Module):
         state = self.state
         if dtype is not None and dtype != state.dtype:
             # Every format ends its dequantize in state.dtype, and the 4-bit kernels write bfloat16 directly.
-            state = self._states.setdefault(dtype, dataclasses.replace(state, dtype=dtype))
+            if dtype not in self._states:  # made once: this runs at every forward
+                self._states[dtype] = dataclasses.replace(state, dtype=dtype)
+            state = self._states[dtype]
         with torch.profiler.record_function("dequantize"):
             return formats.dequantize(self.packed, state)
 

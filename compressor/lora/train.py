@@ -123,8 +123,7 @@ class TrainSummary:
 
     def to_json(self) -> dict:
         """The figures, for machines (``--metrics-json``): losses and step times per step."""
-        skip = {"profile"}
-        return {k: v for k, v in self.__dict__.items() if k not in skip} | (
+        return {k: v for k, v in self.__dict__.items() if k != "profile"} | (
             {"profile_ms": {row: dict(parts) for row, parts in self.profile.ms.items()}} if self.profile else {}
         )
 
