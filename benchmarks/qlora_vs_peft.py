@@ -1,18 +1,24 @@
 """QLoRA training cost against PEFT + bitsandbytes, the stack users would otherwise run, on the same batches.
 
-    python -m benchmarks.qlora --vs-peft [--models smollm2 llama-1b] [--rounds 2] [--steps 12] [--big-steps 4] [--json FILE]
-    python -m benchmarks.qlora --vs-peft --loss-steps 30 --seeds 0 1 2 [--json FILE]
+    python -m benchmarks.qlora --vs-peft [--models smollm2 llama-1b] [--rounds 2] [--steps 12] [--big-steps 4]
+                                         [--compute float32 bfloat16] [--json FILE]
+    python -m benchmarks.qlora --vs-peft --loss-steps 30 --seeds 0 1 2 [--compute ...] [--json FILE]
 
 Both sides train LoRA rank 8 (alpha 16, dropout 0.05) on every projection of an NF4 base with double
 quantization, batch 8 of 128-token windows of licence text, gradient checkpointing, AdamW at 2e-4
 with compressor train's warm-up and linear decay:
 
-* ours: ``compressor train NF4_BASE --gradient-checkpointing ...`` (the CLI's own code path), where
-  NF4_BASE is ``compressor quantize FLOAT NF4_BASE --method nf4``;
-* PEFT: ``from_pretrained(FLOAT, quantization_config=BitsAndBytesConfig(nf4, double quant, float32
-  compute))``, ``prepare_model_for_kbit_training`` (upcasts what is not 4-bit to float32 and turns on
-  transformers' gradient checkpointing), ``get_peft_model`` and a plain loop, the loss from the model's
-  own ``labels`` path (the mean over trained tokens, as ours).
+* ours: ``compressor train NF4_BASE --gradient-checkpointing --compute C ...`` (the CLI's own code
+  path), where NF4_BASE is ``compressor quantize FLOAT NF4_BASE --method nf4``;
+* PEFT: ``from_pretrained(FLOAT, quantization_config=BitsAndBytesConfig(nf4, double quant,
+  bnb_4bit_compute_dtype=C))``, ``prepare_model_for_kbit_training`` (upcasts what is not 4-bit to
+  float32 and turns on transformers' gradient checkpointing), ``get_peft_model`` and a plain loop, the
+  loss from the model's own ``labels`` path (the mean over trained tokens, as ours).
+
+C, the dtype of the base's products, is each of ``--compute`` on both sides. bfloat16 compute is
+where bitsandbytes' CPU path and AVX512-BF16 machines are fast; ours in bfloat16 runs under CPU
+autocast (the adapters' products too) with the frozen embedding in bfloat16. Ratios are taken at
+equal compute, and ours in bfloat16 against PEFT in float32 (the configuration of issue 18's table).
 
 Both read one JSONL file through ``compressor.lora.data`` (the same token ids and labels) and take the
 same batches in the same order (``compressor.lora.train._batches`` at the seed). Every run is a fresh
@@ -66,6 +72,12 @@ class Run:
     alpha: float = 16.0
     dropout: float = 0.05
     lr: float = 2e-4
+    compute: str = "float32"  # the dtype of the base's products: ours --compute, PEFT bnb_4bit_compute_dtype
+
+    @property
+    def key(self) -> str:
+        """The configuration's name in the tables: side and compute dtype."""
+        return f"{self.side} {self.compute}"
 
 
 # -- data and models, prepared once in the parent ----------------------------------------------------
@@ -132,7 +144,7 @@ def ours_worker(run: Run) -> dict:
         argv = ["train", run.base, "--data", run.data, "--out", out, "--overwrite", "--quiet", "--steps", str(run.steps),
                 "--batch-size", str(run.batch_size), "--seq-len", str(run.seq_len), "--gradient-checkpointing",
                 "--rank", str(run.rank), "--alpha", str(run.alpha), "--dropout", str(run.dropout), "--lr", str(run.lr),
-                "--seed", str(run.seed), "--eval-split", "0"]  # fmt: skip
+                "--seed", str(run.seed), "--eval-split", "0", "--compute", run.compute]  # fmt: skip
         if main(argv) != 0:
             raise SystemExit(1)
     return {"step_seconds": summaries[0].step_seconds, "losses": summaries[0].train_losses}
@@ -152,7 +164,7 @@ def peft_worker(run: Run) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     examples, _ = _split([encode(r, tokenizer, run.seq_len) for r in read_jsonl(Path(run.data))], 0.0, run.seed, Path(run.data))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+                               bnb_4bit_compute_dtype=getattr(torch, run.compute))  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(run.base, quantization_config=quant, device_map="cpu")
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
@@ -191,68 +203,82 @@ def measured(run: Run) -> dict:
 # -- the comparisons ---------------------------------------------------------------------------------
 
 
-def cost_rounds(bases: dict[str, dict[str, Path]], data: Path, steps: dict[str, int], rounds: int) -> dict:
-    """Every side on every model, ``rounds`` times, interleaved; the runs and their medians over rounds."""
-    runs: dict[str, dict[str, list]] = {m: {s: [] for s in SIDES} for m in bases}
+def configs(computes: list[str]) -> list[tuple[str, str]]:
+    """(side, compute) of every run, each compute dtype on both sides."""
+    return [(side, compute) for compute in computes for side in SIDES]
+
+
+def cost_rounds(bases: dict[str, dict[str, Path]], data: Path, steps: dict[str, int], rounds: int, computes: list[str]) -> dict:
+    """Every configuration on every model, ``rounds`` times, interleaved; the runs and their medians over rounds."""
+    runs: dict[str, dict[str, list]] = {m: {} for m in bases}
     for r in range(rounds):
         for model, base in bases.items():
-            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-                result = measured(Run(side, str(base[side]), str(data), steps[model]))
-                runs[model][side].append(result)
-                print(f"round {r + 1} {model:9} {side:5} median step {result['median_step_s']:.2f} s, peak RSS {result['peak_rss'] / 1e9:.2f} GB, "
+            for side, compute in configs(computes) if r % 2 == 0 else configs(computes)[::-1]:
+                run = Run(side, str(base[side]), str(data), steps[model], compute=compute)
+                result = measured(run)
+                runs[model].setdefault(run.key, []).append(result)
+                print(f"round {r + 1} {model:9} {run.key:14} median step {result['median_step_s']:.2f} s, peak RSS {result['peak_rss'] / 1e9:.2f} GB, "
                       f"final loss {result['losses'][-1]:.4f}, {result['wall_s']:.0f} s in all", flush=True)  # fmt: skip
-    return {model: {"steps": steps[model], "rounds": rounds, **medians(sides), "runs": sides} for model, sides in runs.items()}
+    return {model: {"steps": steps[model], "rounds": rounds, **medians(keyed), "runs": keyed} for model, keyed in runs.items()}
 
 
-def medians(sides: dict[str, list[dict]]) -> dict:
-    """Each side's medians over rounds of median step, peak RSS and final loss, and the ratios ours / peft."""
-    out: dict = {s: {"median_step_s": statistics.median(r["median_step_s"] for r in runs), "peak_rss": statistics.median(r["peak_rss"] for r in runs),
-                     "final_loss": statistics.median(r["losses"][-1] for r in runs)} for s, runs in sides.items()}  # fmt: skip
-    out["ratio"] = {k: out["ours"][k] / out["peft"][k] for k in ("median_step_s", "peak_rss")}
+def ratio_pairs(keys) -> list[tuple[str, str]]:
+    """(ours, peft) pairs to divide: each compute dtype against itself, and ours in bfloat16 against PEFT in float32 (the issue's PEFT)."""
+    pairs = [(f"ours {c}", f"peft {c}") for c in ("float32", "bfloat16")]
+    pairs.append(("ours bfloat16", "peft float32"))
+    return [(a, b) for a, b in pairs if a in keys and b in keys]
+
+
+def medians(keyed: dict[str, list[dict]]) -> dict:
+    """Each configuration's medians over rounds of median step, peak RSS and final loss, and the ratios of :func:`ratio_pairs`."""
+    out: dict = {k: {"median_step_s": statistics.median(r["median_step_s"] for r in runs), "peak_rss": statistics.median(r["peak_rss"] for r in runs),
+                     "final_loss": statistics.median(r["losses"][-1] for r in runs)} for k, runs in keyed.items()}  # fmt: skip
+    out["ratio"] = {f"{a} / {b}": {k: out[a][k] / out[b][k] for k in ("median_step_s", "peak_rss")} for a, b in ratio_pairs(keyed)}
     return out
 
 
 def cost_table(summary: dict) -> str:
     """The cost comparison as a markdown table."""
-    lines = ["| model | side | median step | peak RSS | final loss |", "|---|---|---:|---:|---:|"]
+    lines = ["| model | configuration | median step | peak RSS | final loss |", "|---|---|---:|---:|---:|"]
     for model, m in summary.items():
-        for side in SIDES:
-            f = m[side]
-            lines.append(
-                f"| {model} ({m['steps']} steps) | {side} | {f['median_step_s']:.2f} s | {f['peak_rss'] / 1e9:.2f} GB | {f['final_loss']:.4f} |"
-            )
-        lines.append(f"| {model} | ours / peft | {m['ratio']['median_step_s']:.2f}x | {m['ratio']['peak_rss']:.2f}x | |")
+        for key in m["runs"]:
+            f = m[key]
+            lines.append(f"| {model} ({m['steps']} steps) | {key} | {f['median_step_s']:.2f} s | {f['peak_rss'] / 1e9:.2f} GB | {f['final_loss']:.4f} |")
+        for pair, r in m["ratio"].items():
+            lines.append(f"| {model} | {pair} | {r['median_step_s']:.2f}x | {r['peak_rss']:.2f}x | |")
     return "\n".join(lines)
 
 
-def loss_seeds(base: dict[str, Path], data: Path, steps: int, seeds: list[int]) -> dict:
-    """The loss at step ``steps`` of both sides at each seed (SmolLM2), and the spread over seeds."""
-    per_seed = {}
+def loss_seeds(base: dict[str, Path], data: Path, steps: int, seeds: list[int], computes: list[str]) -> dict:
+    """The loss at step ``steps`` of every configuration at each seed (SmolLM2), and the spread over seeds."""
+    per_seed: dict = {}
     for i, seed in enumerate(seeds):
         per_seed[seed] = {}
-        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
-            losses = measured(Run(side, str(base[side]), str(data), steps, seed=seed))["losses"]
-            per_seed[seed][side] = {"final": losses[-1], "last5": statistics.mean(losses[-5:]), "losses": losses}
-        print(
-            f"seed {seed}: " + ", ".join(f"{s} {per_seed[seed][s]['final']:.4f} (last 5 {per_seed[seed][s]['last5']:.4f})" for s in SIDES), flush=True
-        )
+        for side, compute in configs(computes) if i % 2 == 0 else configs(computes)[::-1]:
+            run = Run(side, str(base[side]), str(data), steps, seed=seed, compute=compute)
+            losses = measured(run)["losses"]
+            per_seed[seed][run.key] = {"final": losses[-1], "last5": statistics.mean(losses[-5:]), "losses": losses}
+        print(f"seed {seed}: " + ", ".join(f"{k} {v['final']:.4f} (last 5 {v['last5']:.4f})" for k, v in per_seed[seed].items()), flush=True)
+    keys = list(per_seed[seeds[0]])
     spread = {}
-    for side in SIDES:
-        finals = [v[side]["final"] for v in per_seed.values()]
-        spread[side] = {"mean": statistics.mean(finals), "stdev": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                        "range": max(finals) - min(finals)}  # fmt: skip
-    diffs = [v["ours"]["final"] - v["peft"]["final"] for v in per_seed.values()]
-    return {"steps": steps, "seeds": per_seed, "spread": spread, "ours_minus_peft": diffs}
+    for key in keys:
+        finals = [v[key]["final"] for v in per_seed.values()]
+        spread[key] = {"mean": statistics.mean(finals), "stdev": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                       "range": max(finals) - min(finals)}  # fmt: skip
+    diffs = {f"{a} - {b}": [v[a]["final"] - v[b]["final"] for v in per_seed.values()] for a, b in ratio_pairs(keys)}
+    return {"steps": steps, "seeds": per_seed, "spread": spread, "differences": diffs}
 
 
 def loss_table(result: dict) -> str:
-    """The loss comparison as a markdown table."""
-    lines = [f"| seed | ours, loss at step {result['steps']} | peft | ours - peft |", "|---:|---:|---:|---:|"]
-    for (seed, v), d in zip(result["seeds"].items(), result["ours_minus_peft"]):
-        lines.append(f"| {seed} | {v['ours']['final']:.4f} | {v['peft']['final']:.4f} | {d:+.4f} |")
+    """The loss comparison as a markdown table: the loss at the last step per seed and configuration, then the differences."""
+    keys = list(result["spread"])
+    lines = [f"| seed | {' | '.join(keys)} |", "|---:|" + "---:|" * len(keys)]
+    for seed, v in result["seeds"].items():
+        lines.append(f"| {seed} | " + " | ".join(f"{v[k]['final']:.4f}" for k in keys) + " |")
     s = result["spread"]
-    lines.append(f"| mean ± stdev (range) | {s['ours']['mean']:.4f} ± {s['ours']['stdev']:.4f} ({s['ours']['range']:.4f}) | "
-                 f"{s['peft']['mean']:.4f} ± {s['peft']['stdev']:.4f} ({s['peft']['range']:.4f}) | |")  # fmt: skip
+    lines.append("| mean ± stdev (range) | " + " | ".join(f"{s[k]['mean']:.4f} ± {s[k]['stdev']:.4f} ({s[k]['range']:.4f})" for k in keys) + " |")
+    lines += ["", f"loss at step {result['steps']}, differences per seed:"]
+    lines += [f"- {pair}: " + ", ".join(f"{d:+.4f}" for d in diffs) for pair, diffs in result["differences"].items()]
     return "\n".join(lines)
 
 
@@ -272,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-steps", type=int, default=4, help="optimizer steps per run on the 1B shape")
     parser.add_argument("--loss-steps", type=int, help="instead: the loss after this many steps on SmolLM2, per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--compute", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
+                        help="compute dtypes of the base's products, each run on both sides")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -282,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         floats["llama-1b"] = random_1b(args.work, args.model)
     bases = {m: {"ours": nf4_of(f, args.work), "peft": f} for m, f in floats.items() if m in args.models or args.loss_steps}
     if args.loss_steps is not None:
-        results = {"loss": loss_seeds(bases["smollm2"], data, args.loss_steps, args.seeds)}
+        results = {"loss": loss_seeds(bases["smollm2"], data, args.loss_steps, args.seeds, args.compute)}
         print(loss_table(results["loss"]))
     else:
-        results = {"cost": cost_rounds(bases, data, {"smollm2": args.steps, "llama-1b": args.big_steps}, args.rounds)}
+        results = {"cost": cost_rounds(bases, data, {"smollm2": args.steps, "llama-1b": args.big_steps}, args.rounds, args.compute)}
         print(cost_table(results["cost"]))
     results["seconds"] = time.perf_counter() - start
     print(f"{results['seconds']:.0f} s in all")

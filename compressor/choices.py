@@ -11,8 +11,8 @@ OPTIMIZERS = ("none", "scales", "gptq")  # how scales and codes are chosen (comp
 # The linear layers of a Llama-style block, the usual QLoRA targets.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_INITS = ("default", "loftq")
-# What training multiplies in: float32 throughout, or bfloat16 (CPU autocast: packed weights decoded
-# to bfloat16, products on the CPU's bfloat16 units; the adapter's weights, optimizer and loss stay float32).
+# What training multiplies the frozen base in: float32, or bfloat16 (packed weights decoded to bfloat16,
+# the products on the CPU's bfloat16 units; attention, the adapter, optimizer and loss stay float32).
 COMPUTE_DTYPES = ("float32", "bfloat16")  # how a fresh adapter starts: B = 0 (PEFT's), or from the base's quantization error
 MERGE_OUTPUTS = ("same", "float32", "float16", "bfloat16")  # a merge writes the base's own format again, or a float dtype
 

@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--float", dest="float_dir", metavar="DIR", help="loftq: the float checkpoint of the base (default: the one its manifest names)")
     r.add_argument("--calibration", metavar="FILE", help="loftq: text whose activations weigh the approximation (recommended)")
     r.add_argument("--compute", choices=COMPUTE_DTYPES, default="float32",
-                   help="float32 (default), or bfloat16: packed weights decoded to bfloat16 and multiplied on the CPU's bfloat16 units "
-                   "(the adapter, optimizer and loss stay float32; costs in the README)")  # fmt: skip
+                   help="float32 (default), or bfloat16: the frozen base's products in bfloat16 on the CPU's bfloat16 units "
+                   "(attention, the adapter, optimizer and loss stay float32; costs in the README)")  # fmt: skip
     r.add_argument("--frozen-bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="keep a float32 embedding (and tied head) in bfloat16 (default: with --compute bfloat16)")  # fmt: skip
     r.add_argument("--profile", action="store_true", help="print where the second step's time goes (forward, recomputation, backward, optimizer)")

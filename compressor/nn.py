@@ -22,13 +22,14 @@ class _DequantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-        # Under CPU autocast (bfloat16 compute), W is decoded straight to the compute dtype.
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_cpu_enabled() else x.dtype
+        # With a compute dtype (bfloat16 training), W is decoded straight to it and the product's
+        # result goes back to x's dtype, as bitsandbytes' compute dtype does.
+        dtype = module.compute_dtype or x.dtype
         ctx.module, ctx.x_dtype = module, x.dtype
         w = module.weight_dequantized(dtype)
         ctx.save_for_backward(w if module.reuse_in_backward else None)
         bias = None if module.bias is None else module.bias.to(dtype)  # frozen: no gradient
-        return F.linear(x.to(dtype), w, bias)
+        return F.linear(x.to(dtype), w, bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -62,6 +63,7 @@ class QuantLinear(nn.Module):
         self._kernel = None  # the native kernel's view of the weight, made at the first fused product
         self._states = {}  # the state with another output dtype, by dtype (bfloat16 compute)
         self.reuse_in_backward = False  # training with activation checkpointing: see _DequantizedLinear
+        self.compute_dtype: torch.dtype | None = None  # the dtype of the product with gradients; None: the input's
 
     def kernel_weight(self):
         """The weight as the native matmul reads it (see :func:`compressor.formats.kernel_weight`), or None."""

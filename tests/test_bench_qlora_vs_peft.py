@@ -8,9 +8,18 @@ def _run(step: float, rss: int, loss: float) -> dict:
 
 
 def test_medians_over_rounds_and_ratios():
-    sides = {"ours": [_run(2.0, 1_000, 4.0), _run(4.0, 3_000, 4.2), _run(3.0, 2_000, 4.1)], "peft": [_run(6.0, 4_000, 4.1)] * 3}
-    m = medians(sides)
-    assert m["ours"] == {"median_step_s": 3.0, "peak_rss": 2_000, "final_loss": 4.1}
-    assert m["ratio"] == {"median_step_s": 0.5, "peak_rss": 0.5}
-    table = cost_table({"smollm2": {"steps": 12, **m}})
-    assert "| smollm2 | ours / peft | 0.50x | 0.50x | |" in table
+    keyed = {"ours float32": [_run(2.0, 1_000, 4.0), _run(4.0, 3_000, 4.2), _run(3.0, 2_000, 4.1)], "peft float32": [_run(6.0, 4_000, 4.1)] * 3}
+    m = medians(keyed)
+    assert m["ours float32"] == {"median_step_s": 3.0, "peak_rss": 2_000, "final_loss": 4.1}
+    assert m["ratio"] == {"ours float32 / peft float32": {"median_step_s": 0.5, "peak_rss": 0.5}}
+    table = cost_table({"smollm2": {"steps": 12, **m, "runs": keyed}})
+    assert "| smollm2 | ours float32 / peft float32 | 0.50x | 0.50x | |" in table
+
+
+def test_bfloat16_is_compared_with_itself_and_with_peft_in_float32():
+    keyed = {k: [_run(step, 1_000, 4.0)] for k, step in [("ours float32", 4.0), ("peft float32", 8.0), ("ours bfloat16", 2.0), ("peft bfloat16", 5.0)]}
+    assert {k: r["median_step_s"] for k, r in medians(keyed)["ratio"].items()} == {
+        "ours float32 / peft float32": 0.5,
+        "ours bfloat16 / peft bfloat16": 0.4,
+        "ours bfloat16 / peft float32": 0.25,
+    }

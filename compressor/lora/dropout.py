@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native.ops import DROPOUT_DTYPES
 from ..native.ops import dropout as native_dropout
 
 
@@ -30,7 +31,7 @@ class _HashDropout(torch.autograd.Function):
 
 
 class Dropout(nn.Module):
-    """Dropout with probability ``p`` in training; the native hashed mask for contiguous float32 input, torch's elsewhere."""
+    """Dropout with probability ``p`` in training; the native hashed mask for contiguous float32 or bfloat16 input, torch's elsewhere."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -43,7 +44,7 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         with torch.profiler.record_function("dropout"):
-            if x.dtype == torch.float32 and x.is_contiguous():
+            if x.dtype in DROPOUT_DTYPES and x.is_contiguous():
                 return _HashDropout.apply(x, self.p)
             return F.dropout(x, self.p, training=True)
 

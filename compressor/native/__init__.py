@@ -37,6 +37,7 @@ SIGNATURES = {
     "act_mul": (_P, _I64, _I64, _I64, _I64, _I32, _P, _I64),
     "rope": (_P, _I64, _I64, _I64, _I64, _P, _P, _I64),
     "dropout": (_P, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P),
+    "dropout_bf16": (_P, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P),
     "attention": (_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _F32, _I64, _P, _I64, _I32),
     "lora_add": (_P, _I64, _P, _I64, _P, _I64, _I64, _P, _I64, _I32),
     "decoder_step": (_P, _P),

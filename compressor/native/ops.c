@@ -294,17 +294,38 @@ static inline uint32_t fmix32(uint32_t h) {
     return h;
 }
 
+/* The block's first index and seed: in blocks of 2**20 elements, so that the inner loops run on
+   32-bit lanes only (they vectorise); the block number enters the seed. */
+#define DROPOUT_BLOCK ((int64_t)1 << 20)
+static inline uint32_t block_seed(uint32_t seed_lo, int64_t start) { return seed_lo ^ (uint32_t)(start >> 20) * 0x632be5abu; }
+static inline uint32_t block_len(int64_t n, int64_t start) { return (uint32_t)(n - start < DROPOUT_BLOCK ? n - start : DROPOUT_BLOCK); }
+static inline uint32_t dropout_hash(uint32_t i, uint32_t lo, uint32_t hi) { return fmix32(fmix32(i * 0x9e3779b9u ^ lo) ^ hi); }
+
 void dropout(const float *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, float *out) {
-    /* In blocks of 2**20 elements, so that the inner loop runs on 32-bit lanes only (it vectorises);
-       the block number enters the seed. */
-    for (int64_t start = 0; start < n; start += (int64_t)1 << 20) {
-        uint32_t len = (uint32_t)(n - start < ((int64_t)1 << 20) ? n - start : ((int64_t)1 << 20));
-        uint32_t lo = seed_lo ^ (uint32_t)(start >> 20) * 0x632be5abu;
+    for (int64_t start = 0; start < n; start += DROPOUT_BLOCK) {
+        uint32_t len = block_len(n, start), lo = block_seed(seed_lo, start);
         const float *xs = x + start;
         float *os = out + start;
+        for (uint32_t i = 0; i < len; i++)
+            os[i] = xs[i] * (dropout_hash(i, lo, seed_hi) >= threshold ? scale : 0.0f);
+    }
+}
+
+/* The same mask over bfloat16 bits: each kept element is widened, scaled in float32 and rounded
+   back to nearest-even, as torch rounds; a NaN stays a (quiet) NaN. */
+void dropout_bf16(const uint16_t *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, uint16_t *out) {
+    for (int64_t start = 0; start < n; start += DROPOUT_BLOCK) {
+        uint32_t len = block_len(n, start), lo = block_seed(seed_lo, start);
+        const uint16_t *xs = x + start;
+        uint16_t *os = out + start;
         for (uint32_t i = 0; i < len; i++) {
-            uint32_t h = fmix32(fmix32(i * 0x9e3779b9u ^ lo) ^ seed_hi);
-            os[i] = xs[i] * (h >= threshold ? scale : 0.0f);
+            float v;
+            uint32_t u = (uint32_t)xs[i] << 16;
+            memcpy(&v, &u, 4);
+            v *= dropout_hash(i, lo, seed_hi) >= threshold ? scale : 0.0f;
+            memcpy(&u, &v, 4);
+            uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            os[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
         }
     }
 }

@@ -43,3 +43,25 @@ def test_a_checkpointed_recomputation_drops_the_same_elements():
 def test_in_eval_or_at_zero_it_is_the_identity():
     x = torch.randn(4, 4)
     assert Dropout(0.5).eval()(x) is x and Dropout(0.0).train()(x) is x
+
+
+def test_bfloat16_input_gets_the_float32_mask_and_is_rounded_as_torch_rounds():
+    x = torch.randn(3, 1 << 19, dtype=torch.float32)  # past one hash block (2**20 elements)
+    drop = Dropout(0.2).train()
+    torch.manual_seed(4)
+    wide = drop(x)
+    torch.manual_seed(4)
+    narrow = drop(x.bfloat16())
+    assert narrow.dtype == torch.bfloat16
+    assert torch.equal(narrow != 0, wide != 0)
+    assert torch.equal(narrow, (x.bfloat16().float() * (wide != 0) / 0.8).bfloat16())
+
+
+def test_bfloat16_nan_and_infinity_come_out_as_in_float32():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0] * 256)
+    drop = Dropout(0.5).train()
+    torch.manual_seed(5)
+    wide = drop(x)
+    torch.manual_seed(5)
+    narrow = drop(x.bfloat16())
+    torch.testing.assert_close(narrow, wide.bfloat16(), rtol=0, atol=0, equal_nan=True)

@@ -40,6 +40,19 @@ def test_the_update_is_scaling_times_b_a_on_a_packed_base():
     assert torch.allclose(layer.delta(), 2.0 * layer.lora_B.weight @ layer.lora_A.weight)
 
 
+def test_with_a_bfloat16_base_product_a_small_update_still_reaches_the_float32_output():
+    packed, state = format_for(FourBitConfig()).quantize(torch.randn(32, 64), FourBitConfig())
+    base = QuantLinear(packed, state)
+    base.compute_dtype = torch.bfloat16
+    layer = LoraLinear(base, LoraConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=1e-3)  # an update far under bfloat16's resolution of the base output
+    x = torch.randn(5, 64)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out - base(x), 2.0 * x @ (layer.lora_B.weight @ layer.lora_A.weight).T, rtol=1e-2, atol=2e-6)
+
+
 @pytest.mark.parametrize(("params", "rank"), [(135e6, 8), (1.2e9, 16), (7e9, 16), (13e9, 32), (70e9, 64)])
 def test_auto_rank_follows_the_usual_guidance(params, rank):
     assert rank_for(int(params)) == rank
