@@ -243,7 +243,9 @@ def cost_table(summary: dict) -> str:
     for model, m in summary.items():
         for key in m["runs"]:
             f = m[key]
-            lines.append(f"| {model} ({m['steps']} steps) | {key} | {f['median_step_s']:.2f} s | {f['peak_rss'] / 1e9:.2f} GB | {f['final_loss']:.4f} |")
+            lines.append(
+                f"| {model} ({m['steps']} steps) | {key} | {f['median_step_s']:.2f} s | {f['peak_rss'] / 1e9:.2f} GB | {f['final_loss']:.4f} |"
+            )
         for pair, r in m["ratio"].items():
             lines.append(f"| {model} | {pair} | {r['median_step_s']:.2f}x | {r['peak_rss']:.2f}x | |")
     return "\n".join(lines)

@@ -17,7 +17,9 @@ def test_medians_over_rounds_and_ratios():
 
 
 def test_bfloat16_is_compared_with_itself_and_with_peft_in_float32():
-    keyed = {k: [_run(step, 1_000, 4.0)] for k, step in [("ours float32", 4.0), ("peft float32", 8.0), ("ours bfloat16", 2.0), ("peft bfloat16", 5.0)]}
+    keyed = {
+        k: [_run(step, 1_000, 4.0)] for k, step in [("ours float32", 4.0), ("peft float32", 8.0), ("ours bfloat16", 2.0), ("peft bfloat16", 5.0)]
+    }
     assert {k: r["median_step_s"] for k, r in medians(keyed)["ratio"].items()} == {
         "ours float32 / peft float32": 0.5,
         "ours bfloat16 / peft bfloat16": 0.4,

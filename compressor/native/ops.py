@@ -50,7 +50,9 @@ DROPOUT_DTYPES = (torch.float32, torch.bfloat16)
 def dropout(x: torch.Tensor, seed: int, p: float, out: torch.Tensor) -> torch.Tensor:
     """``out = x * mask / (1 - p)``, the mask a pure function of ``seed`` and each element's index, whatever the dtype (see ``ops.c``)."""
     if x.dtype not in DROPOUT_DTYPES or out.dtype != x.dtype or not x.is_contiguous() or not out.is_contiguous() or out.shape != x.shape:
-        raise ValueError(f"expected contiguous float32 or bfloat16 tensors of one shape and dtype, got {tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}")
+        raise ValueError(
+            f"expected contiguous float32 or bfloat16 tensors of one shape and dtype, got {tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}"
+        )
     threshold = min(round(p * 2**32), 2**32 - 1)
     kernel = library().dropout if x.dtype == torch.float32 else library().dropout_bf16
     kernel(x.data_ptr(), x.numel(), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, threshold, 1.0 / (1.0 - p), out.data_ptr())
