@@ -16,8 +16,8 @@ with compressor train's warm-up and linear decay:
   loss from the model's own ``labels`` path (the mean over trained tokens, as ours).
 
 C, the dtype of the base's products, is each of ``--compute`` on both sides. bfloat16 compute is
-where bitsandbytes' CPU path and AVX512-BF16 machines are fast; ours in bfloat16 runs under CPU
-autocast (the adapters' products too) with the frozen embedding in bfloat16. Ratios are taken at
+where bitsandbytes' CPU path and AVX512-BF16 machines are fast; on both sides only the frozen base's
+products are bfloat16 (ours also keeps the frozen embedding in bfloat16). Ratios are taken at
 equal compute, and ours in bfloat16 against PEFT in float32 (the configuration of issue 18's table).
 
 Both read one JSONL file through ``compressor.lora.data`` (the same token ids and labels) and take the

@@ -1,6 +1,22 @@
-/* What the kernel files share: the weight description, and the calls step.c makes into the others. */
+/* What the kernel files share: the weight description, bfloat16 conversion, and the calls step.c makes into the others. */
 #pragma once
 #include <stdint.h>
+#include <string.h>
+
+/* float32 to bfloat16, rounding to nearest even (as torch's conversion does) for finite values. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+/* bfloat16 to float32: its bits are the top half of a float32's. */
+static inline float from_bf16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 enum { W_I8_AFFINE = 0, W_I8_SYM = 1, W_F32 = 2, W_BF16 = 3, W_Q4 = 4 }; /* weight_t.kind */
 

@@ -302,13 +302,6 @@ static void dense_matmul(int kind, const float *x, int64_t M, int64_t ldx, const
 
 typedef struct { const weight_t *w; void *out; int bf16; } unpack_job;
 
-/* float32 to bfloat16, rounding to nearest even (as torch's conversion does; weights are finite). */
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
 static void unpack_rows(void *arg, int64_t begin, int64_t end) {
     const unpack_job *j = arg;
     const weight_t *w = j->w;

@@ -319,13 +319,8 @@ void dropout_bf16(const uint16_t *x, int64_t n, uint32_t seed_lo, uint32_t seed_
         const uint16_t *xs = x + start;
         uint16_t *os = out + start;
         for (uint32_t i = 0; i < len; i++) {
-            float v;
-            uint32_t u = (uint32_t)xs[i] << 16;
-            memcpy(&v, &u, 4);
-            v *= dropout_hash(i, lo, seed_hi) >= threshold ? scale : 0.0f;
-            memcpy(&u, &v, 4);
-            uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-            os[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+            float v = from_bf16(xs[i]) * (dropout_hash(i, lo, seed_hi) >= threshold ? scale : 0.0f);
+            os[i] = v != v ? (uint16_t)(xs[i] | 0x40u) : to_bf16(v); /* NaN: the input's, made quiet */
         }
     }
 }
