@@ -59,11 +59,12 @@ demo: setup model calibration
 		--prompt "You may convey verbatim copies of the Program's source code as you receive it."
 	$(PY) -m compressor bench tradeoffs $(SMOLLM) --text $(TEXT) --quick --methods int8 nf4 int4 --out $(OUT)/tradeoffs-quick
 
-# --dist loadgroup: the tests that share one Ray cluster run in one worker.
+# --dist loadfile: a file's tests run in one worker, so the cluster tests share one Ray cluster
+# (loadgroup would say so by mark, but pytest-xdist 3.8's groups are lost on pytest 9.2).
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -p no:cacheprovider
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -p no:cacheprovider
 
 bench: setup model calibration
 	$(PY) -m benchmarks.quantize_speed --model $(SMOLLM) --big --work bench-results

@@ -231,8 +231,10 @@ def command_line(args: list[str], module: str = "serve", timeout: float = 90):
         except httpx.TransportError:
             return proc.poll() is not None  # exited: stop waiting
 
+    if not (until(up, timeout=timeout) and proc.poll() is None):
+        proc.kill()  # a server still starting would otherwise keep communicate() waiting for ever
+        raise AssertionError(proc.communicate(timeout=60)[1][-3000:])
     try:
-        assert until(up, timeout=timeout) and proc.poll() is None, proc.communicate()[1][-3000:]
         yield url
     finally:
         proc.terminate()

@@ -18,7 +18,7 @@ pytest.importorskip("ray")
 from serve.cluster.__main__ import main  # noqa: E402
 from tests.helpers import command_line, nf4_twin, random_adapter, tiny_model, until  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
+pytestmark = pytest.mark.slow  # one file, so one xdist worker (make test runs --dist loadfile) and one cluster
 
 TENANTS = ("t0", "t1", "t2", "t3")
 LOCAL = ("loc0", "loc1", "loc2", "loc3")  # used by the locality test alone
