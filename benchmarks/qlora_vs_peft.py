@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--compute", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
                         help="compute dtypes of the base's products, each run on both sides")  # fmt: skip
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (merged into the file's earlier ones: see merged)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -320,8 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - start
     print(f"{results['seconds']:.0f} s in all")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        earlier = json.loads(args.json.read_text()) if args.json.exists() else {}
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(merged(earlier, results), indent=2) + "\n")
+        tmp.replace(args.json)
     return 0
+
+
+def merged(earlier: dict, new: dict) -> dict:
+    """``new``'s figures over ``earlier``'s: a cost run replaces the models it measured, a loss run the loss (each with its seconds)."""
+    out = {k: v for k, v in earlier.items() if k in ("cost", "loss")}
+    if "cost" in new:
+        out["cost"] = {**out.get("cost", {}), **{m: {**v, "seconds": new["seconds"]} for m, v in new["cost"].items()}}
+    if "loss" in new:
+        out["loss"] = {**new["loss"], "seconds": new["seconds"]}
+    return out
 
 
 if __name__ == "__main__":

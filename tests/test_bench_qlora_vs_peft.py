@@ -1,6 +1,6 @@
 """The pure helpers of benchmarks/qlora_vs_peft.py: medians over rounds and the tables."""
 
-from benchmarks.qlora_vs_peft import cost_table, medians
+from benchmarks.qlora_vs_peft import cost_table, medians, merged
 
 
 def _run(step: float, rss: int, loss: float) -> dict:
@@ -25,3 +25,12 @@ def test_bfloat16_is_compared_with_itself_and_with_peft_in_float32():
         "ours bfloat16 / peft bfloat16": 0.4,
         "ours bfloat16 / peft float32": 0.25,
     }
+
+
+def test_a_results_file_gathers_each_models_costs_and_the_loss_from_separate_runs():
+    first = merged({}, {"cost": {"smollm2": {"steps": 12}}, "seconds": 10.0})
+    second = merged(first, {"cost": {"llama-1b": {"steps": 3}}, "seconds": 20.0})
+    third = merged(second, {"loss": {"steps": 30}, "seconds": 30.0})
+    assert third == {"cost": {"smollm2": {"steps": 12, "seconds": 10.0}, "llama-1b": {"steps": 3, "seconds": 20.0}},
+                     "loss": {"steps": 30, "seconds": 30.0}}  # fmt: skip
+    assert merged(third, {"cost": {"smollm2": {"steps": 6}}, "seconds": 5.0})["cost"]["smollm2"] == {"steps": 6, "seconds": 5.0}
