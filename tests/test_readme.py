@@ -25,7 +25,10 @@ def _numbers(value) -> list[float]:
     if isinstance(value, bool):
         return []
     if isinstance(value, (int, float)):
-        return [float(value)] if math.isfinite(value) else []
+        if not math.isfinite(value):
+            return []
+        # A quoted figure is read without its sign (a minus may be a dash), so a negative value also counts by its size.
+        return [float(value), -float(value)] if value < 0 else [float(value)]
     if isinstance(value, dict):
         return [n for v in value.values() for n in _numbers(v)]
     if isinstance(value, list):
