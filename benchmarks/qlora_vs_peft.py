@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.measure import check, run_measured
+from compressor.checkpoint.atomic import atomic_file
 
 SMOLLM2 = Path.home() / ".cache/compressor/models/SmolLM2-135M-Instruct"
 SIDES = ("ours", "peft")
@@ -321,9 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{results['seconds']:.0f} s in all")
     if args.json:
         earlier = json.loads(args.json.read_text()) if args.json.exists() else {}
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(merged(earlier, results), indent=2) + "\n")
-        tmp.replace(args.json)
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(merged(earlier, results), indent=2) + "\n")
     return 0
 
 
