@@ -17,6 +17,7 @@ from torch import nn
 from ..choices import DEFAULT_TARGETS
 from ..nn import QuantLinear
 from .dropout import Dropout
+from .product import adapted_product, fused_applies
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the low-rank term."""
+        p = self.dropout.p if self.training and isinstance(self.dropout, Dropout) else 0.0
+        if fused_applies(x, p):  # training: one fused product (see product.py)
+            return adapted_product(x, self.base, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
         low_rank = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
         y = self.base(x)
         return y.add(low_rank.to(y.dtype), alpha=self.scaling)  # one pass: base + scaling * low_rank

@@ -164,6 +164,12 @@ def train(job: TrainJob) -> TrainSummary:
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.reuse_in_backward = True  # the recomputation's decoded weight serves the backward (see nn.py)
+        for layer in getattr(model.get_decoder(), "layers", []):
+            products = [m for m in layer.modules() if isinstance(m, QuantLinear)]
+            if products:
+                # Its output is the layer's, which the layer's backward does not read: saving nothing, it is
+                # not recomputed at all (see lora/product.py), and its weight is decoded in the backward instead.
+                products[-1].reuse_in_backward = False
     if job.compute == "bfloat16":
         _bf16_products(model)
     if job.frozen_bf16 if job.frozen_bf16 is not None else job.compute == "bfloat16":
@@ -343,15 +349,19 @@ class _FrozenHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32)
         for i in range(0, hidden.shape[0], LOSS_CHUNK):
             h, t = hidden[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK]
-            logits = F.linear(h.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).float()
+            # Logits transposed, (vocabulary, positions): W @ h.T runs a third faster than h @ W.T
+            # on a CPU (SmolLM2's head, 128 positions: 0.77 against 1.09 s a step).
+            logits = (weight @ h.to(weight.dtype).T).float()
+            if bias is not None:
+                logits += bias.float()[:, None]
             valid = t != IGNORE
-            picked = t.clamp(min=0)[:, None]
-            logsumexp = logits.logsumexp(dim=-1, keepdim=True)
-            total += ((logsumexp - logits.gather(1, picked))[:, 0] * valid).sum()
+            picked = t.clamp(min=0)[None, :]
+            logsumexp = logits.logsumexp(dim=0, keepdim=True)
+            total += ((logsumexp - logits.gather(0, picked))[0] * valid).sum()
             probs = logits.sub_(logsumexp).exp_()
-            probs.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=probs.dtype))
-            probs *= valid[:, None]
-            grad[i : i + LOSS_CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+            probs.scatter_add_(0, picked, torch.full_like(picked, -1, dtype=probs.dtype))
+            probs *= valid[None, :]
+            grad[i : i + LOSS_CHUNK] = (probs.to(weight.dtype).T @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import CompressorError
 
-SOURCES = ("pool.c", "matmul.c", "int8_activations.c", "ops.c", "step.c")
+SOURCES = ("pool.c", "matmul.c", "int8_activations.c", "ops.c", "lowrank.c", "step.c")
 HEADERS = ("pool.h", "kernels.h")
 FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 # This CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64.
@@ -38,6 +38,9 @@ SIGNATURES = {
     "rope": (_P, _I64, _I64, _I64, _I64, _P, _P, _I64),
     "dropout": (_P, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P),
     "dropout_bf16": (_P, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P),
+    "low_rank_in": (_P, _I64, _I64, _P, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P, ctypes.c_int),
+    "low_rank_grad_a": (_P, _P, _I64, _I64, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P, ctypes.c_int),
+    "low_rank_add_grad_x": (_P, _P, _I64, _I64, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P, ctypes.c_int),
     "attention": (_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _F32, _F32, _I64, _P, _I64, _I32),
     "lora_add": (_P, _I64, _P, _I64, _P, _I64, _I64, _P, _I64, _I32),
     "decoder_step": (_P, _P),

@@ -45,6 +45,8 @@ void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const fl
 void act_mul(const float *gate_up, int64_t rows, int64_t width, int64_t ld, int64_t up_offset, int act, float *out, int64_t ldo);
 void rope(float *x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, const float *cos, const float *sin, int64_t rot);
 void dropout(const float *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, float *out);
+void dropped(const float *x, int64_t n, int64_t first, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale,
+             float *out); /* dropout's mask over elements first .. first + n - 1 of a tensor */
 void dropout_bf16(const uint16_t *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, uint16_t *out);
 void attention(const float *q, const float *k, const float *v, int64_t ldq, int64_t ldk, int64_t nseq, const int64_t *seq_start,
                const int64_t *past, float *const *keys, float *const *values, const int64_t *capacity, int64_t heads,

@@ -294,22 +294,33 @@ static inline uint32_t fmix32(uint32_t h) {
     return h;
 }
 
-/* The block's first index and seed: in blocks of 2**20 elements, so that the inner loops run on
-   32-bit lanes only (they vectorise); the block number enters the seed. */
+/* The mask in blocks of 2**20 elements, so that the inner loops run on 32-bit lanes only (they
+   vectorise); the block number enters the seed. */
 #define DROPOUT_BLOCK ((int64_t)1 << 20)
 static inline uint32_t block_seed(uint32_t seed_lo, int64_t start) { return seed_lo ^ (uint32_t)(start >> 20) * 0x632be5abu; }
-static inline uint32_t block_len(int64_t n, int64_t start) { return (uint32_t)(n - start < DROPOUT_BLOCK ? n - start : DROPOUT_BLOCK); }
 static inline uint32_t dropout_hash(uint32_t i, uint32_t lo, uint32_t hi) { return fmix32(fmix32(i * 0x9e3779b9u ^ lo) ^ hi); }
 
-void dropout(const float *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, float *out) {
-    for (int64_t start = 0; start < n; start += DROPOUT_BLOCK) {
-        uint32_t len = block_len(n, start), lo = block_seed(seed_lo, start);
-        const float *xs = x + start;
-        float *os = out + start;
-        for (uint32_t i = 0; i < len; i++)
-            os[i] = xs[i] * (dropout_hash(i, lo, seed_hi) >= threshold ? scale : 0.0f);
+/* out[i] = x[i] * (mask of element first + i), for i < n: any stretch of a tensor, so that a row
+   kernel (lowrank.c) sees the very mask that dropout() applies to the whole tensor. */
+void dropped(const float *x, int64_t n, int64_t first, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale,
+             float *out) {
+    for (int64_t i = 0; i < n;) {
+        int64_t at = first + i, block = at & ~(DROPOUT_BLOCK - 1);
+        uint32_t offset = (uint32_t)(at - block), lo = block_seed(seed_lo, block);
+        uint32_t len = (uint32_t)(n - i < DROPOUT_BLOCK - offset ? n - i : DROPOUT_BLOCK - offset);
+        const float *xs = x + i;
+        float *os = out + i;
+        for (uint32_t j = 0; j < len; j++)
+            os[j] = xs[j] * (dropout_hash(offset + j, lo, seed_hi) >= threshold ? scale : 0.0f);
+        i += len;
     }
 }
+
+void dropout(const float *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, float *out) {
+    dropped(x, n, 0, seed_lo, seed_hi, threshold, scale, out);
+}
+
+static inline uint32_t block_len(int64_t n, int64_t start) { return (uint32_t)(n - start < DROPOUT_BLOCK ? n - start : DROPOUT_BLOCK); }
 
 /* The same mask over bfloat16 bits: each kept element is widened, scaled in float32 and rounded
    back to nearest-even, as torch rounds; a NaN stays a (quiet) NaN. */

@@ -53,10 +53,14 @@ def dropout(x: torch.Tensor, seed: int, p: float, out: torch.Tensor) -> torch.Te
         raise ValueError(
             f"expected contiguous float32 or bfloat16 tensors of one shape and dtype, got {tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}"
         )
-    threshold = min(round(p * 2**32), 2**32 - 1)
     kernel = library().dropout if x.dtype == torch.float32 else library().dropout_bf16
-    kernel(x.data_ptr(), x.numel(), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, threshold, 1.0 / (1.0 - p), out.data_ptr())
+    kernel(x.data_ptr(), x.numel(), *mask_arguments(seed, p), out.data_ptr())
     return out
+
+
+def mask_arguments(seed: int, p: float) -> tuple[int, int, int, float]:
+    """The dropout mask's parameters as the kernels take them: the seed's two halves, the keep threshold out of 2**32, the scale of what is kept."""
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, min(round(p * 2**32), 2**32 - 1), 1.0 / (1.0 - p)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start: np.ndarray, past: np.ndarray, keys: list[torch.Tensor],
