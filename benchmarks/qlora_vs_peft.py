@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -74,6 +75,7 @@ class Run:
     dropout: float = 0.05
     lr: float = 2e-4
     compute: str = "float32"  # the dtype of the base's products: ours --compute, PEFT bnb_4bit_compute_dtype
+    keep_layers: int = 0  # ours: --keep-layers (the last N layers not recomputed)
 
     @property
     def key(self) -> str:
@@ -145,7 +147,7 @@ def ours_worker(run: Run) -> dict:
         argv = ["train", run.base, "--data", run.data, "--out", out, "--overwrite", "--quiet", "--steps", str(run.steps),
                 "--batch-size", str(run.batch_size), "--seq-len", str(run.seq_len), "--gradient-checkpointing",
                 "--rank", str(run.rank), "--alpha", str(run.alpha), "--dropout", str(run.dropout), "--lr", str(run.lr),
-                "--seed", str(run.seed), "--eval-split", "0", "--compute", run.compute]  # fmt: skip
+                "--seed", str(run.seed), "--eval-split", "0", "--compute", run.compute, "--keep-layers", str(run.keep_layers)]  # fmt: skip
         if main(argv) != 0:
             raise SystemExit(1)
     return {"step_seconds": summaries[0].step_seconds, "losses": summaries[0].train_losses}
@@ -209,18 +211,32 @@ def configs(computes: list[str]) -> list[tuple[str, str]]:
     return [(side, compute) for compute in computes for side in SIDES]
 
 
-def cost_rounds(bases: dict[str, dict[str, Path]], data: Path, steps: dict[str, int], rounds: int, computes: list[str]) -> dict:
+def cost_rounds(bases: dict[str, dict[str, Path]], data: Path, steps: dict[str, int], rounds: int, computes: list[str],
+                keep_layers: dict[str, int] | None = None) -> dict:  # fmt: skip
     """Every configuration on every model, ``rounds`` times, interleaved; the runs and their medians over rounds."""
+    keep_layers = keep_layers or {}
     runs: dict[str, dict[str, list]] = {m: {} for m in bases}
     for r in range(rounds):
         for model, base in bases.items():
             for side, compute in configs(computes) if r % 2 == 0 else configs(computes)[::-1]:
-                run = Run(side, str(base[side]), str(data), steps[model], compute=compute)
+                run = Run(
+                    side, str(base[side]), str(data), steps[model], compute=compute, keep_layers=keep_layers.get(model, 0) if side == "ours" else 0
+                )
                 result = measured(run)
                 runs[model].setdefault(run.key, []).append(result)
                 print(f"round {r + 1} {model:9} {run.key:14} median step {result['median_step_s']:.2f} s, peak RSS {result['peak_rss'] / 1e9:.2f} GB, "
                       f"final loss {result['losses'][-1]:.4f}, {result['wall_s']:.0f} s in all", flush=True)  # fmt: skip
-    return {model: {"steps": steps[model], "rounds": rounds, **medians(keyed), "runs": keyed} for model, keyed in runs.items()}
+    return {model: {"steps": steps[model], "rounds": rounds, "keep_layers": keep_layers.get(model, 0), "cpu": cpu(), **medians(keyed), "runs": keyed}
+            for model, keyed in runs.items()}  # fmt: skip
+
+
+def cpu() -> str:
+    """This machine's processor as the figures depend on it: its name, cores, and whether it has AVX-512 and bfloat16 products."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    vector = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {vector}"
 
 
 def ratio_pairs(keys) -> list[tuple[str, str]]:
@@ -303,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--compute", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
                         help="compute dtypes of the base's products, each run on both sides")  # fmt: skip
+    parser.add_argument("--keep-layers", nargs=2, action="append", metavar=("MODEL", "N"), default=[],
+                        help="ours: --keep-layers N on MODEL (smollm2 or llama-1b); may be given for each")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures here (merged into the file's earlier ones: see merged)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -316,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {"loss": loss_seeds(bases["smollm2"], data, args.loss_steps, args.seeds, args.compute)}
         print(loss_table(results["loss"]))
     else:
-        results = {"cost": cost_rounds(bases, data, {"smollm2": args.steps, "llama-1b": args.big_steps}, args.rounds, args.compute)}
+        keep = {model: int(n) for model, n in args.keep_layers}
+        results = {"cost": cost_rounds(bases, data, {"smollm2": args.steps, "llama-1b": args.big_steps}, args.rounds, args.compute, keep)}
         print(cost_table(results["cost"]))
     results["seconds"] = time.perf_counter() - start
     print(f"{results['seconds']:.0f} s in all")

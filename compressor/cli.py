@@ -126,7 +126,7 @@ def _train(args) -> int:
         alpha=args.alpha, dropout=args.dropout, targets=tuple(t for t in args.targets.split(",") if t), lr=args.lr,
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         eval_split=args.eval_split, eval_every=args.eval_every, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing, overwrite=args.overwrite, progress=not args.quiet,
+        gradient_checkpointing=args.gradient_checkpointing, keep_layers=args.keep_layers, overwrite=args.overwrite, progress=not args.quiet,
         init=args.init, float_dir=Path(args.float_dir) if args.float_dir else None,
         calibration=Path(args.calibration) if args.calibration else None, compute=args.compute, frozen_bf16=args.frozen_bf16,
         profile=args.profile,
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--gradient-checkpointing", action="store_true")
+    r.add_argument("--keep-layers", type=int, default=0, metavar="N",
+                   help="with --gradient-checkpointing, the last N layers keep their activations rather than recompute them (faster; more memory)")  # fmt: skip
     r.add_argument(
         "--init",
         choices=TRAIN_INITS,

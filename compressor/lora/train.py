@@ -56,6 +56,7 @@ class TrainJob:
     eval_every: int = 25
     seed: int = 0
     gradient_checkpointing: bool = False
+    keep_layers: int = 0  # with checkpointing: the last this many layers keep their activations instead of recomputing them
     overwrite: bool = False
     progress: bool = True
     init: str = "default"  # "default": B = 0, as PEFT; "loftq": from the base's quantization error
@@ -84,6 +85,9 @@ class TrainJob:
         within("eval_split", self.eval_split, 0, 1, high_open=True)
         at_least("eval_every", self.eval_every, 1)
         at_least("calibration_tokens", self.calibration_tokens, 1)
+        at_least("keep_layers", self.keep_layers, 0)
+        if self.keep_layers and not self.gradient_checkpointing:
+            raise FieldError("keep_layers", "applies to gradient checkpointing only (without it every layer keeps its activations)")
 
 
 @dataclass
@@ -164,9 +168,16 @@ def train(job: TrainJob) -> TrainSummary:
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.reuse_in_backward = True  # the recomputation's decoded weight serves the backward (see nn.py)
-        for layer in getattr(model.get_decoder(), "layers", []):
+        layers = list(getattr(model.get_decoder(), "layers", []))
+        for i, layer in enumerate(layers):
             products = [m for m in layer.modules() if isinstance(m, QuantLinear)]
-            if products:
+            if i >= len(layers) - job.keep_layers:
+                # Not recomputed: the forward's activations serve the backward, and each weight is
+                # decoded again there rather than held, decoded, from the forward.
+                layer.gradient_checkpointing = False
+                for m in products:
+                    m.reuse_in_backward = False
+            elif products:
                 # Its output is the layer's, which the layer's backward does not read: saving nothing, it is
                 # not recomputed at all (see lora/product.py), and its weight is decoded in the backward instead.
                 products[-1].reuse_in_backward = False

@@ -131,6 +131,32 @@ def test_with_checkpointing_each_weight_is_decoded_twice_a_step_and_a_layers_las
     assert {multiplied[m] for m in downs} == {3} and {n for m, n in multiplied.items() if m not in downs} == {6}
 
 
+def test_kept_layers_are_not_recomputed_and_train_the_same_adapter(base, tmp_path, monkeypatch):
+    from compressor.lora import product
+
+    multiplied = Counter()
+    real_forward = product._AdaptedProduct.forward
+
+    def forward(ctx, x, h, b, module, *rest):
+        multiplied[module] += 1
+        return real_forward(ctx, x, h, b, module, *rest)
+
+    monkeypatch.setattr(product._AdaptedProduct, "forward", staticmethod(forward))
+    plain = train(job(base, tmp_path / "plain", steps=3, dropout=0.1, eval_split=0.0))
+    multiplied.clear()
+    kept = train(job(base, tmp_path / "kept", steps=3, dropout=0.1, gradient_checkpointing=True, keep_layers=1, eval_split=0.0))
+    assert kept.train_losses == pytest.approx(plain.train_losses, rel=1e-5)
+    # The first layer recomputes all but its last product; the kept second layer recomputes none.
+    assert sorted(multiplied.values()) == [3] * 8 + [6] * 6  # 7 kept, 1 last product; 6 recomputed
+    a, b = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "kept" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_keeping_layers_without_checkpointing_is_an_error(base, tmp_path):
+    with pytest.raises(ValueError, match="keep_layers applies to gradient checkpointing only"):
+        job(base, tmp_path / "a", keep_layers=2)
+
+
 def test_bfloat16_compute_follows_the_float32_loss_curve(base, tmp_path):
     exact = train(job(base, tmp_path / "f32", steps=12))
     rounded = train(job(base, tmp_path / "bf16", steps=12, compute="bfloat16"))
