@@ -2,7 +2,7 @@
 
 ``compressor train --profile`` runs its second step (the first warms up) under torch's profiler
 and prints :meth:`StepProfile.lines`: each phase's wall time, split into decoding packed weights
-(``dequantize``), matrix products, attention, the adapters' dropout and the rest. The phases are the ``record_function``
+(``dequantize``), matrix products, attention, the adapters' dropout (in training, with the rank-r products the mask is fused into) and the rest. The phases are the ``record_function``
 ranges of the training loop; a checkpointed layer's forward that runs during the backward is the
 recomputation, marked through checkpointing's ``context_fn`` while a step is profiled.
 """
