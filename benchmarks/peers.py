@@ -22,6 +22,7 @@ from pathlib import Path
 
 from benchmarks.qlora import nf4_base
 from benchmarks.serve import _free_port, _start, _wait_healthy, make_adapters, prompt_ids
+from compressor.native import cpu_features
 
 CACHE = Path.home() / ".cache" / "compressor" / "peers"
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -57,10 +58,7 @@ def llama_cpp_source(cache: Path = CACHE) -> Path:
 
 def _cpu_flags() -> list[str]:
     # ggml's CMake switches for the instruction sets /proc/cpuinfo lists.
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return []
+    flags = set(cpu_features().split())
     table = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI", "avx512f": "AVX512",
              "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16", "avx512vbmi": "AVX512_VBMI"}  # fmt: skip
     return [name for flag, name in table.items() if flag in flags]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -52,6 +53,7 @@ from pathlib import Path
 
 from benchmarks.measure import check, run_measured
 from compressor.checkpoint.atomic import atomic_file
+from compressor.native import cpu_features
 
 SMOLLM2 = Path.home() / ".cache/compressor/models/SmolLM2-135M-Instruct"
 SIDES = ("ours", "peft")
@@ -232,9 +234,9 @@ def cost_rounds(bases: dict[str, dict[str, Path]], data: Path, steps: dict[str, 
 
 def cpu() -> str:
     """This machine's processor as the figures depend on it: its name, cores, and whether it has AVX-512 and bfloat16 products."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    name, flags = platform.processor() or platform.machine(), set(cpu_features().split())
+    if Path("/proc/cpuinfo").exists():
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), name)
     vector = "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{name}, {os.cpu_count()} cores, {vector}"
 

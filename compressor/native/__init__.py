@@ -54,7 +54,8 @@ class NativeBuildError(CompressorError):
         super().__init__(None, problem)
 
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
+    """This CPU's feature line from /proc/cpuinfo (``flags`` on x86, ``Features`` on arm), or the platform's processor name."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith(("flags", "Features"))), "")
@@ -77,7 +78,7 @@ def build(portable: bool = False) -> Path:
     for name in (*SOURCES, *HEADERS):
         digest.update((here / name).read_bytes())
     digest.update(" ".join(flags).encode())
-    digest.update(_cpu_features().encode())
+    digest.update(cpu_features().encode())
     target = CACHE / f"kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
