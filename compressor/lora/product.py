@@ -12,8 +12,8 @@ weight. A checkpointed layer's recomputation stops as soon as every tensor its b
 back (torch's early stop), so for a layer's last product, whose output nothing in the layer's
 backward reads, ``_LowRankIn`` is the last to save and the base product is not recomputed at all,
 provided that product saves nothing: a float base never does, and ``compressor train`` clears
-``QuantLinear.reuse_in_backward`` for the last product of each layer. Where something does read that output (Gemma's norm after the
-MLP), the recomputation simply goes on through it.
+``QuantLinear.reuse_in_backward`` for the last product of each layer. Where something does read
+that output (Gemma's norm after the MLP), the recomputation simply goes on through it.
 """
 
 from __future__ import annotations

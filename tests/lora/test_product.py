@@ -32,28 +32,26 @@ def outputs_and_gradients(layer: LoraLinear, x: torch.Tensor, fn):
     return y.detach(), grads
 
 
+def assert_fused_matches_plain(layer: LoraLinear, x: torch.Tensor, output_tol: float, grad_rtol: float, grad_atol: float) -> None:
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    fused_y, fused_grads = outputs_and_gradients(layer, x, lambda m, v: m(v))
+    plain_y, plain_grads = outputs_and_gradients(layer, x, plain)
+    torch.testing.assert_close(fused_y, plain_y, rtol=output_tol, atol=output_tol)
+    for fused, expected in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused, expected, rtol=grad_rtol, atol=grad_atol)
+
+
 @pytest.mark.parametrize("make_base", [packed_base, float_base])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_the_fused_product_gives_the_outputs_and_gradients_of_the_plain_formula(make_base, dropout):
     layer = LoraLinear(make_base(), LoraConfig(rank=4, alpha=8, dropout=dropout)).train()
-    nn.init.normal_(layer.lora_B.weight, std=0.1)
-    x = torch.randn(3, 5, 64)
-    fused_y, fused_grads = outputs_and_gradients(layer, x, lambda m, v: m(v))
-    plain_y, plain_grads = outputs_and_gradients(layer, x, plain)
-    torch.testing.assert_close(fused_y, plain_y, rtol=1e-5, atol=1e-5)
-    for fused, expected in zip(fused_grads, plain_grads):
-        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+    assert_fused_matches_plain(layer, torch.randn(3, 5, 64), output_tol=1e-5, grad_rtol=1e-4, grad_atol=1e-5)
 
 
 def test_on_bfloat16_activations_torchs_products_serve_and_agree_with_the_plain_formula():
     layer = LoraLinear(float_base(), LoraConfig(rank=4, alpha=8, dropout=0.3)).to(torch.bfloat16).train()
-    nn.init.normal_(layer.lora_B.weight, std=0.1)
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
-    fused_y, fused_grads = outputs_and_gradients(layer, x, lambda m, v: m(v))
-    plain_y, plain_grads = outputs_and_gradients(layer, x, plain)
-    torch.testing.assert_close(fused_y, plain_y, rtol=2e-2, atol=2e-2)
-    for fused, expected in zip(fused_grads, plain_grads):
-        torch.testing.assert_close(fused, expected, rtol=5e-2, atol=5e-2)
+    assert_fused_matches_plain(layer, x, output_tol=2e-2, grad_rtol=5e-2, grad_atol=5e-2)
 
 
 def test_with_bfloat16_compute_the_low_rank_term_is_added_in_float32():
