@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 (default), or bfloat16: the frozen base's products in bfloat16 on the CPU's bfloat16 units "
                    "(attention, the adapter, optimizer and loss stay float32; costs in the README)")  # fmt: skip
     r.add_argument("--frozen-bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep a float32 embedding (and tied head) in bfloat16 (default: with --compute bfloat16)")  # fmt: skip
+                   help="keep the frozen embedding (and head) in bfloat16 (default: with --compute bfloat16, and where "
+                   "the checkpoint holds them in bfloat16, which then loses nothing; the head still multiplies in float32)")  # fmt: skip
     r.add_argument("--profile", action="store_true", help="print where the second step's time goes (forward, recomputation, backward, optimizer)")
     r.add_argument("--metrics-json", metavar="FILE", help="also write the run's figures (loss and seconds per step) as JSON")
     r.add_argument("--overwrite", action="store_true")

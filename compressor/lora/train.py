@@ -30,6 +30,7 @@ from ..memory import trim, trim_every
 from ..nn import QuantLinear
 from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
+from .head_loss import frozen_head_loss
 from .layer import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 from .loftq import initialize
 from .profile import StepProfile, StepProfiler
@@ -64,7 +65,7 @@ class TrainJob:
     calibration: Path | None = None  # loftq: text whose activations weigh the approximation (recommended)
     calibration_tokens: int = 16384
     compute: str = "float32"  # one of COMPUTE_DTYPES
-    frozen_bf16: bool | None = None  # a float32 embedding (and tied head) kept in bfloat16; None: with bfloat16 compute
+    frozen_bf16: bool | None = None  # the embedding (and head) kept in bfloat16; None: with bfloat16 compute, or where that loses nothing
     profile: bool = False  # profile the second step (the first warms up): TrainSummary.profile
 
     def __post_init__(self):
@@ -158,7 +159,9 @@ def train(job: TrainJob) -> TrainSummary:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train_set, eval_set = _split([encode(r, tokenizer, job.seq_len) for r in read_jsonl(job.data)], job.eval_split, job.seed, job.data)
 
-    model = load(job.base_dir, float32=True)
+    model = load(job.base_dir)  # in the checkpoint's dtypes: widened to float32 below, but for what stays bfloat16
+    frozen_bf16 = job.frozen_bf16 if job.frozen_bf16 is not None else (job.compute == "bfloat16" or _bf16_is_lossless(model))
+    _widen(model, keep=_frozen_weights(model) if frozen_bf16 else [])
     profiler = StepProfiler()
     base_params = sum(_logical_params(m) for m in model.modules())
     cfg = LoraConfig(job.rank or rank_for(base_params), job.alpha, job.dropout, job.targets)
@@ -183,8 +186,11 @@ def train(job: TrainJob) -> TrainSummary:
                 products[-1].reuse_in_backward = False
     if job.compute == "bfloat16":
         _bf16_products(model)
-    if job.frozen_bf16 if job.frozen_bf16 is not None else job.compute == "bfloat16":
+    if frozen_bf16:
         _frozen_in_bf16(model)
+    head = model.get_output_embeddings()
+    # The head multiplies in bfloat16 only when the job computes in it; a bfloat16 head otherwise widens its slices.
+    head_dtype = head.weight.dtype if job.compute == "bfloat16" and head is not None else torch.float32
     try:
         modules = add_lora(model, cfg)
     except ValueError as e:
@@ -200,7 +206,7 @@ def train(job: TrainJob) -> TrainSummary:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * (1 - s / steps))
     summary = TrainSummary(cfg.rank, job.rank is None, sum(p.numel() for p in params), base_params, steps, len(train_set), len(eval_set))
     if eval_set:
-        summary.eval_losses.append((0, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
+        summary.eval_losses.append((0, _eval_loss(model, eval_set, micro, pad_id, accelerator, head_dtype)))
     order = _batches(len(train_set), job.batch_size, steps, job.seed)
 
     bar = tqdm(total=steps, desc="train", unit="step", disable=not (job.progress and accelerator.is_main_process))
@@ -217,7 +223,7 @@ def train(job: TrainJob) -> TrainSummary:
                 chunk = mine[k * micro : (k + 1) * micro]
                 with accelerator.no_sync(model) if k < job.grad_accum - 1 else nullcontext():
                     with profiler.phase("forward"):
-                        total = _loss_sum(model, collate(chunk, pad_id))
+                        total = _loss_sum(model, collate(chunk, pad_id), head_dtype)
                     with profiler.phase("backward"):
                         # DDP averages gradients over processes; times ``world`` makes that a sum over the global batch.
                         accelerator.backward(total * world / max(tokens, 1))
@@ -233,7 +239,7 @@ def train(job: TrainJob) -> TrainSummary:
         summary.train_losses.append(loss)
         summary.step_seconds.append(time.perf_counter() - began)
         if eval_set and (step % job.eval_every == 0 or step == steps):
-            summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator)))
+            summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator, head_dtype)))
         bar.set_postfix(loss=f"{loss:.4f}", **({"held_out": f"{summary.eval_losses[-1][1]:.4f}"} if summary.eval_losses else {}))
         bar.update()
     bar.close()
@@ -257,17 +263,54 @@ def _bf16_products(model) -> None:
             _bf16_linear(m)
 
 
-def _frozen_in_bf16(model) -> None:
-    # The embedding (and a head tied to it) is the largest float tensor of a packed base; nothing
-    # trains it, so bfloat16 halves it. Lookups come out in float32 again, so the residual stream
-    # keeps its precision; the head takes its input in bfloat16 and gives float32 logits.
+def _frozen_weights(model) -> list[torch.Tensor]:
+    # The embedding and the head (one tensor when tied): the largest float tensors of a packed base, and frozen.
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if embedding.weight.dtype != torch.float32:
-        return
-    embedding.weight.data = embedding.weight.data.to(torch.bfloat16)
+    untied_head = isinstance(head, torch.nn.Linear) and head.weight is not embedding.weight
+    return [embedding.weight] + ([head.weight] if untied_head else [])
+
+
+def _bf16_is_lossless(model) -> bool:
+    # Most checkpoints are stored in bfloat16: their embedding and head, kept so, lose nothing, and
+    # the head still multiplies in float32 (head_loss.py widens a slice at a time). Only for plain
+    # heads, which train through that function; another architecture's forward would call the
+    # head on bfloat16 inputs.
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD:
+        return False
+    return all(w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and _holds_bf16(w)) for w in _frozen_weights(model))
+
+
+def _holds_bf16(w: torch.Tensor) -> bool:
+    # Exactly representable in bfloat16: the low 16 bits of every float32 are zero. By rows, so no
+    # copy of the whole (large) matrix is made.
+    bits = w.detach().view(torch.int32)
+    rows = max(1, (1 << 22) // max(w.shape[-1], 1))
+    return not any((bits[i : i + rows] & 0xFFFF).any() for i in range(0, bits.shape[0], rows))
+
+
+def _widen(model, keep: list[torch.Tensor]) -> None:
+    # model.float() but for ``keep``: widening the frozen embedding only to narrow it again would
+    # hold both copies at once, the peak of a run on a large vocabulary.
+    kept = {id(t) for t in keep}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in kept:
+                p.data = p.data.float()
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != torch.float32:
+                module._buffers[name] = b.float()
+
+
+def _frozen_in_bf16(model) -> None:
+    # Nothing trains the embedding (and a head tied to it), so bfloat16 halves the largest float
+    # tensors. Lookups come out in float32 again, so the residual stream keeps its precision; a head
+    # called by the model's own forward takes its input in bfloat16 and gives float32 logits.
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    for w in _frozen_weights(model):
+        w.data = w.data.to(torch.bfloat16)
     embedding.register_forward_hook(lambda m, args, out: out.float())
-    if head is not None and isinstance(head, torch.nn.Linear):
-        _bf16_linear(head)  # a tied head is already bfloat16: only its hooks are added
+    if isinstance(head, torch.nn.Linear):
+        _bf16_linear(head)  # its weight is bfloat16 now: only its hooks are added
 
 
 def _bf16_linear(linear: torch.nn.Linear) -> None:
@@ -320,12 +363,13 @@ TRIM_EVERY_LAYERS = 3
 # Architectures whose logits are exactly ``lm_head(last hidden state)``: no soft-capping or scaling
 # after the head. Only these take the chunked loss; others go through the model's own forward.
 PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3", "stablelm", "starcoder2"})
-LOSS_CHUNK = 128  # positions whose logits exist at once; 128 x 49k vocabulary is 25 MB in float32
+LOSS_CHUNK = 128  # a trained head: positions whose logits exist at once; 128 x 49k vocabulary is 25 MB in float32
 
 
-def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loss_sum(model, batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # Logits only at positions whose next token is trained on: over a 49k vocabulary the logits and
-    # their gradients are most of a step's memory, and prompts are often most of a sequence.
+    # their gradients are most of a step's memory, and prompts are often most of a sequence. A
+    # frozen head multiplies in ``dtype`` (see head_loss.py).
     labels = batch["labels"][:, 1:]
     keep = (labels != IGNORE).any(dim=0).nonzero().squeeze(1)
     if getattr(model.config, "model_type", None) not in PLAIN_HEAD:
@@ -334,8 +378,8 @@ def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     hidden, targets = hidden[:, keep].flatten(0, 1), labels[:, keep].flatten()
     head = model.get_output_embeddings()
-    if hidden.requires_grad and isinstance(head, torch.nn.Linear) and not head.weight.requires_grad:
-        return _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets)
+    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad:
+        return frozen_head_loss(hidden, head.weight, head.bias, targets, dtype)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], LOSS_CHUNK):
         # Checkpointed: a chunk's logits are dropped after its loss and recomputed in backward, so
@@ -348,56 +392,23 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
-class _FrozenHeadLoss(torch.autograd.Function):
-    # Summed cross-entropy of hidden @ W.T + b for a head nothing trains. Its gradient with respect to
-    # the hidden states, (softmax - onehot) @ W, is computed in the forward, LOSS_CHUNK positions at
-    # a time: no chunk's logits outlive it, and the backward has no head product to recompute
-    # (a third of the head's work in a step, which on a large vocabulary is a large share of it).
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
-        grad = torch.empty_like(hidden)
-        total = torch.zeros((), dtype=torch.float32)
-        for i in range(0, hidden.shape[0], LOSS_CHUNK):
-            h, t = hidden[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK]
-            # Logits transposed, (vocabulary, positions): W @ h.T runs a third faster than h @ W.T
-            # on a CPU (SmolLM2's head, 128 positions: 0.77 against 1.09 s a step).
-            logits = (weight @ h.to(weight.dtype).T).float()
-            if bias is not None:
-                logits += bias.float()[:, None]
-            valid = t != IGNORE
-            picked = t.clamp(min=0)[None, :]
-            logsumexp = logits.logsumexp(dim=0, keepdim=True)
-            total += ((logsumexp - logits.gather(0, picked))[0] * valid).sum()
-            probs = logits.sub_(logsumexp).exp_()
-            probs.scatter_add_(0, picked, torch.full_like(picked, -1, dtype=probs.dtype))
-            probs *= valid[None, :]
-            grad[i : i + LOSS_CHUNK] = (probs.to(weight.dtype).T @ weight).to(grad.dtype)
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, upstream: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype), None, None, None
-
-
 @torch.no_grad()
-def loss_and_tokens(model, examples: list[Example], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
-    """Summed cross-entropy over the trained tokens of ``examples``, and how many tokens that is."""
+def loss_and_tokens(model, examples: list[Example], pad_id: int, batch_size: int = 8,
+                    head_dtype: torch.dtype = torch.float32) -> tuple[float, int]:  # fmt: skip
+    """Summed cross-entropy over the trained tokens of ``examples``, and how many tokens that is (a frozen head multiplying in ``head_dtype``)."""
     was_training = model.training
     model.eval()
     loss = tokens = 0
     for i in range(0, len(examples), max(batch_size, 1)):
         chunk = examples[i : i + max(batch_size, 1)]
-        loss += _loss_sum(model, collate(chunk, pad_id)).item()
+        loss += _loss_sum(model, collate(chunk, pad_id), head_dtype).item()
         tokens += sum(_trained_tokens(e) for e in chunk)
     model.train(was_training)
     return loss, tokens
 
 
-def _eval_loss(model, examples: list[Example], micro: int, pad_id: int, accelerator) -> float:
+def _eval_loss(model, examples: list[Example], micro: int, pad_id: int, accelerator, head_dtype: torch.dtype) -> float:
     # Token-weighted mean over the held-out set, each process scoring its share.
-    loss, tokens = loss_and_tokens(model, examples[accelerator.process_index :: accelerator.num_processes], pad_id, micro)
+    loss, tokens = loss_and_tokens(model, examples[accelerator.process_index :: accelerator.num_processes], pad_id, micro, head_dtype)
     total = accelerator.reduce(torch.tensor([loss, float(tokens)]), "sum")
     return (total[0] / total[1].clamp(min=1)).item()

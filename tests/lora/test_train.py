@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,6 +73,7 @@ def test_chunked_loss_equals_the_loss_over_full_logits_with_the_same_gradients(a
     import torch.nn.functional as F
 
     from compressor.lora import LoraConfig, add_lora
+    from compressor.lora import head_loss
     from compressor.lora import train as train_module
     from compressor.lora.data import IGNORE
     from tests.helpers import tiny_model
@@ -85,7 +87,7 @@ def test_chunked_loss_equals_the_loss_over_full_logits_with_the_same_gradients(a
     labels = ids.clone()
     labels[:, :15] = IGNORE
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    monkeypatch.setattr(train_module, "LOSS_CHUNK", 7)  # several chunks and a ragged last one
+    monkeypatch.setattr(head_loss, "LOGIT_ELEMENTS", 75 * 50)  # 75 positions: slices of 50 of the 320 rows, the last ragged
 
     chunked = train_module._loss_sum(model, batch)
     chunked.backward()
@@ -178,6 +180,40 @@ def test_bfloat16_compute_on_a_float_base_multiplies_only_its_linear_layers_in_b
                              eval_split=0.0, compute="bfloat16", progress=False))  # fmt: skip
     assert summary.train_losses[-1] < 0.7 * summary.train_losses[0]
     assert attention_dtypes == {torch.float32}
+
+
+@pytest.fixture(scope="module")
+def bf16_base(base):
+    from compressor.formats import config_for
+    from compressor.quantize import QuantizeJob, quantize_checkpoint
+    from tests.helpers import tiny_checkpoint, with_tokenizer
+
+    src = with_tokenizer(tiny_checkpoint(base, dtype=torch.bfloat16))
+    quantize_checkpoint(QuantizeJob(src, base / "nf4-bf16", config_for("nf4"), progress=False))
+    return base / "nf4-bf16"
+
+
+def test_a_bfloat16_checkpoints_embedding_stays_bfloat16_and_trains_as_in_float32(base, bf16_base, tmp_path, monkeypatch):
+    from compressor.lora import train as train_module
+
+    kept = []
+    real = train_module._frozen_in_bf16
+    monkeypatch.setattr(train_module, "_frozen_in_bf16", lambda model: (kept.append(model.get_input_embeddings()), real(model)))
+    run = dict(steps=6, dropout=0.1, gradient_checkpointing=True)
+    lean = train(replace(job(base, tmp_path / "a", **run), base_dir=bf16_base))
+    assert [e.weight.dtype for e in kept] == [torch.bfloat16]
+    wide = train(replace(job(base, tmp_path / "b", **run), base_dir=bf16_base, frozen_bf16=False))
+    assert lean.train_losses == pytest.approx(wide.train_losses, rel=1e-5)
+    assert [loss for _, loss in lean.eval_losses] == pytest.approx([loss for _, loss in wide.eval_losses], rel=1e-5)
+
+
+def test_a_float32_embedding_is_not_rounded_unless_asked(base, tmp_path, monkeypatch):
+    from compressor.lora import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "_frozen_in_bf16", calls.append)
+    train(job(base, tmp_path / "a", steps=1, eval_split=0.0))
+    assert calls == []
 
 
 def test_profile_names_each_phase_and_the_recomputation(base, tmp_path):
