@@ -168,22 +168,18 @@ def train(job: TrainJob) -> TrainSummary:
     if job.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": profiler.contexts})
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.reuse_in_backward = True  # the recomputation's decoded weight serves the backward (see nn.py)
         layers = list(getattr(model.get_decoder(), "layers", []))
         for i, layer in enumerate(layers):
+            kept = i >= len(layers) - job.keep_layers
+            if kept:
+                layer.gradient_checkpointing = False  # not recomputed: the forward's activations serve the backward
             products = [m for m in layer.modules() if isinstance(m, QuantLinear)]
-            if i >= len(layers) - job.keep_layers:
-                # Not recomputed: the forward's activations serve the backward, and each weight is
-                # decoded again there rather than held, decoded, from the forward.
-                layer.gradient_checkpointing = False
-                for m in products:
-                    m.reuse_in_backward = False
-            elif products:
-                # Its output is the layer's, which the layer's backward does not read: saving nothing, it is
-                # not recomputed at all (see lora/product.py), and its weight is decoded in the backward instead.
-                products[-1].reuse_in_backward = False
+            for m in products:
+                # A recomputed layer's decoded weights serve its backward (see nn.py), but for its last
+                # product: its output is the layer's, which the layer's backward does not read, so saving
+                # nothing it is not recomputed at all (see lora/product.py) and is decoded in the backward.
+                # A kept layer decodes each weight again in the backward rather than hold it from the forward.
+                m.reuse_in_backward = not kept and m is not products[-1]
     if job.compute == "bfloat16":
         _bf16_products(model)
     if frozen_bf16:

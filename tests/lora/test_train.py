@@ -72,8 +72,7 @@ def test_chunked_loss_equals_the_loss_over_full_logits_with_the_same_gradients(a
     import torch
     import torch.nn.functional as F
 
-    from compressor.lora import LoraConfig, add_lora
-    from compressor.lora import head_loss
+    from compressor.lora import LoraConfig, add_lora, head_loss
     from compressor.lora import train as train_module
     from compressor.lora.data import IGNORE
     from tests.helpers import tiny_model
