@@ -287,14 +287,9 @@ def _holds_bf16(w: torch.Tensor) -> bool:
 def _widen(model, keep: list[torch.Tensor]) -> None:
     # model.float() but for ``keep``: widening the frozen embedding only to narrow it again would
     # hold both copies at once, the peak of a run on a large vocabulary.
+    # Module.float() is this same _apply, with no exceptions.
     kept = {id(t) for t in keep}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in kept:
-                p.data = p.data.float()
-        for name, b in module.named_buffers(recurse=False):
-            if b.is_floating_point() and b.dtype != torch.float32:
-                module._buffers[name] = b.float()
+    model._apply(lambda t: t.float() if t.is_floating_point() and id(t) not in kept else t)
 
 
 def _frozen_in_bf16(model) -> None:
