@@ -30,6 +30,7 @@ from ..memory import trim, trim_every
 from ..nn import QuantLinear
 from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
+from .fused import fuse_elementwise
 from .head_loss import frozen_head_loss
 from .layer import DEFAULT_TARGETS, LoraConfig, add_lora, rank_for
 from .loftq import initialize
@@ -180,6 +181,7 @@ def train(job: TrainJob) -> TrainSummary:
                 # nothing it is not recomputed at all (see lora/product.py) and is decoded in the backward.
                 # A kept layer decodes each weight again in the backward rather than hold it from the forward.
                 m.reuse_in_backward = not kept and m is not products[-1]
+    fuse_elementwise(model)
     if job.compute == "bfloat16":
         _bf16_products(model)
     if frozen_bf16:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import CompressorError
 
-SOURCES = ("pool.c", "matmul.c", "int8_activations.c", "ops.c", "lowrank.c", "step.c")
+SOURCES = ("pool.c", "matmul.c", "int8_activations.c", "ops.c", "lowrank.c", "backward.c", "step.c")
 HEADERS = ("pool.h", "kernels.h")
 FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 # This CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64.
@@ -33,8 +33,12 @@ SIGNATURES = {
     "matmul": (_P, _P, _I64, _I64, _P, _P, _I64, _I32, _I32, _I32),
     "int8_activations_supported": (_I32, _I64),
     "unpack": (_P, _P, _I32, _I32),
-    "rms_norm": (_P, _I64, _I64, _I64, _P, _F32, _F32, _P, _I64),
-    "act_mul": (_P, _I64, _I64, _I64, _I64, _I32, _P, _I64),
+    "rms_norm": (_P, _I64, _I64, _I64, _P, _F32, _F32, _P, _I64, _P),
+    "act_mul": (_P, _I64, _P, _I64, _I64, _I64, _I32, _P, _I64),
+    "rms_norm_forward": (_P, _I64, _I64, _P, _F32, _F32, _P, _P, _I32),
+    "rms_norm_backward": (_P, _P, _P, _I64, _I64, _P, _F32, _P, _I32),
+    "act_mul_forward": (_P, _I64, _P, _I64, _I64, _I64, _I32, _P, _I32),
+    "act_mul_backward": (_P, _I64, _P, _I64, _P, _I64, _I64, _I32, _P, _P, _I32),
     "rope": (_P, _I64, _I64, _I64, _I64, _P, _P, _I64),
     "dropout": (_P, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P),
     "dropout_bf16": (_P, _I64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, _F32, _P),

@@ -41,8 +41,11 @@ int int8_activations_supported(int kind, int64_t K);
 void matmul_i8(const weight_t *w, const float *x, int64_t M, int64_t ldx, const float *bias, float *out, int64_t ldo,
                int accumulate, int threads, int tiles);
 void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const float *weight, float offset, float eps,
-              float *out, int64_t ldo);
-void act_mul(const float *gate_up, int64_t rows, int64_t width, int64_t ld, int64_t up_offset, int act, float *out, int64_t ldo);
+              float *out, int64_t ldo, float *rstd);
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+void act_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu, int64_t rows, int64_t width, int act, float *out,
+             int64_t ldo);
+void exp_all(float *v, int64_t n); /* exp in place: a polynomial accurate to about 2 ulp, for x <= 88 */
 void rope(float *x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, const float *cos, const float *sin, int64_t rot);
 void dropout(const float *x, int64_t n, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale, float *out);
 void dropped(const float *x, int64_t n, int64_t first, uint32_t seed_lo, uint32_t seed_hi, uint32_t threshold, float scale,

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -84,20 +84,34 @@ static inline __m512 exp16(__m512 x) {
     EXP_STEPS(v_floor, _mm512_mul_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_set1_ps, v_pow2)
 #undef MAX
 }
+#elif defined(__AVX2__)
+static inline __m256 v_floor(__m256 a) { return _mm256_floor_ps(a); }
+static inline __m256 v_pow2(__m256 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static inline __m256 exp8(__m256 x) {
+    __m256 n, r, p;
+#define MAX(a, b) _mm256_max_ps(a, b)
+    EXP_STEPS(v_floor, _mm256_mul_ps, _mm256_add_ps, _mm256_sub_ps, _mm256_set1_ps, v_pow2)
+#undef MAX
+}
 #endif
 
-/* exp of n floats in place. */
-static void exp_all(float *v, int64_t n) {
+/* exp of n floats in place (the vector bodies do the scalar one's operations in its order). */
+void exp_all(float *v, int64_t n) {
     int64_t i = 0;
 #ifdef __AVX512F__
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, exp16(_mm512_loadu_ps(v + i)));
+#elif defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, exp8(_mm256_loadu_ps(v + i)));
 #endif
     for (; i < n; i++) v[i] = fast_exp(v[i]);
 }
 
-/* out = x / rms(x) * weight (offset 0) or * (1 + weight) (offset 1, Gemma), row by row. */
+/* out = x / rms(x) * weight (offset 0) or * (1 + weight) (offset 1, Gemma), row by row; each
+   row's 1 / rms(x) into rstd unless it is NULL (training keeps it for the backward). */
 void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const float *weight, float offset, float eps,
-              float *out, int64_t ldo) {
+              float *out, int64_t ldo, float *rstd) {
     for (int64_t m = 0; m < rows; m++) {
         const float *xm = x + m * ldx;
         float acc[16] = {0};
@@ -106,19 +120,20 @@ void rms_norm(const float *x, int64_t rows, int64_t width, int64_t ldx, const fl
             for (int l = 0; l < 16; l++) acc[l] += xm[k + l] * xm[k + l];
         for (int l = 0; k + l < width; l++) acc[l] += xm[k + l] * xm[k + l];
         float inv = 1.0f / sqrtf(fold16(acc) / (float)width + eps);
+        if (rstd) rstd[m] = inv;
         float *om = out + m * ldo;
         for (int64_t i = 0; i < width; i++) om[i] = (xm[i] * inv) * (weight[i] + offset);
     }
 }
 
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
-
-/* out[m, i] = act(gate[m, i]) * up[m, i]; gate and up are rows of gate_up (up at up_offset).
-   SiLU is g / (1 + exp(-g)); the GELU's tanh(y) is 1 - 2 / (exp(2y) + 1), with 2y capped at 88. */
-void act_mul(const float *gate_up, int64_t rows, int64_t width, int64_t ld, int64_t up_offset, int act, float *out, int64_t ldo) {
+/* out[m, i] = act(gate[m, i]) * up[m, i] (rows ldg, ldu and ldo apart; one gate_up tensor's
+   halves, or two tensors). SiLU is g / (1 + exp(-g)); the GELU's tanh(y) is 1 - 2 / (exp(2y) + 1),
+   with 2y capped at 88. */
+void act_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu, int64_t rows, int64_t width, int act, float *out,
+             int64_t ldo) {
     float *e = malloc(sizeof(float) * (width > 0 ? width : 1));
     for (int64_t m = 0; m < rows; m++) {
-        const float *g = gate_up + m * ld, *u = g + up_offset;
+        const float *g = gate + m * ldg, *u = up + m * ldu;
         float *o = out + m * ldo;
         for (int64_t i = 0; i < width; i++) {
             float y = act == ACT_SILU ? -g[i] : 2.0f * (0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]));

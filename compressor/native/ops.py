@@ -26,14 +26,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     """``out = x / sqrt(mean(x**2) + eps) * (weight + offset)`` row by row (offset 1: Gemma's ``1 + weight``)."""
     _rows(x), _rows(out)
     lib = library()
-    lib.rms_norm(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), offset, eps, out.data_ptr(), out.stride(0))
+    lib.rms_norm(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), offset, eps, out.data_ptr(), out.stride(0), None)
     return out
 
 
 def act_mul(gate_up: torch.Tensor, width: int, act: int, out: torch.Tensor) -> torch.Tensor:
     """``out = act(gate) * up`` where each row of ``gate_up`` holds ``gate`` then ``up``, ``width`` each."""
     _rows(gate_up), _rows(out)
-    library().act_mul(gate_up.data_ptr(), gate_up.shape[0], width, gate_up.stride(0), width, act, out.data_ptr(), out.stride(0))
+    ld, gate = gate_up.stride(0), gate_up.data_ptr()
+    library().act_mul(gate, ld, gate + 4 * width, ld, gate_up.shape[0], width, act, out.data_ptr(), out.stride(0))
     return out
 
 

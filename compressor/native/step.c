@@ -134,12 +134,14 @@ typedef struct { const norm_t *n; const float *x; int64_t width, ldx; float *out
 
 static void norm_part(void *arg, int64_t begin, int64_t end) {
     const rows_job *j = arg;
-    rms_norm(j->x + begin * j->ldx, end - begin, j->width, j->ldx, j->n->weight, j->n->offset, j->n->eps, j->out + begin * j->ldo, j->ldo);
+    rms_norm(j->x + begin * j->ldx, end - begin, j->width, j->ldx, j->n->weight, j->n->offset, j->n->eps, j->out + begin * j->ldo, j->ldo,
+             NULL);
 }
 
 static void act_part(void *arg, int64_t begin, int64_t end) {
     const rows_job *j = arg;
-    act_mul(j->x + begin * j->ldx, end - begin, j->width, j->ldx, j->width, j->act, j->out + begin * j->ldo, j->ldo);
+    const float *gate = j->x + begin * j->ldx;
+    act_mul(gate, j->ldx, gate + j->width, j->ldx, end - begin, j->width, j->act, j->out + begin * j->ldo, j->ldo);
 }
 
 static void norm(const step_t *s, const norm_t *n, const float *x, int64_t rows, int64_t width, int64_t ldx, float *out, int64_t ldo) {
