@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import formats
+from . import formats, memory
 from .choices import ACTIVATIONS
 from .native.matmul import matmul
 
@@ -29,14 +28,25 @@ class _DequantizedLinear(torch.autograd.Function):
         w = module.weight_dequantized(dtype)
         ctx.save_for_backward(w if module.reuse_in_backward else None)
         bias = None if module.bias is None else module.bias.to(dtype)  # frozen: no gradient
-        return F.linear(x.to(dtype), w, bias).to(x.dtype)
+        return linear(x.to(dtype), w, bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (w,) = ctx.saved_tensors
         if w is None:
             w = ctx.module.weight_dequantized(grad.dtype)
-        return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None
+        return linear(grad.to(w.dtype), w.T).to(ctx.x_dtype), None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)``, its output from :func:`compressor.memory.empty` (a training step's pool, where one is active)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = memory.empty((rows.shape[0], w.shape[0]), x.dtype)
+    if bias is None:
+        torch.mm(rows, w.T, out=out)
+    else:
+        torch.addmm(bias, rows, w.T, out=out)
+    return out.view(*x.shape[:-1], w.shape[0])
 
 
 FUSED_MAX_ROWS = 16  # up to this many rows, a format's fused kernel beats dequantize + matmul on CPU
@@ -80,7 +90,7 @@ class QuantLinear(nn.Module):
                 self._states[dtype] = dataclasses.replace(state, dtype=dtype)
             state = self._states[dtype]
         with torch.profiler.record_function("dequantize"):
-            return formats.dequantize(self.packed, state)
+            return formats.dequantize(self.packed, state, out=memory.empty(state.shape, state.dtype))
 
     def fused(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False,
               threads: int | None = None) -> torch.Tensor | None:  # fmt: skip

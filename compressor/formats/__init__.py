@@ -25,7 +25,7 @@ class Format:
     """A format's pair of functions, the type of state they exchange, a fused error measure (optional) and its layout for the native matmul."""
 
     quantize: Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
-    dequantize: Callable[[torch.Tensor, object], torch.Tensor]
+    dequantize: Callable[..., torch.Tensor]  # (packed, state, out=None)
     state_type: type
     error: Callable[[torch.Tensor, torch.Tensor, object], tuple[float, float]] | None = None
     kernel_weight: Callable[[torch.Tensor, object], object | None] | None = None
@@ -67,9 +67,9 @@ def method_of(cfg) -> str:
         raise TypeError(f"no method for {type(cfg).__name__}") from None
 
 
-def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
-    """Dequantize with whichever format produced ``state``."""
-    return _format_of(state).dequantize(packed, state)
+def dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize with whichever format produced ``state`` (into ``out``, of its shape and dtype, when given)."""
+    return _format_of(state).dequantize(packed, state, out)
 
 
 def kernel_weight(packed: torch.Tensor, state):

@@ -76,11 +76,12 @@ def quantize(w: torch.Tensor, cfg: Int8Config = Int8Config()) -> tuple[torch.Ten
     return q.reshape(w.shape), state
 
 
-def dequantize(q: torch.Tensor, state: Int8State) -> torch.Tensor:
-    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype``."""
+def dequantize(q: torch.Tensor, state: Int8State, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype`` (copied into ``out`` when given)."""
     groups = q.reshape(state.scale.shape[0], -1).to(torch.int32)
     w = (groups - state.zero_point).double() * state.scale.double()
-    return w.reshape(state.shape).to(state.dtype)
+    result = w.reshape(state.shape).to(state.dtype)
+    return result if out is None else out.copy_(result)
 
 
 def kernel_weight(q: torch.Tensor, state: Int8State) -> KernelWeight | None:

@@ -51,10 +51,11 @@ def quantize(w: torch.Tensor, cfg: Int8SymConfig = Int8SymConfig()) -> tuple[tor
     return q.reshape(w.shape), Int8SymState(row_absmax=row_absmax, shape=tuple(w.shape), dtype=w.dtype)
 
 
-def dequantize(q: torch.Tensor, state: Int8SymState) -> torch.Tensor:
-    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype``."""
+def dequantize(q: torch.Tensor, state: Int8SymState, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype`` (copied into ``out`` when given)."""
     rows = rows_of(q).float() * state.row_absmax.unsqueeze(-1) * _INV_127
-    return rows.reshape(state.shape).to(state.dtype)
+    result = rows.reshape(state.shape).to(state.dtype)
+    return result if out is None else out.copy_(result)
 
 
 def kernel_weight(q: torch.Tensor, state: Int8SymState) -> KernelWeight | None:

@@ -91,13 +91,14 @@ def quantize(w: torch.Tensor, cfg: IntNConfig = IntNConfig()) -> tuple[torch.Ten
     return pack_bits(q.to(torch.uint8), cfg.bits), state
 
 
-def dequantize(packed: torch.Tensor, state: IntNState) -> torch.Tensor:
-    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype``."""
+def dequantize(packed: torch.Tensor, state: IntNState, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype`` (copied into ``out`` when given)."""
     rows, nblocks = state.scale.shape
     q = unpack_bits(packed, state.bits, rows * nblocks * state.blocksize).reshape(rows, nblocks, state.blocksize)
     w = (q.float() - state.zero_point.float().unsqueeze(-1)) * state.scale.unsqueeze(-1)
     cols = state.shape[-1] if len(state.shape) else 1
-    return w.reshape(rows, -1)[:, :cols].reshape(state.shape).to(state.dtype)
+    result = w.reshape(rows, -1)[:, :cols].reshape(state.shape).to(state.dtype)
+    return result if out is None else out.copy_(result)
 
 
 def kernel_weight(packed: torch.Tensor, state: IntNState) -> KernelWeight | None:

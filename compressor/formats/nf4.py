@@ -132,10 +132,12 @@ def state_for(absmax: torch.Tensor, cfg: FourBitConfig, shape: tuple[int, ...], 
     return FourBitState(absmax=codes, absmax_state=absmax_state, absmax_offset=offset.item(), **common)
 
 
-def dequantize(packed: torch.Tensor, state: FourBitState) -> torch.Tensor:
-    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype``."""
+def dequantize(packed: torch.Tensor, state: FourBitState, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a tensor of ``state.shape`` and ``state.dtype`` (written into ``out`` when given)."""
+    if out is not None and (out.dtype not in kernels.NATIVE_DTYPES or not out.is_contiguous()):
+        return out.copy_(dequantize(packed, state))
     out_dtype = state.dtype if state.dtype in kernels.NATIVE_DTYPES else torch.float32
-    out = torch.empty(state.shape, dtype=out_dtype)
+    out = torch.empty(state.shape, dtype=out_dtype) if out is None else out
     if out.numel():
         lut = codebook(state.codebook).numpy()
         kernels.dequantize_4bit(packed.reshape(-1).numpy(), state.scales().numpy(), state.blocksize, lut, kernels.as_bits(out))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory import empty
 from .data import IGNORE
 
 LOGIT_ELEMENTS = 128 * 49152  # logits that exist at once: 25 MB in float32, SmolLM2's vocabulary at 128 positions
@@ -39,8 +40,12 @@ def _sliced(hidden, weight, bias, targets, dtype, grad: bool) -> tuple[torch.Ten
     picked_logit = torch.zeros(positions)
     acc = torch.zeros(positions, weight.shape[1]) if grad else None  # sum of exp(logit - running_max) * W row
     rows = max(1, LOGIT_ELEMENTS // max(positions, 1))
+    widened = None  # one buffer for every slice that changes dtype
     for start in range(0, vocabulary, rows):
-        w = weight[start : start + rows].to(dtype)
+        w = weight[start : start + rows]
+        if w.dtype != dtype:
+            widened = empty((rows, weight.shape[1]), dtype) if widened is None else widened
+            w = widened[: w.shape[0]].copy_(w)
         # Transposed, (vocabulary, positions): W @ h.T runs a third faster than h @ W.T on a CPU.
         logits = (w @ h.T).float()
         if bias is not None:

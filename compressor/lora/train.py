@@ -26,7 +26,7 @@ from ..checks import float_folder, load_tokenizer, model_folder, output_free, wi
 from ..choices import COMPUTE_DTYPES, TRAIN_INITS
 from ..errors import CompressorError, FieldError, at_least, within
 from ..loading import load
-from ..memory import trim, trim_every
+from ..memory import BufferPool, trim, trim_every
 from ..nn import QuantLinear
 from .adapters import save_adapter
 from .data import IGNORE, Example, collate, encode, read_jsonl
@@ -209,37 +209,39 @@ def train(job: TrainJob) -> TrainSummary:
 
     bar = tqdm(total=steps, desc="train", unit="step", disable=not (job.progress and accelerator.is_main_process))
     model.train()
-    for step, batch in enumerate(order, 1):
-        profiled = job.profile and step == min(2, steps)
-        began = time.perf_counter()
-        examples = [train_set[i] for i in batch]
-        tokens = sum(_trained_tokens(e) for e in examples)
-        mine = examples[rank_id * micro * job.grad_accum : (rank_id + 1) * micro * job.grad_accum]
-        loss_sum = 0.0
-        with profiler.step() if profiled else nullcontext():
-            for k in range(job.grad_accum):
-                chunk = mine[k * micro : (k + 1) * micro]
-                with accelerator.no_sync(model) if k < job.grad_accum - 1 else nullcontext():
-                    with profiler.phase("forward"):
-                        total = _loss_sum(model, collate(chunk, pad_id), head_dtype)
-                    with profiler.phase("backward"):
-                        # DDP averages gradients over processes; times ``world`` makes that a sum over the global batch.
-                        accelerator.backward(total * world / max(tokens, 1))
-                loss_sum += total.item()
-            with profiler.phase("optimizer"):
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-        if profiled:
-            summary.profile = profiler.result
-        trim()  # the step's activations and decoded weights, back to the system rather than held at the peak
-        loss = accelerator.reduce(torch.tensor(loss_sum), "sum").item() / max(tokens, 1)
-        summary.train_losses.append(loss)
-        summary.step_seconds.append(time.perf_counter() - began)
-        if eval_set and (step % job.eval_every == 0 or step == steps):
-            summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator, head_dtype)))
-        bar.set_postfix(loss=f"{loss:.4f}", **({"held_out": f"{summary.eval_losses[-1][1]:.4f}"} if summary.eval_losses else {}))
-        bar.update()
+    # The step's largest tensors come from buffers reused step after step (see memory.py).
+    with BufferPool():
+        for step, batch in enumerate(order, 1):
+            profiled = job.profile and step == min(2, steps)
+            began = time.perf_counter()
+            examples = [train_set[i] for i in batch]
+            tokens = sum(_trained_tokens(e) for e in examples)
+            mine = examples[rank_id * micro * job.grad_accum : (rank_id + 1) * micro * job.grad_accum]
+            loss_sum = 0.0
+            with profiler.step() if profiled else nullcontext():
+                for k in range(job.grad_accum):
+                    chunk = mine[k * micro : (k + 1) * micro]
+                    with accelerator.no_sync(model) if k < job.grad_accum - 1 else nullcontext():
+                        with profiler.phase("forward"):
+                            total = _loss_sum(model, collate(chunk, pad_id), head_dtype)
+                        with profiler.phase("backward"):
+                            # DDP averages gradients over processes; times ``world`` makes that a sum over the global batch.
+                            accelerator.backward(total * world / max(tokens, 1))
+                    loss_sum += total.item()
+                with profiler.phase("optimizer"):
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if profiled:
+                summary.profile = profiler.result
+            trim()  # the step's activations and decoded weights, back to the system rather than held at the peak
+            loss = accelerator.reduce(torch.tensor(loss_sum), "sum").item() / max(tokens, 1)
+            summary.train_losses.append(loss)
+            summary.step_seconds.append(time.perf_counter() - began)
+            if eval_set and (step % job.eval_every == 0 or step == steps):
+                summary.eval_losses.append((step, _eval_loss(model, eval_set, micro, pad_id, accelerator, head_dtype)))
+            bar.set_postfix(loss=f"{loss:.4f}", **({"held_out": f"{summary.eval_losses[-1][1]:.4f}"} if summary.eval_losses else {}))
+            bar.update()
     bar.close()
     summary.seconds = time.perf_counter() - start
     if accelerator.is_main_process:

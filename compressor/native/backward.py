@@ -1,13 +1,15 @@
 """RMSNorm and the gated activation for training (``backward.c``): forwards that keep what the backward needs, and the backwards.
 
 Tensors are float32 rows: ``(rows, width)`` with the last dimension contiguous; gate and up may be
-the two halves of one ``(rows, 2 * width)`` tensor. Outputs are new contiguous tensors.
+the two halves of one ``(rows, 2 * width)`` tensor. Outputs are new contiguous tensors (the activation's
+from :func:`compressor.memory.empty`: a training step's pool, where one is active).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..memory import empty
 from . import library
 from .matmul import all_cores
 from .ops import _rows
@@ -40,7 +42,7 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, w
 def act_mul_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
     """``act(gate) * up`` (``act`` one of :data:`compressor.native.ops.ACTIVATIONS`' values)."""
     _rows(gate), _rows(up)
-    out = torch.empty(gate.shape)
+    out = empty(gate.shape)
     library().act_mul_forward(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), gate.shape[0], gate.shape[1], act,
                               out.data_ptr(), all_cores())  # fmt: skip
     return out
@@ -49,7 +51,7 @@ def act_mul_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Ten
 def act_mul_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients with respect to ``gate`` and ``up`` of :func:`act_mul_forward`."""
     _rows(gate), _rows(up), _dense(grad)
-    d_gate, d_up = torch.empty(gate.shape), torch.empty(gate.shape)
+    d_gate, d_up = empty(gate.shape), empty(gate.shape)
     library().act_mul_backward(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), grad.data_ptr(), gate.shape[0],
                                gate.shape[1], act, d_gate.data_ptr(), d_up.data_ptr(), all_cores())  # fmt: skip
     return d_gate, d_up
