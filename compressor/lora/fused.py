@@ -1,10 +1,11 @@
 """A decoder's RMSNorms and gated MLP activation, in training, as one native pass each way (``native/backward.c``).
 
 transformers computes an RMSNorm in five tensor operations and ``act(gate) * up`` in two, and
-autograd keeps their intermediates and runs as many operations again backwards: on a 1B model a
-tenth of a QLoRA step, most of it page faults on fresh 32 MB buffers. :func:`fuse_elementwise`
-points each such module's ``forward`` at an autograd function over the native kernels, which keeps
-only the inputs (and the norm's per-row scale). Modules, names and parameters stay as they are.
+autograd keeps their intermediates and runs as many operations again backwards. At a 1B model's
+shapes (1,024 rows) the activation's forward and backward took 88 ms that way against 50 here, and
+an RMSNorm's 15.5 against 1.7 ms. :func:`fuse_elementwise` points each such module's ``forward`` at
+an autograd function over the native kernels, which keeps only the inputs (and the norm's per-row
+scale). Modules, names and parameters stay as they are.
 
 A module is taken only where its own output matches the kernel's on a probe (the same probes as
 the inference step's, ``inference/decoder.py``); anything else (a family's other norm, an

@@ -12,13 +12,13 @@ import torch
 from ..memory import empty
 from . import library
 from .matmul import all_cores
-from .ops import _rows
+from .ops import float_rows
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         raise ValueError(f"expected a contiguous tensor, got {tuple(t.shape)} strides {t.stride()}")
-    return _rows(t)
+    return float_rows(t)
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +41,7 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, w
 
 def act_mul_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
     """``act(gate) * up`` (``act`` one of :data:`compressor.native.ops.ACTIVATIONS`' values)."""
-    _rows(gate), _rows(up)
+    float_rows(gate), float_rows(up)
     out = empty(gate.shape)
     library().act_mul_forward(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), gate.shape[0], gate.shape[1], act,
                               out.data_ptr(), all_cores())  # fmt: skip
@@ -50,7 +50,7 @@ def act_mul_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Ten
 
 def act_mul_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients with respect to ``gate`` and ``up`` of :func:`act_mul_forward`."""
-    _rows(gate), _rows(up), _dense(grad)
+    float_rows(gate), float_rows(up), _dense(grad)
     d_gate, d_up = empty(gate.shape), empty(gate.shape)
     library().act_mul_backward(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), grad.data_ptr(), gate.shape[0],
                                gate.shape[1], act, d_gate.data_ptr(), d_up.data_ptr(), all_cores())  # fmt: skip

@@ -16,7 +16,8 @@ SILU, GELU_TANH = 0, 1
 ACTIVATIONS = {"silu": SILU, "swish": SILU, "gelu_pytorch_tanh": GELU_TANH, "gelu_tanh": GELU_TANH}
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def float_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is a float32 matrix whose rows are contiguous, else ValueError (the kernels' input check)."""
     if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1:
         raise ValueError(f"expected a float32 matrix of contiguous rows, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
     return t
@@ -24,7 +25,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
     """``out = x / sqrt(mean(x**2) + eps) * (weight + offset)`` row by row (offset 1: Gemma's ``1 + weight``)."""
-    _rows(x), _rows(out)
+    float_rows(x), float_rows(out)
     lib = library()
     lib.rms_norm(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), offset, eps, out.data_ptr(), out.stride(0), None)
     return out
@@ -32,7 +33,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 
 def act_mul(gate_up: torch.Tensor, width: int, act: int, out: torch.Tensor) -> torch.Tensor:
     """``out = act(gate) * up`` where each row of ``gate_up`` holds ``gate`` then ``up``, ``width`` each."""
-    _rows(gate_up), _rows(out)
+    float_rows(gate_up), float_rows(out)
     ld, gate = gate_up.stride(0), gate_up.data_ptr()
     library().act_mul(gate, ld, gate + 4 * width, ld, gate_up.shape[0], width, act, out.data_ptr(), out.stride(0))
     return out
@@ -40,7 +41,7 @@ def act_mul(gate_up: torch.Tensor, width: int, act: int, out: torch.Tensor) -> t
 
 def rope(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate, in place, the first ``cos.shape[1]`` elements of each of a row's ``heads`` vectors (transformers' rotate_half)."""
-    _rows(x), _rows(cos), _rows(sin)
+    float_rows(x), float_rows(cos), float_rows(sin)
     library().rope(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), cos.data_ptr(), sin.data_ptr(), cos.shape[1])
     return x
 
@@ -74,7 +75,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_start: np.n
     are its caches ``(kv_heads, capacity, dim)`` with room for them. ``portable`` runs the plain-C
     build (tests check it gives the same bits).
     """
-    _rows(q), _rows(k), _rows(out)
+    float_rows(q), float_rows(k), float_rows(out)
     kv_heads, _, dim = keys[0].shape
     key_ptrs = np.array([t.data_ptr() for t in keys], dtype=np.uint64)
     value_ptrs = np.array([t.data_ptr() for t in values], dtype=np.uint64)
