@@ -1,8 +1,8 @@
 """RMSNorm and the gated activation for training (``backward.c``): forwards that keep what the backward needs, and the backwards.
 
 Tensors are float32 rows: ``(rows, width)`` with the last dimension contiguous; gate and up may be
-the two halves of one ``(rows, 2 * width)`` tensor. Outputs are new contiguous tensors (the activation's
-from :func:`compressor.memory.empty`: a training step's pool, where one is active).
+the two halves of one ``(rows, 2 * width)`` tensor. Outputs are new contiguous tensors, from
+:func:`compressor.memory.empty` (a training step's pool, where one is active).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``x / rms(x) * (weight + offset)`` for contiguous rows ``x``, and each row's ``1 / rms(x)``."""
     _dense(x)
-    out, rstd = torch.empty_like(x), torch.empty(x.shape[0])
+    out, rstd = empty(x.shape), torch.empty(x.shape[0])
     library().rms_norm_forward(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), offset, eps, out.data_ptr(), rstd.data_ptr(),
                                all_cores())  # fmt: skip
     return out, rstd
@@ -33,7 +33,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
 def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.Tensor:
     """The gradient with respect to ``x`` of :func:`rms_norm_forward` (the weight frozen)."""
     _dense(grad), _dense(x)
-    dx = torch.empty_like(x)
+    dx = empty(x.shape)
     library().rms_norm_backward(grad.data_ptr(), x.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), offset,
                                 dx.data_ptr(), all_cores())  # fmt: skip
     return dx

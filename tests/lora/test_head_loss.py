@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compressor import memory
 from compressor.lora import head_loss
 from compressor.lora.data import IGNORE
 from compressor.lora.head_loss import frozen_head_loss
@@ -33,6 +34,16 @@ def test_the_sliced_loss_and_its_gradient_equal_those_over_the_full_logits():
     (expected,) = torch.autograd.grad(full, hidden)
     assert loss.item() == pytest.approx(full.item(), rel=1e-6)
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_slices_whose_logits_come_from_one_reused_buffer_give_the_same_loss_and_gradient():
+    hidden, weight, bias, targets = problem()
+    plain = frozen_head_loss(hidden, weight, bias, targets)
+    with memory.BufferPool(min_bytes=0) as pool:
+        pooled = frozen_head_loss(hidden, weight, bias, targets)
+    assert pooled.item() == plain.item()
+    assert torch.equal(torch.autograd.grad(pooled, hidden)[0], torch.autograd.grad(plain, hidden)[0])
+    assert pool.held_bytes() == (50 + 20) * 75 * 4  # a slice's logits and the ragged last one's, each in one buffer
 
 
 def test_ignored_positions_get_no_gradient_and_no_loss():
