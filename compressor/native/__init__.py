@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -88,18 +89,37 @@ def build(portable: bool = False) -> Path:
         return target
     compiler = _compiler()
     CACHE.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(CACHE)
     # Built beside the target and renamed into place: concurrent first uses (test workers) each
     # build their own file, and whichever rename lands last leaves a complete library.
     fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=".so.tmp")
     os.close(fd)
     cmd = [compiler, *flags, "-o", tmp, *(str(here / name) for name in SOURCES)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-        raise NativeBuildError(f"compiling the inference kernels failed ({cmd[0]} exit {done.returncode}): {first}")
-    os.replace(tmp, target)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise NativeBuildError(f"compiling the inference kernels failed ({cmd[0]} exit {done.returncode}): {first}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):  # a failed or interrupted build leaves nothing behind
+            os.unlink(tmp)
     return target
+
+
+# A build takes well under a minute: a younger partial file may be another process's build in progress.
+STALE_BUILD_SECONDS = 3600
+
+
+def remove_stale_builds(cache: Path, now: float | None = None) -> None:
+    """Delete the partial builds (``*.so.tmp``) in ``cache`` that a killed compile left over an hour ago."""
+    now = time.time() if now is None else now
+    for leftover in cache.glob("*.so.tmp"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_BUILD_SECONDS:
+                leftover.unlink()
+        except FileNotFoundError:
+            pass  # another process removed it first
 
 
 @lru_cache(maxsize=None)

@@ -128,6 +128,35 @@ def test_a_machine_without_a_c_compiler_gets_one_line_naming_what_is_missing(mon
     assert "\n" not in str(refused.value) and not list(tmp_path.iterdir())
 
 
+def test_an_interrupted_build_leaves_no_partial_library(monkeypatch, tmp_path):
+    import compressor.native as native
+
+    monkeypatch.setattr(native, "CACHE", tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(native.subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        native.build()
+    assert not list(tmp_path.iterdir())
+
+
+def test_partial_builds_a_killed_compile_left_are_removed_once_stale(tmp_path):
+    import os
+
+    import compressor.native as native
+
+    old, fresh = tmp_path / "a.so.tmp", tmp_path / "b.so.tmp"
+    for path in (old, fresh):
+        path.write_bytes(b"partial")
+    now = 10 * native.STALE_BUILD_SECONDS
+    os.utime(old, (0, 0))
+    os.utime(fresh, (now - 10, now - 10))  # ten seconds old: maybe another process's build in progress
+    native.remove_stale_builds(tmp_path, now=now)
+    assert not old.exists() and fresh.exists()
+
+
 def test_back_to_back_calls_of_different_sizes_share_the_pool_safely():
     # A worker holding an earlier call's claim word once took a chunk of the next, larger call
     # against the earlier call's freed arguments: seen as a rare crash under serving load
