@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import platform
 import shutil
 import subprocess
-import tempfile
-import time
+import threading
 from functools import lru_cache
 from pathlib import Path
 
+from ..checkpoint.atomic import atomic_file
 from ..errors import CompressorError
 
 SOURCES = ("pool.c", "matmul.c", "int8_activations.c", "ops.c", "lowrank.c", "backward.c", "step.c")
@@ -28,6 +27,7 @@ FLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11"
 # This CPU's instructions; the portable build (tests compare the two) targets baseline x86-64 or arm64.
 NATIVE = ("-march=native", "-mprefer-vector-width=512")
 CACHE = Path.home() / ".cache" / "compressor" / "native"
+_BUILDING = threading.Lock()  # one build at a time in this process (see build)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -88,38 +88,19 @@ def build(portable: bool = False) -> Path:
     if target.exists():
         return target
     compiler = _compiler()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(CACHE)
-    # Built beside the target and renamed into place: concurrent first uses (test workers) each
-    # build their own file, and whichever rename lands last leaves a complete library.
-    fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=".so.tmp")
-    os.close(fd)
-    cmd = [compiler, *flags, "-o", tmp, *(str(here / name) for name in SOURCES)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise NativeBuildError(f"compiling the inference kernels failed ({cmd[0]} exit {done.returncode}): {first}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):  # a failed or interrupted build leaves nothing behind
-            os.unlink(tmp)
+    # Built into atomic_file's temporary and renamed into place: concurrent first uses in other
+    # processes (test workers) each build their own file, and whichever rename lands last leaves a
+    # complete library. This process's threads would share one temporary, hence one build at a time.
+    with _BUILDING:
+        if target.exists():
+            return target
+        with atomic_file(target) as tmp:
+            cmd = [compiler, *flags, "-o", str(tmp), *(str(here / name) for name in SOURCES)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+                raise NativeBuildError(f"compiling the inference kernels failed ({cmd[0]} exit {done.returncode}): {first}")
     return target
-
-
-# A build takes well under a minute: a younger partial file may be another process's build in progress.
-STALE_BUILD_SECONDS = 3600
-
-
-def remove_stale_builds(cache: Path, now: float | None = None) -> None:
-    """Delete the partial builds (``*.so.tmp``) in ``cache`` that a killed compile left over an hour ago."""
-    now = time.time() if now is None else now
-    for leftover in cache.glob("*.so.tmp"):
-        try:
-            if now - leftover.stat().st_mtime > STALE_BUILD_SECONDS:
-                leftover.unlink()
-        except FileNotFoundError:
-            pass  # another process removed it first
 
 
 @lru_cache(maxsize=None)

@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,19 +145,26 @@ def test_an_interrupted_build_leaves_no_partial_library(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_partial_builds_a_killed_compile_left_are_removed_once_stale(tmp_path):
-    import os
+def test_a_build_removes_the_partial_library_a_killed_build_left(monkeypatch, tmp_path):
+    import subprocess
 
     import compressor.native as native
 
-    old, fresh = tmp_path / "a.so.tmp", tmp_path / "b.so.tmp"
-    for path in (old, fresh):
-        path.write_bytes(b"partial")
-    now = 10 * native.STALE_BUILD_SECONDS
-    os.utime(old, (0, 0))
-    os.utime(fresh, (now - 10, now - 10))  # ten seconds old: maybe another process's build in progress
-    native.remove_stale_builds(tmp_path, now=now)
-    assert not old.exists() and fresh.exists()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process that is gone, as a killed build's would be
+    monkeypatch.setattr(native, "CACHE", tmp_path)
+
+    def compiled(cmd, **kwargs):
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"library")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(native.subprocess, "run", compiled)
+    target = native.build()
+    partial = target.with_name(f".{target.name}.tmp-{child.pid}.so")
+    partial.write_bytes(b"half a library")
+    target.unlink()
+    assert native.build() == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
 def test_back_to_back_calls_of_different_sizes_share_the_pool_safely():
