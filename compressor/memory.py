@@ -14,9 +14,10 @@ used again, hence not after every layer.
 
 glibc maps every allocation of 32 MB or more afresh and unmaps it when freed, so each such tensor
 pays a page fault per 4 kB it touches (14 ms of a 16 ms pass over a 1B model's 33.5 MB MLP rows on
-this VM). A :class:`BufferPool`, while active, hands the largest tensors of a training step
-(:func:`empty`: decoded weights, the products' outputs and gradients) out of buffers it keeps, so
-their pages fault in once a run.
+this VM), and a smaller one pays the same after a trim has handed its heap pages back. A
+:class:`BufferPool`, while active, hands a training step's tensors of 1 MB or more (:func:`empty`:
+decoded weights, the products' outputs and gradients, norms, the activation, the head's logit
+slices) out of buffers it keeps, so their pages fault in once a run.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ def _trim_on_gradient(grad):
     trim()  # returns None: the gradient passes unchanged
 
 
-MAPPED_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit: from here on every allocation is a fresh mapping
+# The trims hand every freed heap page back, so below glibc's mapped sizes too a tensor allocated
+# after one faults its pages in afresh: a pool from 1 MB takes a step's products, norms, activation
+# and logit slices out of that (SmolLM2, float32, 5 steps: 2.9M page faults -> 1.2M, system time
+# 8.6 -> 5.5 s, peak RSS no higher).
+POOLED_BYTES = 1 << 20
 _ALIGN = 64  # torch's own alignment for CPU tensors
 _active: contextvars.ContextVar[BufferPool | None] = contextvars.ContextVar("buffer_pool", default=None)
 
@@ -85,7 +90,7 @@ class BufferPool:
     """
 
     def __init__(self, min_bytes: int | None = None):
-        self.min_bytes = MAPPED_BYTES if min_bytes is None else min_bytes
+        self.min_bytes = POOLED_BYTES if min_bytes is None else min_bytes
         self._buffers: dict[int, list[tuple[np.ndarray, list]]] = defaultdict(list)  # by size: (buffer, [weak ref to its view])
         self._token = None
 

@@ -210,7 +210,7 @@ def train(job: TrainJob) -> TrainSummary:
     bar = tqdm(total=steps, desc="train", unit="step", disable=not (job.progress and accelerator.is_main_process))
     model.train()
     # The step's large tensors come from buffers reused step after step (see memory.py).
-    with BufferPool(min_bytes=POOLED_BYTES):
+    with BufferPool():
         for step, batch in enumerate(order, 1):
             profiled = job.profile and step == min(2, steps)
             began = time.perf_counter()
@@ -354,12 +354,6 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
 # SmolLM2, bfloat16 compute: trimming the backward too took peak RSS from 1.40 to 0.94 GB; all the
 # trims cost about 0.4 s of a 5.4 s step (every 6 layers: the same within noise, 0.96 GB).
 TRIM_EVERY_LAYERS = 3
-
-# The trims hand every freed heap page back, so a tensor allocated after one faults its pages in
-# afresh, whatever its size: a pool from 1 MB takes the step's products, norms and activation out of
-# that (SmolLM2, float32: 2.9M page faults in 5 steps -> 1.4M, system time 8.8 -> 5.2 s, peak RSS
-# within 2%; every tensor of at least 32 MB, glibc's mapped ones, is pooled anyway).
-POOLED_BYTES = 1 << 20
 
 # Architectures whose logits are exactly ``lm_head(last hidden state)``: no soft-capping or scaling
 # after the head. Only these take the chunked loss; others go through the model's own forward.

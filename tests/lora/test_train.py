@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from compressor import memory
 from compressor.cli import main
 from compressor.errors import CompressorError
-from compressor.lora import train as train_module
 from compressor.lora.train import TrainJob, train
 from tests.helpers import ANSWER_FORMAT, nf4_twin
 
@@ -236,6 +236,6 @@ def test_metrics_json_holds_every_steps_loss_and_time(base, tmp_path):
 
 def test_a_step_whose_every_tensor_comes_from_the_pool_trains_the_same(base, tmp_path, monkeypatch):
     plain = train(job(base, tmp_path / "plain", steps=4, dropout=0.1, gradient_checkpointing=True, eval_split=0.0))
-    monkeypatch.setattr(train_module, "POOLED_BYTES", 0)  # every pooled allocation, however small: a buffer reused too early would show
+    monkeypatch.setattr(memory, "POOLED_BYTES", 0)  # every pooled allocation, however small: a buffer reused too early would show
     pooled = train(job(base, tmp_path / "pooled", steps=4, dropout=0.1, gradient_checkpointing=True, eval_split=0.0))
     assert pooled.train_losses == plain.train_losses
